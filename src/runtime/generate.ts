@@ -1,0 +1,234 @@
+/**
+ * Prefill and KV-cache decoding over decoder_model_merged.onnx (docs/design.md), greedy, with stop
+ * tokens, a token budget, cancellation between steps and an optional grammar constraint.
+ */
+
+import { SegError } from "../errors.js";
+import { f32, type HostTensor, i64, type OnnxSession } from "./onnx.js";
+
+export interface LmDims {
+  layers: number;
+  kvHeads: number;
+  headDim: number;
+  hidden: number;
+  vocab: number;
+}
+
+/** Past keys/values after k_norm and RoPE: 2L tensors [1, nKV, length, hd]. Immutable once made. */
+export interface KvCache {
+  readonly length: number;
+  readonly tensors: readonly HostTensor<Float32Array>[];
+}
+
+export interface StepResult {
+  /** [V] logits of the last position. */
+  logits: Float32Array;
+  /** [S, H] final-norm hidden states of every fed position. */
+  hidden: Float32Array;
+  cache: KvCache;
+}
+
+export class LanguageModel {
+  readonly dims: LmDims;
+  readonly #session: OnnxSession;
+  readonly #kvNames: string[];
+  readonly #presentNames: string[];
+
+  constructor(session: OnnxSession, dims: LmDims) {
+    this.#session = session;
+    this.dims = dims;
+    this.#kvNames = [];
+    this.#presentNames = [];
+    for (let i = 0; i < dims.layers; i++) {
+      this.#kvNames.push(`past_key_values.${i}.key`, `past_key_values.${i}.value`);
+      this.#presentNames.push(`present.${i}.key`, `present.${i}.value`);
+    }
+  }
+
+  emptyCache(): KvCache {
+    const dims = [1, this.dims.kvHeads, 0, this.dims.headDim];
+    return { length: 0, tensors: this.#kvNames.map(() => f32(new Float32Array(0), dims)) };
+  }
+
+  /**
+   * Feed S tokens after `cache`. `positions` is [3, S] (T, H, W rows); `visual` is [4, S, H] for a
+   * prefill containing image pads (see docs/design.md) and zeros otherwise.
+   */
+  async step(
+    ids: readonly number[],
+    positions: BigInt64Array,
+    cache: KvCache,
+    visual?: Float32Array,
+  ): Promise<StepResult> {
+    const s = ids.length;
+    const { hidden: h, vocab } = this.dims;
+    if (positions.length !== 3 * s) {
+      throw new SegError(
+        "INFERENCE_FAILED",
+        `position ids hold ${positions.length} values, expected ${3 * s}`,
+      );
+    }
+    const visualEmbeds = visual ?? new Float32Array(4 * s * h); // [4, 1, S, H]
+    if (visualEmbeds.length !== 4 * s * h) {
+      throw new SegError(
+        "INFERENCE_FAILED",
+        `visual embeds hold ${visualEmbeds.length} values, expected ${4 * s * h}`,
+      );
+    }
+    const total = cache.length + s;
+    const feeds: Record<string, HostTensor> = {
+      input_ids: i64(
+        BigInt64Array.from(ids, (v) => BigInt(v)),
+        [1, s],
+      ),
+      visual_embeds: f32(visualEmbeds, [4, 1, s, h]),
+      attention_mask: i64(new BigInt64Array(total).fill(1n), [1, total]),
+      position_ids: i64(positions, [3, 1, s]),
+    };
+    this.#kvNames.forEach((name, k) => {
+      feeds[name] = cache.tensors[k] as HostTensor;
+    });
+    const out = await this.#session.run(feeds);
+    const logits = out.logits?.data;
+    const hidden = out.last_hidden_state?.data;
+    if (!(logits instanceof Float32Array) || logits.length !== vocab) {
+      throw new SegError("INFERENCE_FAILED", "decoder returned no [1, 1, V] logits");
+    }
+    if (!(hidden instanceof Float32Array) || hidden.length !== s * h) {
+      throw new SegError("INFERENCE_FAILED", "decoder returned no [1, S, H] last_hidden_state");
+    }
+    const tensors = this.#presentNames.map((name) => {
+      const t = out[name];
+      if (!t || !(t.data instanceof Float32Array))
+        throw new SegError("INFERENCE_FAILED", `decoder returned no ${name}`);
+      return t as HostTensor<Float32Array>;
+    });
+    return { logits, hidden, cache: { length: total, tensors } };
+  }
+}
+
+/** Positions for tokens appended after a cache of `cacheLength` entries: n + ropeDelta on all 3 axes. */
+export function appendPositions(cacheLength: number, count: number, ropeDelta: number): BigInt64Array {
+  const out = new BigInt64Array(3 * count);
+  for (let i = 0; i < count; i++) {
+    const p = BigInt(cacheLength + i + ropeDelta);
+    out[i] = p;
+    out[count + i] = p;
+    out[2 * count + i] = p;
+  }
+  return out;
+}
+
+export function argmax(logits: Float32Array): number {
+  let best = 0;
+  let bestValue = Number.NEGATIVE_INFINITY;
+  for (let i = 0; i < logits.length; i++) {
+    const v = logits[i] as number;
+    if (v > bestValue) {
+      bestValue = v;
+      best = i;
+    }
+  }
+  return best;
+}
+
+/** log-softmax probability of `token` under `logits` (numerically stable). */
+export function tokenProbability(logits: Float32Array, token: number): number {
+  let max = Number.NEGATIVE_INFINITY;
+  for (let i = 0; i < logits.length; i++) if ((logits[i] as number) > max) max = logits[i] as number;
+  let sum = 0;
+  for (let i = 0; i < logits.length; i++) sum += Math.exp((logits[i] as number) - max);
+  return Math.exp((logits[token] as number) - max) / sum;
+}
+
+/** What a constrained decoder needs from a grammar (implemented by grammar.ts's BoxGrammar). */
+export interface TokenConstraint {
+  /** Tokens the grammar forces next (fixed text), possibly empty. */
+  forced(): number[];
+  /** Best allowed token under `logits`. */
+  pick(logits: Float32Array): number;
+  /** Accept a token; returns true when it closed a box's coordinate list (for T_seg capture). */
+  advance(token: number): { boxClosed: boolean };
+  isDone(): boolean;
+}
+
+export interface GenerateOptions {
+  maxNewTokens: number;
+  stopTokens: ReadonlySet<number>;
+  ropeDelta: number;
+  constraint?: TokenConstraint;
+  signal?: AbortSignal;
+  onToken?: (generated: number) => void;
+}
+
+export interface GenerateResult {
+  tokens: number[];
+  /** Probability of each generated token (forced tokens count as 1). */
+  probs: number[];
+  /** Final-norm hidden state [H] that predicted each box-closing token (T_seg per box). */
+  boxHidden: Float32Array[];
+  /** Index into `tokens` of the token that closed each box's coordinate list. */
+  boxTokenEnds: number[];
+  stoppedBy: "stop" | "budget" | "grammar";
+}
+
+function throwIfAborted(signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw new SegError("CANCELLED", "the request was cancelled during generation");
+}
+
+/**
+ * Greedy decoding from the state after a prefill. `start` holds the last logits and the hidden state
+ * that produced them ([H]); each step feeds the chosen token (or a forced chunk) and continues.
+ */
+export async function generate(
+  lm: LanguageModel,
+  start: { logits: Float32Array; lastHidden: Float32Array; cache: KvCache },
+  options: GenerateOptions,
+): Promise<GenerateResult> {
+  const { constraint, stopTokens, ropeDelta, signal } = options;
+  const h = lm.dims.hidden;
+  const tokens: number[] = [];
+  const probs: number[] = [];
+  const boxHidden: Float32Array[] = [];
+  const boxTokenEnds: number[] = [];
+  let { logits, lastHidden, cache } = start;
+  while (tokens.length < options.maxNewTokens) {
+    throwIfAborted(signal);
+    if (constraint?.isDone()) return { tokens, probs, boxHidden, boxTokenEnds, stoppedBy: "grammar" };
+    const forced = constraint ? constraint.forced() : [];
+    let chunk: number[];
+    // Boxes closed by the j-th token of a forced chunk (j > 0) take the chunk's row j - 1 after the step.
+    const pendingRows: number[] = [];
+    if (forced.length > 0) {
+      chunk = forced.slice(0, options.maxNewTokens - tokens.length);
+      chunk.forEach((t, j) => {
+        if (constraint?.advance(t).boxClosed) {
+          boxTokenEnds.push(tokens.length);
+          if (j === 0) boxHidden.push(lastHidden.slice());
+          else pendingRows.push(j - 1);
+        }
+        tokens.push(t);
+        probs.push(1);
+      });
+    } else {
+      const token = constraint ? constraint.pick(logits) : argmax(logits);
+      if (constraint?.advance(token).boxClosed) {
+        boxTokenEnds.push(tokens.length);
+        boxHidden.push(lastHidden.slice());
+      }
+      tokens.push(token);
+      probs.push(tokenProbability(logits, token));
+      if (stopTokens.has(token)) return { tokens, probs, boxHidden, boxTokenEnds, stoppedBy: "stop" };
+      chunk = [token];
+    }
+    options.onToken?.(tokens.length);
+    if (constraint?.isDone()) return { tokens, probs, boxHidden, boxTokenEnds, stoppedBy: "grammar" };
+    if (tokens.length >= options.maxNewTokens) break;
+    const result = await lm.step(chunk, appendPositions(cache.length, chunk.length, ropeDelta), cache);
+    for (const row of pendingRows) boxHidden.push(result.hidden.slice(row * h, (row + 1) * h));
+    logits = result.logits;
+    lastHidden = result.hidden.subarray((chunk.length - 1) * h, chunk.length * h);
+    cache = result.cache;
+  }
+  return { tokens, probs, boxHidden, boxTokenEnds, stoppedBy: "budget" };
+}

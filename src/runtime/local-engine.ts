@@ -1,0 +1,674 @@
+/**
+ * The inference pipeline in the current thread: image -> vision encoder -> prompt prefill (with the
+ * image prefix's KV cache reused across questions) -> constrained decoding -> mask decoder -> files.
+ * engine.ts runs this inside a worker so the MCP connection stays responsive.
+ */
+
+import { createHash } from "node:crypto";
+import { readFile } from "node:fs/promises";
+import path from "node:path";
+import { SegError } from "../errors.js";
+import { ByteLru, byteSize } from "./cache.js";
+import { argmax, generate, type KvCache, LanguageModel } from "./generate.js";
+import { BoxGrammar } from "./grammar.js";
+import { parseBoxes } from "./grounding.js";
+import { maskFromLogits, rleEncode } from "./mask-post.js";
+import { type ExecutionProvider, f32, i64, type Logger, OnnxSession } from "./onnx.js";
+import { newOutputName, readMaskPng, writeMaskPng, writeOverlayPng } from "./output.js";
+import { type LoadedPack, loadPack, type VerifyMode } from "./pack.js";
+import { decodeImage, preprocess } from "./preprocess.js";
+import { boxTo1000, buildChatIds, renderPrompt } from "./prompt.js";
+import { ropeIndex } from "./rope.js";
+import { QwenTokenizer } from "./tokenizer.js";
+import type {
+  Box,
+  DescribeRequest,
+  DescribeResult,
+  Engine,
+  GroundRequest,
+  GroundResult,
+  ImageSource,
+  PackInfo,
+  ProgressFn,
+  SegmentInstance,
+  SegmentRequest,
+  SegmentResult,
+  Stage,
+  StageTimings,
+} from "./types.js";
+import { visionHostInputs } from "./vision-inputs.js";
+
+export interface EngineConfig {
+  /** Folder of the model pack (holds pack.json). */
+  packDir: string;
+  /** @default "auto" (CUDA, then WebGPU, then CPU) */
+  executionProvider?: ExecutionProvider;
+  /** Memory budget for encoded images (vision outputs + prompt-prefix KV). @default 1 GiB */
+  cacheBytes?: number;
+  /** CPU intra-op threads; 0 = onnxruntime's choice. @default 0 */
+  threads?: number;
+  /** Checksum verification of pack files at load. @default "full" */
+  verify?: VerifyMode;
+  /** Largest decoded image accepted, in pixels. @default 40_000_000 */
+  maxInputPixels?: number;
+  /** Largest encoded image accepted, in bytes. @default 50 MiB */
+  maxImageBytes?: number;
+  /** Where diagnostics go (never stdout). */
+  log?: Logger;
+}
+
+type ResolvedConfig = Required<Omit<EngineConfig, "log">> & { log: Logger };
+
+const DEFAULT_MAX_INSTANCES = 20;
+const MAX_DESCRIBE_TOKENS = 48;
+/** Generous budget per box: `{"bbox_2d": [1000, 1000, 1000, 1000], "label": "<64 chars>"}, `. */
+const TOKENS_PER_BOX = 96;
+
+/** Everything derived from one image that later questions reuse. */
+interface EncodedImage {
+  key: string;
+  width: number;
+  height: number;
+  grid: [number, number, number];
+  resized: [number, number];
+  /** [1, 3, Hr, Wr] normalised, for the mask decoder's high-resolution branch. */
+  hrImage: Float32Array;
+  /** [4, P, Cv] ViT maps. */
+  vitMs: Float32Array;
+  /** [M, H] final-norm hidden states at the image-pad rows (T_mm). */
+  mmEmbeds: Float32Array;
+  /** Tokens of `<|im_start|>user\n<|vision_start|> pads <|vision_end|>` and their KV cache. */
+  prefixIds: number[];
+  prefixCache: KvCache;
+}
+
+interface Prefilled {
+  image: EncodedImage;
+  logits: Float32Array;
+  lastHidden: Float32Array;
+  /** [S_suffix, H] hidden states of the fed suffix. */
+  suffixHidden: Float32Array;
+  cache: KvCache;
+  ropeDelta: number;
+}
+
+class Timer {
+  readonly timings: StageTimings = {};
+  readonly #start = performance.now();
+  #last = this.#start;
+  constructor(private readonly onProgress: ProgressFn | undefined) {}
+  /** Close the current stage (adds its time) and announce the next one. */
+  lap(stage: Stage, next?: Stage, fraction = 0): void {
+    const now = performance.now();
+    this.timings[stage] = (this.timings[stage] ?? 0) + (now - this.#last);
+    this.#last = now;
+    if (next) this.onProgress?.({ stage: next, fraction });
+  }
+  progress(stage: Stage, fraction: number, message?: string): void {
+    this.onProgress?.(message === undefined ? { stage, fraction } : { stage, fraction, message });
+  }
+  finish(): StageTimings {
+    this.timings.total = performance.now() - this.#start;
+    for (const k of Object.keys(this.timings) as (keyof StageTimings)[]) {
+      this.timings[k] = Math.round((this.timings[k] as number) * 10) / 10;
+    }
+    return this.timings;
+  }
+}
+
+function checkAborted(signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw new SegError("CANCELLED", "the request was cancelled");
+}
+
+export class LocalEngine implements Engine {
+  readonly #pack: LoadedPack;
+  readonly #tokenizer: QwenTokenizer;
+  readonly #vision: OnnxSession;
+  readonly #lm: LanguageModel;
+  readonly #decoderSession: OnnxSession;
+  readonly #maskDecoder: OnnxSession;
+  readonly #cache: ByteLru<EncodedImage>;
+  readonly #config: ResolvedConfig;
+  readonly #tokenTexts: string[];
+  #queue: Promise<unknown> = Promise.resolve();
+
+  private constructor(
+    config: ResolvedConfig,
+    pack: LoadedPack,
+    tokenizer: QwenTokenizer,
+    sessions: { vision: OnnxSession; decoder: OnnxSession; mask: OnnxSession },
+  ) {
+    this.#config = config;
+    this.#pack = pack;
+    this.#tokenizer = tokenizer;
+    this.#vision = sessions.vision;
+    this.#decoderSession = sessions.decoder;
+    this.#maskDecoder = sessions.mask;
+    const t = pack.manifest.model.text;
+    this.#lm = new LanguageModel(sessions.decoder, {
+      layers: t.num_hidden_layers,
+      kvHeads: t.num_key_value_heads,
+      headDim: t.head_dim,
+      hidden: t.hidden_size,
+      vocab: t.vocab_size,
+    });
+    this.#cache = new ByteLru(config.cacheBytes);
+    const maxId = pack.manifest.tokens.max_token_id ?? t.vocab_size - 1;
+    // Rows past the tokenizer's last id exist in the embedding but are never valid output.
+    this.#tokenTexts = Array.from({ length: t.vocab_size }, (_, id) =>
+      id > maxId ? "" : tokenizer.tokenText(id),
+    );
+  }
+
+  static async create(options: EngineConfig): Promise<LocalEngine> {
+    const config: ResolvedConfig = {
+      packDir: options.packDir,
+      executionProvider: options.executionProvider ?? "auto",
+      cacheBytes: options.cacheBytes ?? 1024 ** 3,
+      threads: options.threads ?? 0,
+      verify: options.verify ?? "full",
+      maxInputPixels: options.maxInputPixels ?? 40_000_000,
+      maxImageBytes: options.maxImageBytes ?? 50 * 1024 ** 2,
+      log: options.log ?? ((m: string) => process.stderr.write(`${m}\n`)),
+    };
+    const pack = await loadPack(config.packDir, config.verify);
+    const m = pack.manifest;
+    const tokenizer = await QwenTokenizer.fromFiles(
+      pack.file(m.tokenizer.file),
+      pack.file(m.tokenizer.config),
+    );
+    const opened: OnnxSession[] = [];
+    try {
+      const open = async (file: string) => {
+        const s = await OnnxSession.create(
+          pack.file(file),
+          config.executionProvider,
+          { threads: config.threads },
+          config.log,
+        );
+        opened.push(s);
+        return s;
+      };
+      const vision = await open(m.graphs.vision_encoder.file);
+      const decoder = await open(m.graphs.decoder.file);
+      const mask = await open(m.graphs.mask_decoder.file);
+      return new LocalEngine(config, pack, tokenizer, { vision, decoder, mask });
+    } catch (e) {
+      await Promise.all(opened.map((s) => s.dispose()));
+      throw e;
+    }
+  }
+
+  /** Requests run one at a time: onnxruntime already uses every core for one request. */
+  #serial<T>(task: () => Promise<T>): Promise<T> {
+    const run = this.#queue.then(task, task);
+    this.#queue = run.catch(() => undefined);
+    return run;
+  }
+
+  async info(): Promise<PackInfo> {
+    const m = this.#pack.manifest;
+    return {
+      name: m.name,
+      description: m.description,
+      dir: this.#pack.dir,
+      dtype: m.dtype,
+      provenance: m.provenance,
+      model: m.model as Record<string, unknown>,
+      preprocess: {
+        minPixels: m.preprocess.min_pixels,
+        maxPixels: m.preprocess.max_pixels,
+        patchSize: m.preprocess.patch_size,
+        mergeSize: m.preprocess.merge_size,
+      },
+      executionProvider: this.#vision.provider,
+    };
+  }
+
+  ground(req: GroundRequest): Promise<GroundResult> {
+    return this.#serial(async () => {
+      const timer = new Timer(req.onProgress);
+      const { image, cached } = await this.#encode(req.image, timer, req.signal);
+      const answer = await this.#groundOnImage(image, req.expression, req.maxInstances, timer, req.signal);
+      return {
+        found: answer.instances.length > 0,
+        image: { width: image.width, height: image.height },
+        instances: answer.instances.map(({ label, box, score }) => ({ label, box, score })),
+        text: answer.text,
+        timings: timer.finish(),
+        cached,
+      };
+    });
+  }
+
+  segment(req: SegmentRequest): Promise<SegmentResult> {
+    return this.#serial(async () => {
+      if (req.box === undefined && (req.expression === undefined || req.expression.trim() === "")) {
+        throw new SegError("INVALID_INPUT", "segment needs an expression or a box");
+      }
+      const timer = new Timer(req.onProgress);
+      const { image, cached } = await this.#encode(req.image, timer, req.signal);
+      let queries: { label: string; box: Box; box1000: number[]; hidden: Float32Array }[];
+      let text: string;
+      if (req.box) {
+        const box1000 = boxTo1000(req.box, image.width, image.height);
+        const label = req.expression?.trim() || "region";
+        const prefill = await this.#prefill(
+          image,
+          renderPrompt(this.#pack.manifest.prompts.ground, { expression: label }),
+          `[{"bbox_2d": [${box1000.join(", ")}`,
+          timer,
+          req.signal,
+        );
+        // T_seg: the state after the box's last coordinate token (docs/design.md).
+        queries = [{ label, box: req.box, box1000, hidden: prefill.lastHidden }];
+        text = `[{"bbox_2d": [${box1000.join(", ")}], "label": ${JSON.stringify(label)}}]`;
+      } else {
+        const answer = await this.#groundOnImage(
+          image,
+          req.expression as string,
+          req.maxInstances,
+          timer,
+          req.signal,
+        );
+        queries = answer.instances;
+        text = answer.text;
+      }
+      const instances: SegmentInstance[] = [];
+      let overlayPath: string | undefined;
+      if (queries.length > 0) {
+        timer.progress("mask", 0);
+        const h = this.#pack.manifest.model.text.hidden_size;
+        const q = queries.length;
+        const boxes = new Float32Array(q * 4);
+        const queryHidden = new Float32Array(q * h);
+        queries.forEach((item, i) => {
+          item.box1000.forEach((v, k) => {
+            boxes[i * 4 + k] = Math.min(1, Math.max(0, v / 1000));
+          });
+          queryHidden.set(item.hidden, i * h);
+        });
+        const [, gh, gw] = image.grid;
+        const cv = this.#pack.manifest.model.vision.hidden_size;
+        const m = (gh * gw) / 4;
+        checkAborted(req.signal);
+        const out = await this.#maskDecoder.run({
+          vit_ms: f32(image.vitMs, [4, gh * gw, cv]),
+          mm_embeds: f32(image.mmEmbeds, [m, h]),
+          query_hidden: f32(queryHidden, [q, h]),
+          boxes: f32(boxes, [q, 4]),
+          gate_boxes: f32(boxes.slice(), [q, 1, 4]),
+          gate_valid: f32(new Float32Array(q).fill(1), [q, 1]),
+          hr_image: f32(image.hrImage, [1, 3, gh * 16, gw * 16]),
+        });
+        const logits = out.mask_logits?.data as Float32Array;
+        const iou = out.iou_pred?.data as Float32Array;
+        timer.lap("mask", "postprocess");
+        const h4 = gh * 4;
+        const w4 = gw * 4;
+        const bitmaps: Uint8Array[] = [];
+        const outputs = queries.map((item, i) => {
+          const r = maskFromLogits(logits.subarray(i * h4 * w4, (i + 1) * h4 * w4), h4, w4, image.resized, [
+            image.height,
+            image.width,
+          ]);
+          bitmaps.push(r.bitmap);
+          return { item, r, score: Math.min(1, Math.max(0, iou[i] ?? 0)) };
+        });
+        timer.lap("postprocess", "write");
+        for (const [i, { item, r, score }] of outputs.entries()) {
+          const file = path.join(req.outputDir, newOutputName(req.outputDir, `mask-${i}`));
+          await writeMaskPng(r.bitmap, image.width, image.height, file);
+          instances.push({
+            label: item.label,
+            box: item.box,
+            score,
+            maskBox: r.box ?? item.box,
+            mask: {
+              path: file,
+              areaPx: r.areaPx,
+              areaFraction: r.areaPx / (image.width * image.height),
+              ...(req.rle ? { rle: rleEncode(r.bitmap, image.height, image.width) } : {}),
+            },
+          });
+        }
+        if (req.overlay) {
+          const decoded = await decodeImage(req.image, this.#limits());
+          overlayPath = path.join(req.outputDir, newOutputName(req.outputDir, "overlay"));
+          await writeOverlayPng(decoded.rgb, decoded.width, decoded.height, bitmaps, overlayPath);
+        }
+        timer.lap("write");
+      }
+      return {
+        found: instances.length > 0,
+        image: { width: image.width, height: image.height },
+        instances,
+        ...(overlayPath ? { overlayPath } : {}),
+        text,
+        timings: timer.finish(),
+        cached,
+      };
+    });
+  }
+
+  describe(req: DescribeRequest): Promise<DescribeResult> {
+    return this.#serial(async () => {
+      const timer = new Timer(req.onProgress);
+      const { image, cached } = await this.#encode(req.image, timer, req.signal);
+      let box = req.box;
+      if (req.maskPath !== undefined) {
+        const bitmap = await readMaskPng(req.maskPath, image.width, image.height);
+        const tight = tightBox(bitmap, image.width, image.height);
+        if (!tight) {
+          throw new SegError(
+            "INVALID_INPUT",
+            `mask ${req.maskPath} is empty: it selects no pixel to describe`,
+          );
+        }
+        box ??= tight;
+      }
+      if (!box) throw new SegError("INVALID_INPUT", "describe_region needs a box or a mask");
+      const b = boxTo1000(box, image.width, image.height);
+      const question = renderPrompt(this.#pack.manifest.prompts.describe, {
+        x1: String(b[0]),
+        y1: String(b[1]),
+        x2: String(b[2]),
+        y2: String(b[3]),
+      });
+      const prefill = await this.#prefill(image, question, "", timer, req.signal);
+      timer.progress("generate", 0);
+      const stop = new Set(this.#pack.manifest.tokens.stop);
+      const gen = await generate(this.#lm, prefill, {
+        maxNewTokens: MAX_DESCRIBE_TOKENS,
+        stopTokens: stop,
+        ropeDelta: prefill.ropeDelta,
+        ...(req.signal ? { signal: req.signal } : {}),
+        onToken: (n) => timer.progress("generate", n / MAX_DESCRIBE_TOKENS),
+      });
+      timer.lap("generate");
+      const description = this.#tokenizer
+        .decode(
+          gen.tokens.filter((t) => !stop.has(t)),
+          { skipSpecial: true },
+        )
+        .trim();
+      return {
+        image: { width: image.width, height: image.height },
+        box,
+        description,
+        label: shortLabel(description),
+        timings: timer.finish(),
+        cached,
+      };
+    });
+  }
+
+  async dispose(): Promise<void> {
+    await this.#queue;
+    this.#cache.clear();
+    await Promise.all([this.#vision.dispose(), this.#decoderSession.dispose(), this.#maskDecoder.dispose()]);
+  }
+
+  #limits() {
+    return { maxInputPixels: this.#config.maxInputPixels, maxBytes: this.#config.maxImageBytes };
+  }
+
+  /** Decode + vision encoder + image-prefix prefill, or a cache hit keyed by content and settings. */
+  async #encode(
+    source: ImageSource,
+    timer: Timer,
+    signal: AbortSignal | undefined,
+  ): Promise<{ image: EncodedImage; cached: boolean }> {
+    timer.progress("decode", 0);
+    const bytes =
+      "bytes" in source ? source.bytes : await readImageBytes(source.path, this.#config.maxImageBytes);
+    const pre = this.#pack.manifest.preprocess;
+    const key = createHash("sha256")
+      .update(bytes)
+      .update(`|${pre.min_pixels}|${pre.max_pixels}|${this.#pack.manifest.name}`)
+      .digest("hex");
+    const hit = this.#cache.get(key);
+    if (hit) {
+      timer.lap("decode");
+      return { image: hit, cached: true };
+    }
+    const decoded = await decodeImage({ bytes }, this.#limits());
+    const prep = await preprocess(decoded.rgb, decoded.width, decoded.height, {
+      patchSize: pre.patch_size,
+      mergeSize: pre.merge_size,
+      temporalPatchSize: pre.temporal_patch_size,
+      imageMean: pre.image_mean as [number, number, number],
+      imageStd: pre.image_std as [number, number, number],
+      minPixels: pre.min_pixels,
+      maxPixels: pre.max_pixels,
+    });
+    timer.lap("decode", "vision");
+    checkAborted(signal);
+    const [, gh, gw] = prep.grid;
+    const v = this.#pack.manifest.model.vision;
+    const p = gh * gw;
+    const host = visionHostInputs(gh, gw, v.num_position_embeddings, v.head_dim, v.spatial_merge_size);
+    const vis = await this.#vision.run({
+      pixel_values: f32(prep.pixelValues, [p, prep.pixelValues.length / p]),
+      pos_embed_idx: i64(host.posEmbedIdx, [p, 4]),
+      pos_embed_weight: f32(host.posEmbedWeight, [p, 4]),
+      rotary_cos: f32(host.rotaryCos, [p, v.head_dim]),
+      rotary_sin: f32(host.rotarySin, [p, v.head_dim]),
+    });
+    const imageFeatures = vis.image_features?.data as Float32Array; // [M, H]
+    const deepstack = vis.deepstack_features?.data as Float32Array; // [3, M, H]
+    const vitMs = vis.vit_ms?.data as Float32Array; // [4, P, Cv]
+    timer.lap("vision", "prefill");
+    checkAborted(signal);
+
+    // Prefix = chat tokens up to and including <|vision_end|>; it does not depend on the question.
+    const tokens = this.#pack.manifest.tokens;
+    const m = p / 4;
+    const chat = buildChatIds(this.#tokenizer, this.#pack.manifest.prompts.chat, "", m, tokens);
+    const end = chat.ids.indexOf(tokens.vision_end);
+    const prefixIds = chat.ids.slice(0, end + 1);
+    const s = prefixIds.length;
+    const h = this.#pack.manifest.model.text.hidden_size;
+    const visual = new Float32Array(4 * s * h); // [4, 1, S, H], rows at the pads only
+    const padStart = chat.imagePadStart;
+    visual.set(imageFeatures, padStart * h);
+    for (let k = 0; k < 3; k++) {
+      visual.set(deepstack.subarray(k * m * h, (k + 1) * m * h), ((k + 1) * s + padStart) * h);
+    }
+    const rope = ropeIndex(
+      prefixIds,
+      [prep.grid],
+      tokens.image_pad,
+      tokens.vision_start,
+      v.spatial_merge_size,
+    );
+    const out = await this.#lm.step(prefixIds, rope.positions, this.#lm.emptyCache(), visual);
+    const image: EncodedImage = {
+      key,
+      width: decoded.width,
+      height: decoded.height,
+      grid: prep.grid,
+      resized: prep.resized,
+      hrImage: prep.hrImage,
+      vitMs,
+      mmEmbeds: out.hidden.slice(padStart * h, (padStart + m) * h),
+      prefixIds,
+      prefixCache: out.cache,
+    };
+    timer.lap("prefill");
+    this.#cache.set(
+      key,
+      image,
+      byteSize(image.hrImage, image.vitMs, image.mmEmbeds, ...out.cache.tensors.map((t) => t.data)),
+    );
+    return { image, cached: false };
+  }
+
+  /**
+   * Feed the question (and optional forced answer text) after the cached image prefix.
+   * Positions come from get_rope_index over the whole sequence, so text after the image continues
+   * from the image's largest position.
+   */
+  async #prefill(
+    image: EncodedImage,
+    question: string,
+    answerPrefix: string,
+    timer: Timer,
+    signal: AbortSignal | undefined,
+  ): Promise<Prefilled> {
+    checkAborted(signal);
+    timer.progress("prefill", 0);
+    const tokens = this.#pack.manifest.tokens;
+    const m = (image.grid[1] * image.grid[2]) / 4;
+    const chat = buildChatIds(this.#tokenizer, this.#pack.manifest.prompts.chat, question, m, tokens);
+    const ids = answerPrefix ? [...chat.ids, ...this.#tokenizer.encode(answerPrefix)] : chat.ids;
+    const s0 = image.prefixIds.length;
+    for (let i = 0; i < s0; i++) {
+      if (ids[i] !== image.prefixIds[i]) {
+        throw new SegError("INFERENCE_FAILED", "prompt template does not start with the cached image prefix");
+      }
+    }
+    const rope = ropeIndex(
+      ids,
+      [image.grid],
+      tokens.image_pad,
+      tokens.vision_start,
+      this.#pack.manifest.model.vision.spatial_merge_size,
+    );
+    const n = ids.length;
+    const suffix = ids.slice(s0);
+    const positions = new BigInt64Array(3 * suffix.length);
+    for (let a = 0; a < 3; a++)
+      positions.set(rope.positions.subarray(a * n + s0, (a + 1) * n), a * suffix.length);
+    const out = await this.#lm.step(suffix, positions, image.prefixCache);
+    const h = this.#lm.dims.hidden;
+    timer.lap("prefill");
+    return {
+      image,
+      logits: out.logits,
+      lastHidden: out.hidden.slice((suffix.length - 1) * h),
+      suffixHidden: out.hidden,
+      cache: out.cache,
+      ropeDelta: rope.ropeDelta,
+    };
+  }
+
+  async #groundOnImage(
+    image: EncodedImage,
+    expression: string,
+    maxInstances: number | undefined,
+    timer: Timer,
+    signal: AbortSignal | undefined,
+  ) {
+    const limit = maxInstances ?? DEFAULT_MAX_INSTANCES;
+    const prefill = await this.#prefill(
+      image,
+      renderPrompt(this.#pack.manifest.prompts.ground, { expression }),
+      "",
+      timer,
+      signal,
+    );
+    timer.progress("generate", 0);
+    const grammar = new BoxGrammar(this.#tokenTexts, this.#pack.manifest.tokens.stop, { maxBoxes: limit });
+    const budget = 8 + TOKENS_PER_BOX * limit;
+    const gen = await generate(this.#lm, prefill, {
+      maxNewTokens: budget,
+      stopTokens: new Set(this.#pack.manifest.tokens.stop),
+      ropeDelta: prefill.ropeDelta,
+      constraint: grammar,
+      ...(signal ? { signal } : {}),
+      onToken: (n) => timer.progress("generate", Math.min(1, n / budget)),
+    });
+    timer.lap("generate");
+    const text = this.#tokenizer.decode(
+      gen.tokens.filter((t) => !this.#pack.manifest.tokens.stop.includes(t)),
+      { skipSpecial: true },
+    );
+    const parsed = parseBoxes(text, image.width, image.height);
+    // Box k's score: geometric mean probability of the tokens the model chose (forced ones excluded)
+    // in its answer span.
+    const scores = boxScores(gen.probs, gen.boxTokenEnds);
+    const instances = parsed.instances.slice(0, limit).map((inst, k) => ({
+      label: inst.label,
+      box: inst.box,
+      box1000: inst.box1000,
+      score: scores[k] ?? 0,
+      hidden: gen.boxHidden[k] ?? prefill.lastHidden,
+    }));
+    return { instances, text };
+  }
+}
+
+function boxScores(probs: readonly number[], ends: readonly number[]): number[] {
+  const scores: number[] = [];
+  let start = 0;
+  for (const end of ends) {
+    let logSum = 0;
+    let n = 0;
+    for (let i = start; i <= end && i < probs.length; i++) {
+      const p = probs[i] as number;
+      if (p < 1) {
+        logSum += Math.log(Math.max(p, 1e-12));
+        n++;
+      }
+    }
+    scores.push(n === 0 ? 1 : Math.exp(logSum / n));
+    start = end + 1;
+  }
+  return scores;
+}
+
+async function readImageBytes(file: string, maxBytes: number): Promise<Uint8Array> {
+  try {
+    const bytes = await readFile(file);
+    if (bytes.byteLength > maxBytes) {
+      throw new SegError(
+        "IMAGE_TOO_LARGE",
+        `${file} has ${bytes.byteLength} bytes, over the limit of ${maxBytes}; downscale or recompress it`,
+      );
+    }
+    return bytes;
+  } catch (cause) {
+    if (cause instanceof SegError) throw cause;
+    const code = (cause as NodeJS.ErrnoException).code;
+    if (code === "ENOENT") throw new SegError("IMAGE_NOT_FOUND", `image ${file} does not exist`, { cause });
+    if (code === "EISDIR")
+      throw new SegError("INVALID_INPUT", `${file} is a directory, not an image file`, { cause });
+    throw new SegError("IMAGE_DECODE_FAILED", `could not read ${file}: ${(cause as Error).message}`, {
+      cause,
+    });
+  }
+}
+
+/** Tight box [x1, y1, x2, y2) of the set pixels of a 0/1 bitmap, or null when empty. */
+export function tightBox(bitmap: Uint8Array, width: number, height: number): Box | null {
+  let x1 = width;
+  let y1 = height;
+  let x2 = -1;
+  let y2 = -1;
+  for (let y = 0; y < height; y++) {
+    const row = y * width;
+    for (let x = 0; x < width; x++) {
+      if (bitmap[row + x]) {
+        if (x < x1) x1 = x;
+        if (x > x2) x2 = x;
+        if (y < y1) y1 = y;
+        y2 = y;
+      }
+    }
+  }
+  return x2 < 0 ? null : [x1, y1, x2 + 1, y2 + 1];
+}
+
+/** A short label from a description: drop a leading article, keep up to 4 words before punctuation. */
+export function shortLabel(description: string): string {
+  const first = description.split(/[.,;:!?\n]/)[0] ?? "";
+  const words = first
+    .trim()
+    .split(/\s+/)
+    .filter((w) => w.length > 0);
+  if (words.length > 1 && /^(a|an|the)$/i.test(words[0] as string)) words.shift();
+  return words.slice(0, 4).join(" ").toLowerCase();
+}
+
+export { argmax };
