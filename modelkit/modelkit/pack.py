@@ -1,0 +1,339 @@
+"""Model pack assembly: three ONNX graphs + tokenizer + pack.json (docs/design.md), written atomically.
+
+A pack is built in a hidden sibling folder and renamed into place only when every file and checksum
+is written, so an error at any step (export, copy, hashing) never leaves a half-written pack behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from . import __version__
+from .errors import ModelkitError
+from .onnx_utils import GraphSpec
+from .preprocess import ALPHA_BACKGROUND, IMAGE_MEAN, IMAGE_STD, MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE
+
+PACK_FORMAT = "qwen3-vl-seg-pack"
+PACK_FORMAT_VERSION = 1
+MANIFEST = "pack.json"
+DTYPES = ("fp32", "fp16", "int4")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+GRAPH_FILES = {
+    "vision_encoder": "vision_encoder.onnx",
+    "decoder": "decoder_model_merged.onnx",
+    "mask_decoder": "mask_decoder.onnx",
+}
+# Qwen3-VL-Instruct chat template for one user turn with one image (spec 4.2), and the task prompts.
+PROMPTS = {
+    "chat": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n"
+    "<|im_start|>assistant\n",
+    "ground": 'Locate every object that matches the description "{expression}" in the image. '
+    "Report bbox coordinates in JSON format.",
+    "describe": 'Describe the object inside {"bbox_2d": [{x1}, {y1}, {x2}, {y2}]} in a short phrase.',
+}
+SPECIAL_TOKENS = {
+    "image_pad": "<|image_pad|>",
+    "vision_start": "<|vision_start|>",
+    "vision_end": "<|vision_end|>",
+    "im_start": "<|im_start|>",
+    "im_end": "<|im_end|>",
+    "endoftext": "<|endoftext|>",
+}
+MASK_DECODER_KEYS = (
+    "dim",
+    "pixel_dim",
+    "num_layers",
+    "num_heads",
+    "ffn_dim",
+    "fourier_octaves",
+    "gate_alpha",
+    "gate_expand",
+    "output_stride",
+    "query_token",
+)
+
+
+def check_output_dir(out_dir: Path, force: bool) -> None:
+    """Refuse to overwrite a pack unless asked; cheap, so the CLI calls it before loading weights."""
+    if out_dir.exists() and not force:
+        raise ModelkitError("OUTPUT_EXISTS", f"{out_dir} already exists; pass --force to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ModelkitError("OUTPUT_EXISTS", f"{out_dir} exists and is not a folder; remove it first")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ModelkitError("INVALID_INPUT", f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def check_pixels(min_pixels: int, max_pixels: int) -> None:
+    factor = PATCH_SIZE * MERGE_SIZE
+    if min_pixels < factor * factor or max_pixels < min_pixels:
+        raise ModelkitError(
+            "INVALID_INPUT",
+            f"need {factor * factor} <= min_pixels <= max_pixels, got min_pixels {min_pixels}, "
+            f"max_pixels {max_pixels}",
+        )
+
+
+def read_tokenizer_ids(tokenizer_dir: Path) -> dict[str, int]:
+    """Special token ids and the highest id from tokenizer.json (never guessed from the model)."""
+    for f in TOKENIZER_FILES:
+        if not (tokenizer_dir / f).is_file():
+            raise ModelkitError(
+                "TOKENIZER_INVALID",
+                f"{tokenizer_dir} has no {f}; pass a folder with tokenizer.json and tokenizer_config.json",
+            )
+    try:
+        tok = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        by_content = {t["content"]: int(t["id"]) for t in tok.get("added_tokens", [])}
+        vocab_ids = tok["model"]["vocab"].values()
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ModelkitError(
+            "TOKENIZER_INVALID", f"{tokenizer_dir / 'tokenizer.json'} is not readable: {e}"
+        ) from e
+    ids: dict[str, int] = {}
+    for key, content in SPECIAL_TOKENS.items():
+        if content not in by_content:
+            raise ModelkitError("TOKENIZER_INVALID", f"tokenizer.json has no added token {content}")
+        ids[key] = by_content[content]
+    ids["max_token_id"] = max(max(vocab_ids), max(by_content.values()))
+    return ids
+
+
+def model_section(config: Any) -> dict[str, Any]:
+    """Sizes the runtime needs, from a transformers Qwen3VLConfig."""
+    text, vision = config.text_config, config.vision_config
+    rope = text.rope_parameters
+    return {
+        "text": {
+            "hidden_size": text.hidden_size,
+            "num_hidden_layers": text.num_hidden_layers,
+            "num_attention_heads": text.num_attention_heads,
+            "num_key_value_heads": text.num_key_value_heads,
+            "head_dim": text.head_dim,
+            "vocab_size": text.vocab_size,
+            "rope_theta": rope["rope_theta"],
+            "mrope_section": list(rope["mrope_section"]),
+            "rms_norm_eps": text.rms_norm_eps,
+        },
+        "vision": {
+            "hidden_size": vision.hidden_size,
+            "depth": vision.depth,
+            "num_heads": vision.num_heads,
+            "head_dim": vision.hidden_size // vision.num_heads,
+            "patch_size": vision.patch_size,
+            "temporal_patch_size": vision.temporal_patch_size,
+            "spatial_merge_size": vision.spatial_merge_size,
+            "num_position_embeddings": vision.num_position_embeddings,
+            "deepstack_visual_indexes": list(vision.deepstack_visual_indexes),
+            "out_hidden_size": vision.out_hidden_size,
+        },
+    }
+
+
+def mask_decoder_section(decoder_config: Any) -> dict[str, Any]:
+    values = (
+        dataclasses.asdict(decoder_config)
+        if dataclasses.is_dataclass(decoder_config)
+        else vars(decoder_config)
+    )
+    missing = [k for k in MASK_DECODER_KEYS if k not in values]
+    if missing:
+        raise ModelkitError("INVALID_CONFIG", f"mask decoder config lacks {', '.join(missing)}")
+    return {k: values[k] for k in MASK_DECODER_KEYS}
+
+
+def preprocess_section(min_pixels: int, max_pixels: int) -> dict[str, Any]:
+    return {
+        "patch_size": PATCH_SIZE,
+        "merge_size": MERGE_SIZE,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+        "image_mean": list(IMAGE_MEAN),
+        "image_std": list(IMAGE_STD),
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "resample": "bicubic",
+        "alpha_background": list(ALPHA_BACKGROUND),
+    }
+
+
+def tokens_section(
+    tokenizer_ids: dict[str, int], config: Any, stop: list[int] | None = None
+) -> dict[str, Any]:
+    # The model's own ids must agree with the tokenizer's, or image features land on the wrong rows.
+    for key, attr in (("image_pad", "image_token_id"), ("vision_start", "vision_start_token_id")):
+        model_id = getattr(config, attr, None)
+        if model_id is not None and model_id != tokenizer_ids[key]:
+            raise ModelkitError(
+                "TOKENIZER_INVALID",
+                f"tokenizer has {SPECIAL_TOKENS[key]} = {tokenizer_ids[key]} but the model config says "
+                f"{attr} = {model_id}; use the tokenizer that ships with the checkpoint",
+            )
+    section = {k: tokenizer_ids[k] for k in SPECIAL_TOKENS}
+    section["stop"] = stop if stop is not None else [tokenizer_ids["im_end"], tokenizer_ids["endoftext"]]
+    section["max_token_id"] = tokenizer_ids["max_token_id"]
+    return section
+
+
+def default_provenance(base: str, decoder: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    prov: dict[str, Any] = {
+        "base": base,
+        "decoder": decoder,
+        "exporter": f"modelkit {__version__}",
+        "transformers": transformers.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+    }
+    if extra:
+        prov.update(extra)
+    return prov
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
+
+
+def files_section(pack_dir: Path) -> dict[str, dict[str, Any]]:
+    """sha256 + size of every file in the pack except the manifest itself, sorted by path."""
+    files = sorted(p for p in pack_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {p.relative_to(pack_dir).as_posix(): file_digest(p) for p in files}
+
+
+def graph_entry(spec: GraphSpec, file: str) -> dict[str, Any]:
+    """The manifest entry of one graph; `file` is relative to the pack (the exporter saw a temp path)."""
+    return {"file": file, "inputs": list(spec["inputs"]), "outputs": list(spec["outputs"])}
+
+
+def build_pack(
+    model: nn.Module,
+    decoder: nn.Module,
+    out_dir: Path,
+    name: str,
+    description: str,
+    dtype: str,
+    tokenizer_dir: Path,
+    provenance: dict[str, Any],
+    force: bool = False,
+    *,
+    min_pixels: int = 65536,
+    max_pixels: int = 1048576,
+    stop_tokens: list[int] | None = None,
+) -> dict[str, Any]:
+    """Export `model` (Qwen3VLForConditionalGeneration) and `decoder` (MaskDecoder) into a pack.
+
+    Returns the manifest. Raises ModelkitError (nothing written) for bad input; any other error
+    during export also leaves `out_dir` untouched (the old pack stays when `force` was given).
+    """
+    # Imported here: the exporters pull in onnx/onnxscript, which the cheap CLI checks don't need.
+    from .export_decoder import export_decoder
+    from .export_mask import export_mask_decoder
+    from .export_vision import export_vision_encoder
+
+    out_dir = Path(out_dir)
+    check_dtype(dtype)
+    check_pixels(min_pixels, max_pixels)
+    check_output_dir(out_dir, force)
+    tokenizer_ids = read_tokenizer_ids(Path(tokenizer_dir))
+    manifest: dict[str, Any] = {
+        "format": PACK_FORMAT,
+        "format_version": PACK_FORMAT_VERSION,
+        "name": name,
+        "description": description,
+        "dtype": dtype,
+        "provenance": provenance,
+        "model": {**model_section(model.config), "mask_decoder": mask_decoder_section(decoder.config)},
+        "preprocess": preprocess_section(min_pixels, max_pixels),
+        "tokens": tokens_section(tokenizer_ids, model.config, stop_tokens),
+        "prompts": dict(PROMPTS),
+        "tokenizer": {"file": TOKENIZER_FILES[0], "config": TOKENIZER_FILES[1]},
+    }
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        specs = {
+            "vision_encoder": export_vision_encoder(model, tmp / GRAPH_FILES["vision_encoder"], dtype=dtype),
+            "decoder": export_decoder(model, tmp / GRAPH_FILES["decoder"], dtype=dtype),
+            "mask_decoder": export_mask_decoder(decoder, tmp / GRAPH_FILES["mask_decoder"], dtype=dtype),
+        }
+        manifest["graphs"] = {k: graph_entry(spec, GRAPH_FILES[k]) for k, spec in specs.items()}
+        for f in TOKENIZER_FILES:
+            shutil.copyfile(Path(tokenizer_dir) / f, tmp / f)
+        manifest["files"] = files_section(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished pack into place; an existing pack (force) is moved aside first, then removed."""
+    old: Path | None = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_manifest(pack_dir: Path) -> dict[str, Any]:
+    path = Path(pack_dir) / MANIFEST
+    if not path.is_file():
+        raise ModelkitError("PACK_INVALID", f"{pack_dir} has no {MANIFEST}; is it a model pack folder?")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelkitError("PACK_INVALID", f"{path} is not valid JSON: {e}") from e
+    if manifest.get("format") != PACK_FORMAT:
+        raise ModelkitError("PACK_INVALID", f"{path} is not a {PACK_FORMAT} manifest")
+    return manifest
+
+
+def verify_pack(pack_dir: Path) -> list[str]:
+    """Check every file's size and sha256 against the manifest; return the problems (empty = OK)."""
+    pack_dir = Path(pack_dir)
+    manifest = load_manifest(pack_dir)
+    problems: list[str] = []
+    listed = manifest.get("files", {})
+    for rel, want in sorted(listed.items()):
+        path = pack_dir / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        got = file_digest(path)
+        if got["bytes"] != want["bytes"]:
+            problems.append(f"{rel}: {got['bytes']} bytes, manifest says {want['bytes']}")
+        elif got["sha256"] != want["sha256"]:
+            problems.append(f"{rel}: sha256 {got['sha256']} does not match the manifest")
+    needed = {g["file"] for g in manifest.get("graphs", {}).values()} | set(TOKENIZER_FILES)
+    for rel in sorted(needed - set(listed)):
+        problems.append(f"{rel}: not listed in the manifest's files")
+    for rel in sorted(set(files_section(pack_dir)) - set(listed)):
+        problems.append(f"{rel}: present but not listed in the manifest")
+    return problems
