@@ -169,6 +169,8 @@ export interface GenerateResult {
   boxHidden: Float32Array[];
   /** Index into `tokens` of the token that closed each box's coordinate list. */
   boxTokenEnds: number[];
+  /** Decoder calls made (one per sampled token or forced chunk). */
+  steps: number;
   stoppedBy: "stop" | "budget" | "grammar";
 }
 
@@ -191,10 +193,11 @@ export async function generate(
   const probs: number[] = [];
   const boxHidden: Float32Array[] = [];
   const boxTokenEnds: number[] = [];
+  let steps = 0;
   let { logits, lastHidden, cache } = start;
   while (tokens.length < options.maxNewTokens) {
     throwIfAborted(signal);
-    if (constraint?.isDone()) return { tokens, probs, boxHidden, boxTokenEnds, stoppedBy: "grammar" };
+    if (constraint?.isDone()) return { tokens, probs, boxHidden, boxTokenEnds, steps, stoppedBy: "grammar" };
     const forced = constraint ? constraint.forced() : [];
     let chunk: number[];
     // Boxes closed by the j-th token of a forced chunk (j > 0) take the chunk's row j - 1 after the step.
@@ -218,17 +221,18 @@ export async function generate(
       }
       tokens.push(token);
       probs.push(tokenProbability(logits, token));
-      if (stopTokens.has(token)) return { tokens, probs, boxHidden, boxTokenEnds, stoppedBy: "stop" };
+      if (stopTokens.has(token)) return { tokens, probs, boxHidden, boxTokenEnds, steps, stoppedBy: "stop" };
       chunk = [token];
     }
     options.onToken?.(tokens.length);
-    if (constraint?.isDone()) return { tokens, probs, boxHidden, boxTokenEnds, stoppedBy: "grammar" };
+    if (constraint?.isDone()) return { tokens, probs, boxHidden, boxTokenEnds, steps, stoppedBy: "grammar" };
     if (tokens.length >= options.maxNewTokens) break;
     const result = await lm.step(chunk, appendPositions(cache.length, chunk.length, ropeDelta), cache);
+    steps++;
     for (const row of pendingRows) boxHidden.push(result.hidden.slice(row * h, (row + 1) * h));
     logits = result.logits;
     lastHidden = result.hidden.subarray((chunk.length - 1) * h, chunk.length * h);
     cache = result.cache;
   }
-  return { tokens, probs, boxHidden, boxTokenEnds, stoppedBy: "budget" };
+  return { tokens, probs, boxHidden, boxTokenEnds, steps, stoppedBy: "budget" };
 }

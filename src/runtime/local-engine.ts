@@ -98,6 +98,10 @@ class Timer {
   #last = this.#start;
   constructor(private readonly onProgress: ProgressFn | undefined) {}
   /** Close the current stage (adds its time) and announce the next one. */
+  /** Record the mean duration of one generation step. */
+  perStep(steps: number): void {
+    if (steps > 0) this.timings.per_step = (this.timings.generate ?? 0) / steps;
+  }
   lap(stage: Stage, next?: Stage, fraction = 0): void {
     const now = performance.now();
     this.timings[stage] = (this.timings[stage] ?? 0) + (now - this.#last);
@@ -386,6 +390,7 @@ export class LocalEngine implements Engine {
         onToken: (n) => timer.progress("generate", n / MAX_DESCRIBE_TOKENS),
       });
       timer.lap("generate");
+      timer.perStep(gen.steps);
       const description = this.#tokenizer
         .decode(
           gen.tokens.filter((t) => !stop.has(t)),
@@ -580,6 +585,7 @@ export class LocalEngine implements Engine {
       onToken: (n) => timer.progress("generate", Math.min(1, n / budget)),
     });
     timer.lap("generate");
+    timer.perStep(gen.steps);
     const text = this.#tokenizer.decode(
       gen.tokens.filter((t) => !this.#pack.manifest.tokens.stop.includes(t)),
       { skipSpecial: true },

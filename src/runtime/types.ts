@@ -13,8 +13,11 @@ export type Stage = "load" | "decode" | "vision" | "prefill" | "generate" | "mas
 
 export type ProgressFn = (progress: { stage: Stage; fraction: number; message?: string }) => void;
 
-/** Milliseconds per stage; `total` is wall time of the whole request. */
-export type StageTimings = Partial<Record<Stage | "total", number>>;
+/**
+ * Milliseconds per stage; `total` is wall time of the whole request; `per_step` is the mean time of
+ * one decoder call during generation (a step feeds one sampled token or one forced chunk).
+ */
+export type StageTimings = Partial<Record<Stage | "total" | "per_step", number>>;
 
 export interface ImageInfo {
   width: number;
