@@ -73,7 +73,8 @@ export class QwenTokenizer {
     if (model === null) throw new Error("tokenizer.json has no model");
     const normalized = tok.normalizer === null ? text : tok.normalizer(text);
     const pieces = tok.pre_tokenizer === null ? [normalized] : tok.pre_tokenizer(normalized);
-    return model(pieces).map((t) => {
+    const tokens: string[] = model(pieces);
+    return tokens.map((t) => {
       const id = model.tokens_to_ids.get(t);
       if (id === undefined)
         throw new Error(`BPE produced a token outside the vocabulary: ${JSON.stringify(t)}`);

@@ -1,0 +1,173 @@
+/**
+ * Chat prompts from the pack manifest's templates, and the box text used in prompts and answers.
+ *
+ * User text (the expression) never goes through added-token matching: the chat template is split at
+ * `{question}`, the template parts are encoded with special tokens recognised and the question with
+ * `encodePlain`, so "<|im_end|>" typed by a user stays ordinary text.
+ */
+import { SegError } from "../errors.js";
+import type { Box } from "./types.js";
+
+/** The manifest's `prompts` (docs/design.md). */
+export interface PromptTemplates {
+  /** Contains `{question}` and exactly one `<|image_pad|>`. */
+  chat: string;
+  /** Contains `{expression}`. */
+  ground: string;
+  /** Contains `{x1}`, `{y1}`, `{x2}`, `{y2}` (0..1000 ints). */
+  describe: string;
+}
+
+/** The manifest's `tokens` fields this module needs. */
+export interface PromptTokenIds {
+  image_pad: number;
+}
+
+/** What prompt building needs from the tokenizer (QwenTokenizer satisfies it). */
+export interface PromptTokenizer {
+  encode(text: string): number[];
+  encodePlain(text: string): number[];
+}
+
+/** A box in Qwen3-VL's 0..1000 relative integer coordinates, [x1, y1, x2, y2]. */
+export type Box1000 = [x1: number, y1: number, x2: number, y2: number];
+
+/**
+ * Replaces `{name}` placeholders in one pass (so values are never re-scanned for placeholders);
+ * braces that are not a known `{name}` (such as the JSON in the describe template) stay as they are.
+ */
+export function renderTemplate(template: string, values: Readonly<Record<string, string>>): string {
+  return template.replace(/\{(\w+)\}/g, (whole, name: string) =>
+    Object.hasOwn(values, name) ? (values[name] ?? whole) : whole,
+  );
+}
+
+/** The grounding question for a referring expression. @throws SegError INVALID_INPUT when empty. */
+export function groundQuestion(prompts: Pick<PromptTemplates, "ground">, expression: string): string {
+  const expr = expression.trim();
+  if (expr.length === 0) {
+    throw new SegError(
+      "INVALID_INPUT",
+      "expression is empty; describe the object to find, e.g. 'the red mug'",
+    );
+  }
+  return renderTemplate(prompts.ground, { expression: expr });
+}
+
+/** The region-description question for a box given in 0..1000 coordinates. */
+export function describeQuestion(prompts: Pick<PromptTemplates, "describe">, box1000: Box1000): string {
+  const [x1, y1, x2, y2] = box1000;
+  return renderTemplate(prompts.describe, { x1: `${x1}`, y1: `${y1}`, x2: `${x2}`, y2: `${y2}` });
+}
+
+export interface ChatIds {
+  /** The prompt's token ids with the image placeholder expanded, [S]. */
+  ids: number[];
+  /** Index in `ids` of the first of the `numImageTokens` image-pad ids. */
+  imagePadStart: number;
+}
+
+/**
+ * Tokenises the chat template around `question` and expands its single `<|image_pad|>` to
+ * `numImageTokens` copies by id. Template parts are split at `{question}`; since the standard
+ * template puts special tokens on both sides of it, the ids equal those of tokenising the whole
+ * rendered text (for questions without added-token strings).
+ * @throws SegError MODEL_LOAD_FAILED when the template lacks `{question}` or one `<|image_pad|>`.
+ */
+export function buildChatIds(
+  tokenizer: PromptTokenizer,
+  question: string,
+  numImageTokens: number,
+  tokens: PromptTokenIds,
+  chatTemplate: string,
+): ChatIds {
+  if (!Number.isInteger(numImageTokens) || numImageTokens < 1) {
+    throw new SegError("INVALID_INPUT", `numImageTokens must be a positive integer, got ${numImageTokens}`);
+  }
+  const parts = chatTemplate.split("{question}");
+  if (parts.length !== 2) {
+    throw new SegError(
+      "MODEL_LOAD_FAILED",
+      `the pack's chat prompt must contain {question} exactly once (found ${parts.length - 1}); fix pack.json`,
+    );
+  }
+  const [before = "", after = ""] = parts;
+  const templated = [
+    ...tokenizer.encode(before),
+    ...tokenizer.encodePlain(question),
+    ...tokenizer.encode(after),
+  ];
+  // Only template parts can hold the pad: the question was encoded without added tokens.
+  const padAt = templated.indexOf(tokens.image_pad);
+  if (padAt < 0 || templated.indexOf(tokens.image_pad, padAt + 1) >= 0) {
+    throw new SegError(
+      "MODEL_LOAD_FAILED",
+      `the pack's chat prompt must contain exactly one <|image_pad|> (id ${tokens.image_pad}); fix pack.json`,
+    );
+  }
+  const ids = [
+    ...templated.slice(0, padAt),
+    ...new Array<number>(numImageTokens).fill(tokens.image_pad),
+    ...templated.slice(padAt + 1),
+  ];
+  return { ids, imagePadStart: padAt };
+}
+
+/**
+ * A pixel box of a `width` x `height` image in 0..1000 relative integers: x/W*1000 rounded, clamped
+ * to 0..1000, corners ordered.
+ */
+export function boxTo1000(box: Readonly<Box>, width: number, height: number): Box1000 {
+  if (!(width > 0 && height > 0)) {
+    throw new SegError("INVALID_INPUT", `image size must be positive, got ${width}x${height}`);
+  }
+  const conv = (v: number, size: number): number =>
+    Math.min(1000, Math.max(0, Math.round((v / size) * 1000)));
+  const [x1, y1, x2, y2] = box;
+  const a = conv(x1, width);
+  const b = conv(x2, width);
+  const c = conv(y1, height);
+  const d = conv(y2, height);
+  return [Math.min(a, b), Math.min(c, d), Math.max(a, b), Math.max(c, d)];
+}
+
+/** `{"bbox_2d": [x1, y1, x2, y2]` - the answer prefix for box-prompted segmentation (docs/design.md). */
+export function boxPrefixText(box1000: Box1000): string {
+  return `{"bbox_2d": [${box1000.join(", ")}]`;
+}
+
+export interface BoxPrefixIds {
+  /** Token ids of `boxPrefixText(box1000)`, fed after the assistant prefix. */
+  ids: number[];
+  /**
+   * Index in `ids` of the last token of the fourth coordinate: the T_seg row ("last_coordinate",
+   * the state that predicts the token closing bbox_2d).
+   */
+  lastCoordinateIndex: number;
+}
+
+/** Tokenises the box prefix and locates the T_seg token. */
+export function boxPrefixIds(
+  tokenizer: Pick<PromptTokenizer, "encodePlain">,
+  box1000: Box1000,
+): BoxPrefixIds {
+  for (const v of box1000) {
+    if (!Number.isInteger(v) || v < 0 || v > 1000) {
+      throw new SegError(
+        "INVALID_INPUT",
+        `box coordinates must be integers in 0..1000, got [${box1000.join(", ")}]`,
+      );
+    }
+  }
+  const text = boxPrefixText(box1000);
+  const withoutClose = text.slice(0, -1);
+  const ids = tokenizer.encodePlain(text);
+  // The last coordinate's tokens end where the text without the closing "]" ends; digits are
+  // separate pre-tokens in Qwen's tokenizer, so that boundary is always a token boundary.
+  const head = tokenizer.encodePlain(withoutClose);
+  const lastCoordinateIndex = head.length - 1;
+  if (head.some((id, i) => ids[i] !== id)) {
+    throw new SegError("INFERENCE_FAILED", `the tokenizer merges the box's last digit with "]" in ${text}`);
+  }
+  return { ids, lastCoordinateIndex };
+}
