@@ -42,7 +42,7 @@ SPECIAL_CASES: list[tuple[str, str]] = [
     ("contractions", "it's we'll they've I'M"),
     ("think tags", "<think>\n\n</think>\n\nanswer"),
     ("empty", ""),
-    ("box prefix", '{"bbox_2d": [0, 12, 1000, 999]'),
+    ("box prefix", '[{"bbox_2d": [0, 12, 1000, 999'),
 ]
 
 PLAIN_CASES: list[tuple[str, str]] = [

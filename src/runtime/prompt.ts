@@ -36,7 +36,7 @@ export type Box1000 = [x1: number, y1: number, x2: number, y2: number];
  * Replaces `{name}` placeholders in one pass (so values are never re-scanned for placeholders);
  * braces that are not a known `{name}` (such as the JSON in the describe template) stay as they are.
  */
-export function renderTemplate(template: string, values: Readonly<Record<string, string>>): string {
+export function renderPrompt(template: string, values: Readonly<Record<string, string>>): string {
   return template.replace(/\{(\w+)\}/g, (whole, name: string) =>
     Object.hasOwn(values, name) ? (values[name] ?? whole) : whole,
   );
@@ -51,13 +51,13 @@ export function groundQuestion(prompts: Pick<PromptTemplates, "ground">, express
       "expression is empty; describe the object to find, e.g. 'the red mug'",
     );
   }
-  return renderTemplate(prompts.ground, { expression: expr });
+  return renderPrompt(prompts.ground, { expression: expr });
 }
 
 /** The region-description question for a box given in 0..1000 coordinates. */
 export function describeQuestion(prompts: Pick<PromptTemplates, "describe">, box1000: Box1000): string {
   const [x1, y1, x2, y2] = box1000;
-  return renderTemplate(prompts.describe, { x1: `${x1}`, y1: `${y1}`, x2: `${x2}`, y2: `${y2}` });
+  return renderPrompt(prompts.describe, { x1: `${x1}`, y1: `${y1}`, x2: `${x2}`, y2: `${y2}` });
 }
 
 export interface ChatIds {
@@ -76,10 +76,10 @@ export interface ChatIds {
  */
 export function buildChatIds(
   tokenizer: PromptTokenizer,
+  chatTemplate: string,
   question: string,
   numImageTokens: number,
   tokens: PromptTokenIds,
-  chatTemplate: string,
 ): ChatIds {
   if (!Number.isInteger(numImageTokens) || numImageTokens < 1) {
     throw new SegError("INVALID_INPUT", `numImageTokens must be a positive integer, got ${numImageTokens}`);
@@ -131,17 +131,21 @@ export function boxTo1000(box: Readonly<Box>, width: number, height: number): Bo
   return [Math.min(a, b), Math.min(c, d), Math.max(a, b), Math.max(c, d)];
 }
 
-/** `{"bbox_2d": [x1, y1, x2, y2]` - the answer prefix for box-prompted segmentation (docs/design.md). */
+/**
+ * `[{"bbox_2d": [x1, y1, x2, y2` - the answer prefix for box-prompted segmentation: exactly what the
+ * box grammar (grammar.ts) emits up to and including the fourth coordinate, so the T_seg row is the
+ * prefix's last token, as in grounding.
+ */
 export function boxPrefixText(box1000: Box1000): string {
-  return `{"bbox_2d": [${box1000.join(", ")}]`;
+  return `[{"bbox_2d": [${box1000.join(", ")}`;
 }
 
 export interface BoxPrefixIds {
   /** Token ids of `boxPrefixText(box1000)`, fed after the assistant prefix. */
   ids: number[];
   /**
-   * Index in `ids` of the last token of the fourth coordinate: the T_seg row ("last_coordinate",
-   * the state that predicts the token closing bbox_2d).
+   * Index in `ids` of the last token of the fourth coordinate (always `ids.length - 1`): the T_seg
+   * row ("last_coordinate": the state that predicts the token closing bbox_2d).
    */
   lastCoordinateIndex: number;
 }
@@ -160,14 +164,15 @@ export function boxPrefixIds(
     }
   }
   const text = boxPrefixText(box1000);
-  const withoutClose = text.slice(0, -1);
   const ids = tokenizer.encodePlain(text);
-  // The last coordinate's tokens end where the text without the closing "]" ends; digits are
-  // separate pre-tokens in Qwen's tokenizer, so that boundary is always a token boundary.
-  const head = tokenizer.encodePlain(withoutClose);
-  const lastCoordinateIndex = head.length - 1;
-  if (head.some((id, i) => ids[i] !== id)) {
-    throw new SegError("INFERENCE_FAILED", `the tokenizer merges the box's last digit with "]" in ${text}`);
+  // The prefix must end on a token boundary of the full answer: Qwen's pre-tokeniser isolates every
+  // digit, so the closing "], " never merges into the last digit's token.
+  const full = tokenizer.encodePlain(`${text}], "label": "`);
+  if (ids.some((id, i) => full[i] !== id)) {
+    throw new SegError(
+      "INFERENCE_FAILED",
+      `the tokenizer merges the box's last digit with the text after it in ${text}`,
+    );
   }
-  return { ids, lastCoordinateIndex };
+  return { ids, lastCoordinateIndex: ids.length - 1 };
 }
