@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -20,7 +21,6 @@ import torch
 import transformers
 from torch import nn
 
-from . import __version__
 from .errors import ModelkitError
 from .onnx_utils import GraphSpec
 from .preprocess import ALPHA_BACKGROUND, IMAGE_MEAN, IMAGE_STD, MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE
@@ -192,7 +192,9 @@ def default_provenance(base: str, decoder: str, extra: dict[str, Any] | None = N
     prov: dict[str, Any] = {
         "base": base,
         "decoder": decoder,
-        "exporter": f"modelkit {__version__}",
+        # From the installed metadata: `python -m modelkit` run in the repository root imports the
+        # outer modelkit/ folder as a namespace package, which has no __version__.
+        "exporter": f"modelkit {importlib.metadata.version('modelkit')}",
         "transformers": transformers.__version__,
         "torch": torch.__version__.split("+")[0],
         "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
