@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -26,6 +26,7 @@ from torch import nn
 from transformers import Qwen3VLForConditionalGeneration
 
 from .errors import ModelkitError
+from .onnx_utils import GraphSpec, TensorSpec, check_io, external_data_name, graph_spec
 
 DTYPES = ("fp32", "fp16", "int4")
 OPSET = 17
@@ -230,17 +231,17 @@ def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def decoder_graph_spec(graph: DecoderGraph, file: str) -> dict[str, Any]:
-    """The manifest entry: names, dtypes and shapes (strings are dynamic axes)."""
+def decoder_graph_spec(graph: DecoderGraph, file: str) -> GraphSpec:
+    """The contract of docs/design.md for this model: names, dtypes, shapes (strings are dynamic axes)."""
     n_vis = 1 + graph.num_deepstack
     h, n_kv, hd, v = graph.hidden_size, graph.num_kv_heads, graph.head_dim, graph.vocab_size
-    inputs: list[dict[str, Any]] = [
+    inputs: list[TensorSpec] = [
         {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
         {"name": "visual_embeds", "dtype": "float32", "shape": [n_vis, "batch", "seq", h]},
         {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total"]},
         {"name": "position_ids", "dtype": "int64", "shape": [3, "batch", "seq"]},
     ]
-    outputs: list[dict[str, Any]] = [
+    outputs: list[TensorSpec] = [
         {"name": "logits", "dtype": "float32", "shape": ["batch", 1, v]},
         {"name": "last_hidden_state", "dtype": "float32", "shape": ["batch", "seq", h]},
     ]
@@ -283,13 +284,19 @@ def _trace_structure(graph: DecoderGraph, path: Path) -> None:
             args.append(torch.zeros(b, graph.num_kv_heads, past, graph.head_dim))
             dyn[f"past_key_values.{i}.{kind}"] = {0: "batch", 2: "past"}
             dyn[f"present.{i}.{kind}"] = {0: "batch", 2: "total"}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter is deprecated but handles the dynamic B/S/past axes of this graph
+        # without specialising them; its deprecation notices are noise here.
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             graph,
             tuple(args),
             str(path),
             dynamo=False,
             export_params=False,
+            # Weights stay named graph inputs, and the exporter skips its by-value initializer
+            # dedup (a full comparison of every same-shaped pair of matrices in a large model).
+            keep_initializers_as_inputs=True,
             opset_version=OPSET,
             input_names=in_names,
             output_names=out_names,
@@ -453,10 +460,8 @@ def _attach_weights(model: onnx.ModelProto, graph: DecoderGraph, dtype: str, dat
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
-def export_decoder(
-    model: Qwen3VLForConditionalGeneration, out_path: Path, dtype: str = "fp32"
-) -> dict[str, Any]:
-    """Write `out_path` (decoder_model_merged.onnx) and return its GraphSpec-like manifest entry.
+def export_decoder(model: Qwen3VLForConditionalGeneration, out_path: Path, dtype: str = "fp32") -> GraphSpec:
+    """Write `out_path` (decoder_model_merged.onnx) and return its GraphSpec (manifest entry).
 
     dtype: "fp32", "fp16" (matrices fp16, I/O, norms, RoPE and softmax fp32) or "int4" (MatMulNBits,
     block 32; embedding/tied head fp16). Weights go to `<out_path>_data` when they exceed ~1.5 GB.
@@ -474,10 +479,13 @@ def export_decoder(
             raise ModelkitError("EXPORT_FAILED", f"tracing the decoder failed: {e}") from e
         proto = onnx.load(str(skeleton))
     weight_bytes = sum(p.numel() * 4 for p in graph.parameters())
-    data_path = Path(f"{out_path}_data") if weight_bytes > INLINE_LIMIT_BYTES else None
-    if data_path is None and Path(f"{out_path}_data").exists():
-        os.remove(f"{out_path}_data")  # a stale file from an earlier large export
+    data_file = out_path.with_name(external_data_name(out_path))
+    data_path = data_file if weight_bytes > INLINE_LIMIT_BYTES else None
+    if data_path is None and data_file.exists():
+        os.remove(data_file)  # a stale file from an earlier large export
     _attach_weights(proto, graph, dtype, data_path)
+    spec = decoder_graph_spec(graph, out_path.name)
+    check_io(graph_spec(proto, out_path.name), spec["inputs"], spec["outputs"])  # graph == contract
     proto.producer_name = "modelkit"
     onnx.save(proto, str(out_path))
-    return decoder_graph_spec(graph, out_path.name)
+    return spec

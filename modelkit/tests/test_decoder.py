@@ -7,6 +7,7 @@ HF's own vision tower output as image / DeepStack features. The graph is exporte
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,6 +349,18 @@ def test_wrong_mrope_layout_parity_fails(case: Case) -> None:
     tc = case.model.config.text_config
     section = tc.rope_parameters["mrope_section"]
     chunked = [0] * section[0] + [1] * section[1] + [2] * section[2]  # Qwen2-VL style, not interleaved
+    _, right = torch_prefill(DecoderGraph(case.model), case)
+    _, wrong = torch_prefill(DecoderGraph(case.model, freq_axes=chunked), case)
+    assert rel_err(right, case.hf_hidden) < REL_TOL  # the torch module itself is exact
+    err = rel_err(wrong, case.hf_hidden)
+    print(f"chunked M-RoPE: hidden rel err {err:.2e}")
+    assert err > 100 * REL_TOL
+
+
+# weight dtypes ------------------------------------------------------------------------------------
+
+
+def torch_prefill(graph: DecoderGraph, case: Case) -> tuple[np.ndarray, np.ndarray]:
     args = [
         torch.from_numpy(case.input_ids)[None],
         torch.from_numpy(case.visual_embeds),
@@ -355,9 +368,59 @@ def test_wrong_mrope_layout_parity_fails(case: Case) -> None:
         torch.from_numpy(case.position_ids)[:, None],
     ] + [torch.from_numpy(v) for v in empty_past(case.model).values()]
     with torch.no_grad():
-        right = DecoderGraph(case.model)(*args)
-        wrong = DecoderGraph(case.model, freq_axes=chunked)(*args)
-    assert rel_err(right[1][0].numpy(), case.hf_hidden) < REL_TOL  # the torch module itself is exact
-    err = rel_err(wrong[1][0].numpy(), case.hf_hidden)
-    print(f"chunked M-RoPE: hidden rel err {err:.2e}")
-    assert err > 100 * REL_TOL
+        out = graph(*args)
+    return out[0][0, 0].numpy(), out[1][0].numpy()
+
+
+def test_fp16_weights_with_fp32_io(case: Case, tmp_path: Path) -> None:
+    path = tmp_path / "decoder_model_merged.onnx"
+    export_decoder(case.model, path, "fp16")
+    proto = onnx.load(str(path))
+    weights = {t.name: t.data_type for t in proto.graph.initializer}
+    assert weights["embed_tokens"] == onnx.TensorProto.FLOAT16
+    assert weights["layers.0.q_proj"] == onnx.TensorProto.FLOAT16
+    assert all(v.type.tensor_type.elem_type in (1, 7) for v in [*proto.graph.input, *proto.graph.output])
+    assert sum(t.name == "embed_tokens" for t in proto.graph.initializer) == 1
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, hidden, _ = run(
+        session, case.input_ids, case.visual_embeds, case.position_ids, empty_past(case.model)
+    )
+    err_l, err_h = rel_err(logits, case.hf_logits), rel_err(hidden, case.hf_hidden)
+    print(f"fp16 vs HF fp32: logits {err_l:.2e}, hidden {err_h:.2e}")
+    assert err_l < 5e-3 and err_h < 5e-3
+    assert int(np.argmax(logits)) == int(np.argmax(case.hf_logits))
+
+
+def test_int4_equals_dequantised_weights(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import modelkit.export_decoder as export_module
+
+    monkeypatch.setattr(export_module, "INLINE_LIMIT_BYTES", 1000)  # exercise the external data file
+    path = tmp_path / "decoder_model_merged.onnx"
+    export_decoder(case.model, path, "int4")
+    assert (tmp_path / "decoder_model_merged.onnx_data").is_file()
+    proto = onnx.load(str(path))
+    assert (
+        sum(n.op_type == "MatMulNBits" for n in proto.graph.node)
+        == 7 * case.model.config.text_config.num_hidden_layers
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, hidden, _ = run(
+        session, case.input_ids, case.visual_embeds, case.position_ids, empty_past(case.model)
+    )
+
+    # Reference: the same fp32 math with the weights the graph really holds (int4 blocks dequantised).
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    reference = DecoderGraph(copy.deepcopy(case.model))
+    params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name, packed in inits.items():
+            if name.endswith(".q4"):
+                n, blocks, _ = packed.shape  # [N, K/32, 16], low nibble first
+                q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks * 32).astype(np.float32)
+                w = (q - 8.0) * np.repeat(inits[name[:-3] + ".scales"], 32, axis=1)  # [N, K]
+                params[name[:-3]].copy_(torch.from_numpy(w.T))
+        params["embed_tokens"].copy_(torch.from_numpy(inits["embed_tokens"].astype(np.float32)))
+    want_logits, want_hidden = torch_prefill(reference, case)
+    err_l, err_h = rel_err(logits, want_logits), rel_err(hidden, want_hidden)
+    print(f"int4 vs dequantised fp32: logits {err_l:.2e}, hidden {err_h:.2e}")
+    assert err_l < REL_TOL and err_h < REL_TOL
