@@ -1,0 +1,270 @@
+/**
+ * Writing results: 1-bit mask PNGs, overlay previews, unguessable output names. Every write is
+ * atomic (a temporary file in the same directory, then rename), so a crash or a full disk never
+ * leaves a half-written PNG under the final name.
+ *
+ * Masks are encoded here rather than by sharp: a PNG of bit depth 1, colour type 0 (grayscale,
+ * 0 = black background, 1 = white object) is a few lines over node:zlib, lossless by construction
+ * and fast for 4000x3000, while sharp's palette path goes through a quantiser.
+ */
+
+import { randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
+import { readFile, rename, unlink, writeFile } from "node:fs/promises";
+import { basename, dirname, join } from "node:path";
+import { deflateSync } from "node:zlib";
+import sharp, { type OutputInfo } from "sharp";
+import { SegError } from "../errors.js";
+
+// ---------------------------------------------------------------------------------------------
+// Atomic writes
+
+function writeFailed(path: string, e: unknown): SegError {
+  if (e instanceof SegError) return e;
+  const reason = e instanceof Error ? e.message : String(e);
+  return new SegError("OUTPUT_WRITE_FAILED", `could not write ${path}: ${reason}`, {
+    cause: e,
+    details: { path },
+  });
+}
+
+/** Write `data` to `path` via a temporary file in the same directory and a rename. */
+export async function writeFileAtomic(path: string, data: Uint8Array): Promise<void> {
+  const tmp = join(dirname(path), `.${basename(path)}.${process.pid}-${randomBytes(6).toString("hex")}.tmp`);
+  try {
+    await writeFile(tmp, data, { flag: "wx", mode: 0o644 });
+    await rename(tmp, path);
+  } catch (e) {
+    await unlink(tmp).catch(() => undefined);
+    throw writeFailed(path, e);
+  }
+}
+
+/**
+ * A fresh path `<dir>/<stem>-<time>-<random>[-<index>].png` that does not exist yet. `stem` is a
+ * fixed word chosen by the program ("mask", "overlay"), never caller text.
+ */
+export function newOutputName(dir: string, stem: string, index?: number): string {
+  if (!/^[a-z][a-z0-9-]{0,31}$/.test(stem)) {
+    throw new SegError(
+      "INVALID_INPUT",
+      `output name stem must be a short lowercase word, got ${JSON.stringify(stem)}`,
+    );
+  }
+  const suffix = index === undefined ? "" : `-${index}`;
+  for (;;) {
+    const name = `${stem}-${Date.now().toString(36)}-${randomBytes(8).toString("hex")}${suffix}.png`;
+    const path = join(dir, name);
+    if (!existsSync(path)) return path;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1-bit PNG
+
+const CRC_TABLE = (() => {
+  const t = new Uint32Array(256);
+  for (let n = 0; n < 256; n++) {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    t[n] = c >>> 0;
+  }
+  return t;
+})();
+
+function crc32(bytes: Uint8Array): number {
+  let c = 0xffffffff;
+  for (let i = 0; i < bytes.length; i++)
+    c = (CRC_TABLE[(c ^ (bytes[i] as number)) & 0xff] as number) ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+function chunk(type: string, data: Uint8Array): Uint8Array {
+  const out = new Uint8Array(12 + data.length);
+  const view = new DataView(out.buffer);
+  view.setUint32(0, data.length);
+  for (let i = 0; i < 4; i++) out[4 + i] = type.charCodeAt(i);
+  out.set(data, 8);
+  view.setUint32(8 + data.length, crc32(out.subarray(4, 8 + data.length)));
+  return out;
+}
+
+/** PNG bytes of a row-major [height, width] 0/1 bitmap: bit depth 1, grayscale, 1 = white. */
+export function encodeMaskPng(bitmap: Uint8Array, width: number, height: number): Uint8Array {
+  if (!(Number.isInteger(width) && Number.isInteger(height) && width > 0 && height > 0)) {
+    throw new SegError("INVALID_INPUT", `mask size must be positive integers, got ${width}x${height}`);
+  }
+  if (bitmap.length !== width * height) {
+    throw new SegError("INVALID_INPUT", `mask holds ${bitmap.length} values, expected ${width}x${height}`);
+  }
+  const stride = Math.ceil(width / 8);
+  const raw = new Uint8Array(height * (stride + 1)); // filter byte 0 (None) + packed bits, MSB first
+  for (let y = 0; y < height; y++) {
+    const o = y * (stride + 1) + 1;
+    const row = y * width;
+    for (let x = 0; x < width; x++) {
+      if (bitmap[row + x] !== 0) raw[o + (x >> 3)] = (raw[o + (x >> 3)] as number) | (0x80 >> (x & 7));
+    }
+  }
+  const ihdr = new Uint8Array(13);
+  const hv = new DataView(ihdr.buffer);
+  hv.setUint32(0, width);
+  hv.setUint32(4, height);
+  ihdr[8] = 1; // bit depth
+  ihdr[9] = 0; // colour type: grayscale
+  ihdr[10] = 0; // deflate
+  ihdr[11] = 0; // adaptive filtering
+  ihdr[12] = 0; // no interlace
+  const parts = [
+    new Uint8Array([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]),
+    chunk("IHDR", ihdr),
+    chunk("IDAT", deflateSync(raw, { level: 6 })),
+    chunk("IEND", new Uint8Array(0)),
+  ];
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
+}
+
+/** Write a mask as a 1-bit PNG the size of the original image, atomically. */
+export async function writeMaskPng(
+  bitmap: Uint8Array,
+  width: number,
+  height: number,
+  path: string,
+): Promise<void> {
+  await writeFileAtomic(path, encodeMaskPng(bitmap, width, height));
+}
+
+/**
+ * Read a mask PNG (ours or any other PNG/JPEG/WebP mask) as a row-major 0/1 bitmap: luminance >= 128
+ * is the object, transparent pixels are background. INVALID_INPUT when its size is not
+ * expectedW x expectedH.
+ */
+export async function readMaskPng(path: string, expectedW: number, expectedH: number): Promise<Uint8Array> {
+  let bytes: Buffer;
+  try {
+    bytes = await readFile(path);
+  } catch (e) {
+    throw new SegError("IMAGE_NOT_FOUND", `cannot read mask file ${path}: ${(e as Error).message}`, {
+      cause: e,
+      details: { path },
+    });
+  }
+  let data: Buffer;
+  let info: OutputInfo;
+  try {
+    const pipeline = sharp(bytes, { limitInputPixels: Math.max(1, expectedW * expectedH), failOn: "error" });
+    const meta = await pipeline.metadata();
+    if (meta.width !== expectedW || meta.height !== expectedH) {
+      throw new SegError(
+        "INVALID_INPUT",
+        `mask ${path} is ${meta.width}x${meta.height} but the image is ${expectedW}x${expectedH}; the mask must be the image's size`,
+        {
+          details: {
+            path,
+            maskWidth: meta.width,
+            maskHeight: meta.height,
+            width: expectedW,
+            height: expectedH,
+          },
+        },
+      );
+    }
+    ({ data, info } = await sharp(bytes, { failOn: "error" })
+      .flatten({ background: { r: 0, g: 0, b: 0 } })
+      .toColourspace("b-w")
+      .raw({ depth: "uchar" })
+      .toBuffer({ resolveWithObject: true }));
+  } catch (e) {
+    if (e instanceof SegError) throw e;
+    throw new SegError("IMAGE_DECODE_FAILED", `could not decode mask ${path}: ${(e as Error).message}`, {
+      cause: e,
+      details: { path },
+    });
+  }
+  const ch = info.channels;
+  const out = new Uint8Array(expectedW * expectedH);
+  for (let i = 0; i < out.length; i++) out[i] = (data[i * ch] as number) >= 128 ? 1 : 0;
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Overlay preview
+
+const OVERLAY_COLOURS: readonly (readonly [number, number, number])[] = [
+  [230, 25, 75],
+  [60, 180, 75],
+  [0, 130, 200],
+  [245, 130, 48],
+  [145, 30, 180],
+  [70, 240, 240],
+  [240, 50, 230],
+  [210, 245, 60],
+  [250, 190, 212],
+  [0, 128, 128],
+];
+
+/**
+ * A small preview: the image scaled so its longer side is at most `maxSide`, each mask tinted in
+ * its own colour at 50% opacity. Written atomically as an RGB PNG.
+ */
+export async function writeOverlayPng(
+  rgb: Uint8Array,
+  width: number,
+  height: number,
+  masks: readonly Uint8Array[],
+  path: string,
+  maxSide = 512,
+): Promise<void> {
+  if (rgb.length !== width * height * 3) {
+    throw new SegError("INVALID_INPUT", `RGB buffer has ${rgb.length} bytes, expected ${width}x${height}x3`);
+  }
+  for (const m of masks) {
+    if (m.length !== width * height) {
+      throw new SegError("INVALID_INPUT", `mask holds ${m.length} values, expected ${width}x${height}`);
+    }
+  }
+  const scale = Math.min(1, maxSide / Math.max(width, height));
+  const ow = Math.max(1, Math.round(width * scale));
+  const oh = Math.max(1, Math.round(height * scale));
+  let png: Buffer;
+  try {
+    const small =
+      ow === width && oh === height
+        ? Buffer.from(rgb)
+        : await sharp(Buffer.from(rgb.buffer, rgb.byteOffset, rgb.byteLength), {
+            raw: { width, height, channels: 3 },
+          })
+            .resize(ow, oh, { fit: "fill" })
+            .raw()
+            .toBuffer();
+    // Nearest-neighbour mask lookup at the preview scale.
+    const srcX = new Int32Array(ow);
+    for (let x = 0; x < ow; x++) srcX[x] = Math.min(width - 1, Math.floor(((x + 0.5) * width) / ow));
+    for (let y = 0; y < oh; y++) {
+      const sy = Math.min(height - 1, Math.floor(((y + 0.5) * height) / oh)) * width;
+      for (let x = 0; x < ow; x++) {
+        const s = sy + (srcX[x] as number);
+        const o = (y * ow + x) * 3;
+        for (let i = 0; i < masks.length; i++) {
+          if ((masks[i] as Uint8Array)[s] === 0) continue;
+          const c = OVERLAY_COLOURS[i % OVERLAY_COLOURS.length] as readonly [number, number, number];
+          small[o] = ((small[o] as number) + c[0]) >> 1;
+          small[o + 1] = ((small[o + 1] as number) + c[1]) >> 1;
+          small[o + 2] = ((small[o + 2] as number) + c[2]) >> 1;
+        }
+      }
+    }
+    png = await sharp(small, { raw: { width: ow, height: oh, channels: 3 } })
+      .png()
+      .toBuffer();
+  } catch (e) {
+    throw writeFailed(path, e);
+  }
+  await writeFileAtomic(path, png);
+}

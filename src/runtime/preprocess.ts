@@ -1,0 +1,464 @@
+/**
+ * Image decoding and Qwen3-VL preprocessing (spec section 2).
+ *
+ * decodeImage: sharp, hardened for untrusted input (pixel/byte limits, header-checked format
+ * allow-list, EXIF orientation, first GIF frame, alpha over white) -> packed RGB uint8 HWC.
+ * preprocess: smart_resize (factor 32, Python rounding) -> bicubic resize -> normalise -> patchify
+ * in merge-window order, plus the CHW `hr_image` the mask decoder takes.
+ *
+ * The resize is a TypeScript implementation of PIL's separable bicubic resampling on uint8
+ * (a = -0.5 kernel widened by the scale factor when shrinking, 22-bit fixed-point coefficients,
+ * a uint8 round/clip between the horizontal and the vertical pass). The reference processor
+ * (transformers' Qwen2VLImageProcessorPil, which the golden fixtures use) resizes with PIL, so this
+ * reproduces its pixels exactly; sharp/libvips' cubic kernel differs by a few levels (see the
+ * parity test), which would be a systematic input shift for the ViT and the mask decoder.
+ */
+
+import { readFile, stat } from "node:fs/promises";
+import sharp, { type Metadata, type SharpOptions } from "sharp";
+import { SegError } from "../errors.js";
+import type { ImageSource } from "./types.js";
+
+export interface DecodeLimits {
+  /** Largest width * height accepted (checked from the header, before decoding). */
+  maxInputPixels: number;
+  /** Largest encoded size in bytes. */
+  maxBytes: number;
+}
+
+export interface DecodedImage {
+  /** [height, width, 3] uint8, packed RGB, EXIF orientation applied, alpha composited on white. */
+  rgb: Uint8Array;
+  width: number;
+  height: number;
+}
+
+export interface PreprocessConfig {
+  /** @default 16 */
+  patchSize: number;
+  /** @default 2 */
+  mergeSize: number;
+  /** @default 2 */
+  temporalPatchSize: number;
+  imageMean: readonly [number, number, number];
+  imageStd: readonly [number, number, number];
+  minPixels: number;
+  maxPixels: number;
+}
+
+export interface Preprocessed {
+  /** [P, 3 * tp * ps * ps] f32 (P = gh * gw; [P, 1536] for Qwen3-VL), merge-window order. */
+  pixelValues: Float32Array;
+  /** image_grid_thw of this image: [1, gh, gw] patches. */
+  grid: [t: number, gh: number, gw: number];
+  /** [Hr, Wr], the size the image was resized to (gh * patchSize, gw * patchSize). */
+  resized: [height: number, width: number];
+  /** [3, Hr, Wr] f32 CHW, normalised exactly like pixelValues (== hr_image of the mask decoder). */
+  hrImage: Float32Array;
+}
+
+export const SUPPORTED_FORMATS = ["jpeg", "png", "webp", "gif", "tiff"] as const;
+const SUPPORTED_TEXT = "JPEG, PNG, WebP, GIF (first frame) and TIFF";
+
+/** The aspect-ratio limit of HF's smart_resize. */
+export const MAX_ASPECT_RATIO = 200;
+
+// ---------------------------------------------------------------------------------------------
+// Decoding
+
+async function readSource(source: ImageSource, maxBytes: number): Promise<{ bytes: Buffer; label: string }> {
+  if ("bytes" in source) {
+    const b = source.bytes;
+    checkByteSize(b.byteLength, maxBytes, "the image bytes");
+    return { bytes: Buffer.from(b.buffer, b.byteOffset, b.byteLength), label: "the image bytes" };
+  }
+  const path = source.path;
+  let size: number;
+  try {
+    const st = await stat(path);
+    if (!st.isFile())
+      throw new SegError("IMAGE_NOT_FOUND", `${path} is not a regular file`, { details: { path } });
+    size = st.size;
+  } catch (e) {
+    if (e instanceof SegError) throw e;
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === "ENOENT" || code === "ENOTDIR") {
+      throw new SegError("IMAGE_NOT_FOUND", `image file not found: ${path}`, { cause: e, details: { path } });
+    }
+    throw new SegError("IMAGE_NOT_FOUND", `cannot access image file ${path}: ${(e as Error).message}`, {
+      cause: e,
+      details: { path },
+    });
+  }
+  checkByteSize(size, maxBytes, path);
+  let bytes: Buffer;
+  try {
+    bytes = await readFile(path);
+  } catch (e) {
+    throw new SegError("IMAGE_NOT_FOUND", `cannot read image file ${path}: ${(e as Error).message}`, {
+      cause: e,
+      details: { path },
+    });
+  }
+  // The file may have grown between stat and read.
+  checkByteSize(bytes.byteLength, maxBytes, path);
+  return { bytes, label: path };
+}
+
+function checkByteSize(size: number, maxBytes: number, label: string): void {
+  if (size > maxBytes) {
+    throw new SegError(
+      "IMAGE_TOO_LARGE",
+      `${label} is ${size} bytes, over the limit of ${maxBytes} bytes; downscale or recompress it`,
+      { details: { bytes: size, maxBytes } },
+    );
+  }
+  if (size === 0) {
+    throw new SegError(
+      "IMAGE_DECODE_FAILED",
+      `${label} is empty (0 bytes); supported formats: ${SUPPORTED_TEXT}`,
+    );
+  }
+}
+
+/**
+ * Decode an image to packed RGB uint8. Errors: IMAGE_NOT_FOUND (missing/unreadable path),
+ * IMAGE_TOO_LARGE (bytes or pixels over the limits), UNSUPPORTED_FORMAT (a recognised format
+ * outside the allow-list, e.g. SVG, HEIF/AVIF, PDF), IMAGE_DECODE_FAILED (empty, corrupt or
+ * unrecognised data).
+ */
+export async function decodeImage(source: ImageSource, limits: DecodeLimits): Promise<DecodedImage> {
+  const { bytes, label } = await readSource(source, limits.maxBytes);
+  const options: SharpOptions = {
+    limitInputPixels: Math.max(1, Math.floor(limits.maxInputPixels)),
+    failOn: "error", // truncated-but-readable files pass; real decode errors fail
+    pages: 1, // first frame of animated GIF/WebP, first page of TIFF
+  };
+
+  let meta: Metadata;
+  try {
+    meta = await sharp(bytes, options).metadata();
+  } catch (e) {
+    throw decodeError(e, label);
+  }
+  const format = meta.format as string | undefined;
+  if (format === undefined || !(SUPPORTED_FORMATS as readonly string[]).includes(format)) {
+    throw new SegError(
+      "UNSUPPORTED_FORMAT",
+      `${label} is ${format === undefined ? "in an unknown format" : `a ${format.toUpperCase()} image`}; supported formats: ${SUPPORTED_TEXT}`,
+      { details: { format } },
+    );
+  }
+  const w0 = meta.width;
+  const h0 = meta.height;
+  if (w0 === undefined || h0 === undefined || w0 <= 0 || h0 <= 0) {
+    throw new SegError("IMAGE_DECODE_FAILED", `${label} has no readable dimensions`);
+  }
+  if (w0 * h0 > limits.maxInputPixels) {
+    throw new SegError(
+      "IMAGE_TOO_LARGE",
+      `${label} is ${w0}x${h0} = ${w0 * h0} pixels, over the limit of ${limits.maxInputPixels} pixels; downscale it first`,
+      { details: { width: w0, height: h0, pixels: w0 * h0, maxInputPixels: limits.maxInputPixels } },
+    );
+  }
+
+  try {
+    const { data, info } = await sharp(bytes, options)
+      .rotate() // EXIF orientation
+      .flatten({ background: { r: 255, g: 255, b: 255 } })
+      .toColourspace("srgb")
+      .removeAlpha()
+      .raw({ depth: "uchar" })
+      .toBuffer({ resolveWithObject: true });
+    if (info.channels !== 3 || data.length !== info.width * info.height * 3) {
+      throw new Error(`unexpected decoder output: ${info.width}x${info.height}x${info.channels}`);
+    }
+    return {
+      rgb: new Uint8Array(data.buffer, data.byteOffset, data.byteLength),
+      width: info.width,
+      height: info.height,
+    };
+  } catch (e) {
+    throw decodeError(e, label);
+  }
+}
+
+function decodeError(e: unknown, label: string): SegError {
+  if (e instanceof SegError) return e;
+  const message = e instanceof Error ? e.message : String(e);
+  if (/pixel limit/i.test(message)) {
+    return new SegError("IMAGE_TOO_LARGE", `${label} exceeds the pixel limit: ${message}`, { cause: e });
+  }
+  if (/unsupported image format/i.test(message)) {
+    return new SegError(
+      "IMAGE_DECODE_FAILED",
+      `${label} is not a recognised image; supported formats: ${SUPPORTED_TEXT}`,
+      { cause: e },
+    );
+  }
+  return new SegError(
+    "IMAGE_DECODE_FAILED",
+    `could not decode ${label} (${message.trim()}); supported formats: ${SUPPORTED_TEXT}`,
+    { cause: e },
+  );
+}
+
+// ---------------------------------------------------------------------------------------------
+// smart_resize
+
+/** Python's round(): halves go to the even neighbour (400 / 32 = 12.5 -> 12). */
+export function roundHalfEven(x: number): number {
+  const f = Math.floor(x);
+  const d = x - f;
+  if (d > 0.5) return f + 1;
+  if (d < 0.5) return f;
+  return f % 2 === 0 ? f : f + 1;
+}
+
+/**
+ * HF smart_resize: both sides multiples of `factor`, area within [minPixels, maxPixels], aspect
+ * ratio kept as closely as possible. Returns [Hr, Wr]. Throws INVALID_INPUT for non-positive sizes
+ * and for aspect ratios over 200 (the reference raises there too; such images cannot be tokenised
+ * sensibly, the caller must crop them).
+ */
+export function smartResize(
+  height: number,
+  width: number,
+  factor = 32,
+  minPixels = 65_536,
+  maxPixels = 16_777_216,
+): [number, number] {
+  if (!Number.isInteger(height) || !Number.isInteger(width) || height <= 0 || width <= 0) {
+    throw new SegError("INVALID_INPUT", `image size must be positive integers, got ${width}x${height}`);
+  }
+  const ratio = Math.max(height, width) / Math.min(height, width);
+  if (ratio > MAX_ASPECT_RATIO) {
+    throw new SegError(
+      "INVALID_INPUT",
+      `image aspect ratio ${ratio.toFixed(1)} (${width}x${height}) is over the limit of ${MAX_ASPECT_RATIO}; crop the image first`,
+      { details: { width, height, ratio } },
+    );
+  }
+  let hb = roundHalfEven(height / factor) * factor;
+  let wb = roundHalfEven(width / factor) * factor;
+  if (hb * wb > maxPixels) {
+    const beta = Math.sqrt((height * width) / maxPixels);
+    hb = Math.max(factor, Math.floor(height / beta / factor) * factor);
+    wb = Math.max(factor, Math.floor(width / beta / factor) * factor);
+  } else if (hb * wb < minPixels) {
+    const beta = Math.sqrt(minPixels / (height * width));
+    hb = Math.ceil((height * beta) / factor) * factor;
+    wb = Math.ceil((width * beta) / factor) * factor;
+  }
+  return [hb, wb];
+}
+
+// ---------------------------------------------------------------------------------------------
+// PIL-compatible bicubic resampling (uint8, separable)
+
+const PRECISION_BITS = 22; // 32 - 8 bits of data - 2 bits of headroom, as PIL
+const HALF = 1 << (PRECISION_BITS - 1);
+
+function cubic(x: number): number {
+  const a = -0.5;
+  const t = Math.abs(x);
+  if (t < 1) return ((a + 2) * t - (a + 3)) * t * t + 1;
+  if (t < 2) return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a;
+  return 0;
+}
+
+interface Taps {
+  ksize: number;
+  /** [outSize] first input index of each output sample's window. */
+  start: Int32Array;
+  /** [outSize] number of taps used. */
+  count: Int32Array;
+  /** [outSize * ksize] fixed-point weights. */
+  weight: Int32Array;
+}
+
+/** Per-output-sample windows and weights along one axis (PIL's coefficient rules). */
+function bicubicTaps(inSize: number, outSize: number): Taps {
+  const scale = inSize / outSize;
+  const filterScale = Math.max(scale, 1);
+  const support = 2 * filterScale;
+  const ksize = Math.ceil(support) * 2 + 1;
+  const start = new Int32Array(outSize);
+  const count = new Int32Array(outSize);
+  const weight = new Int32Array(outSize * ksize);
+  const k = new Float64Array(ksize);
+  const inv = 1 / filterScale;
+  for (let o = 0; o < outSize; o++) {
+    const center = (o + 0.5) * scale;
+    let lo = Math.trunc(center - support + 0.5);
+    if (lo < 0) lo = 0;
+    let hi = Math.trunc(center + support + 0.5);
+    if (hi > inSize) hi = inSize;
+    const n = hi - lo;
+    let sum = 0;
+    for (let i = 0; i < n; i++) {
+      const w = cubic((i + lo - center + 0.5) * inv);
+      k[i] = w;
+      sum += w;
+    }
+    for (let i = 0; i < n; i++) {
+      const w = sum === 0 ? (k[i] as number) : (k[i] as number) / sum;
+      weight[o * ksize + i] = Math.trunc(
+        w < 0 ? w * (1 << PRECISION_BITS) - 0.5 : w * (1 << PRECISION_BITS) + 0.5,
+      );
+    }
+    start[o] = lo;
+    count[o] = n;
+  }
+  return { ksize, start, count, weight };
+}
+
+function clip8(acc: number): number {
+  const v = acc >> PRECISION_BITS; // acc fits in int32 (|weights| sum < 2 for this kernel)
+  return v < 0 ? 0 : v > 255 ? 255 : v;
+}
+
+/** Horizontal pass: [h, inW, 3] -> [h, outW, 3]. */
+function resampleRows(src: Uint8Array, inW: number, h: number, outW: number): Uint8Array {
+  const t = bicubicTaps(inW, outW);
+  const out = new Uint8Array(h * outW * 3);
+  for (let y = 0; y < h; y++) {
+    const row = y * inW * 3;
+    const orow = y * outW * 3;
+    for (let x = 0; x < outW; x++) {
+      const base = row + (t.start[x] as number) * 3;
+      const n = t.count[x] as number;
+      const kb = x * t.ksize;
+      let r = HALF;
+      let g = HALF;
+      let b = HALF;
+      for (let i = 0; i < n; i++) {
+        const w = t.weight[kb + i] as number;
+        const p = base + i * 3;
+        r += (src[p] as number) * w;
+        g += (src[p + 1] as number) * w;
+        b += (src[p + 2] as number) * w;
+      }
+      const o = orow + x * 3;
+      out[o] = clip8(r);
+      out[o + 1] = clip8(g);
+      out[o + 2] = clip8(b);
+    }
+  }
+  return out;
+}
+
+/** Vertical pass: [inH, w, 3] -> [outH, w, 3], accumulating whole rows for cache locality. */
+function resampleCols(src: Uint8Array, w: number, inH: number, outH: number): Uint8Array {
+  const t = bicubicTaps(inH, outH);
+  const stride = w * 3;
+  const out = new Uint8Array(outH * stride);
+  const acc = new Float64Array(stride); // exact: |sum| < 2^31
+  for (let y = 0; y < outH; y++) {
+    acc.fill(HALF);
+    const n = t.count[y] as number;
+    const kb = y * t.ksize;
+    const s0 = t.start[y] as number;
+    for (let i = 0; i < n; i++) {
+      const wgt = t.weight[kb + i] as number;
+      const row = (s0 + i) * stride;
+      for (let j = 0; j < stride; j++) acc[j] = (acc[j] as number) + (src[row + j] as number) * wgt;
+    }
+    const orow = y * stride;
+    for (let j = 0; j < stride; j++) out[orow + j] = clip8(acc[j] as number);
+  }
+  return out;
+}
+
+/**
+ * Resize packed RGB uint8 with PIL's `Image.resize(size, BICUBIC)` semantics: horizontal pass
+ * first (rounded to uint8), then vertical; an axis whose size does not change is not filtered.
+ */
+export function resizeBicubic(
+  rgb: Uint8Array,
+  width: number,
+  height: number,
+  outWidth: number,
+  outHeight: number,
+): Uint8Array {
+  if (rgb.length !== width * height * 3) {
+    throw new SegError("INVALID_INPUT", `RGB buffer has ${rgb.length} bytes, expected ${width}x${height}x3`);
+  }
+  if (!(outWidth > 0 && outHeight > 0 && Number.isInteger(outWidth) && Number.isInteger(outHeight))) {
+    throw new SegError(
+      "INVALID_INPUT",
+      `resize target must be positive integers, got ${outWidth}x${outHeight}`,
+    );
+  }
+  let img = rgb;
+  if (outWidth !== width) img = resampleRows(img, width, height, outWidth);
+  if (outHeight !== height) img = resampleCols(img, outWidth, height, outHeight);
+  return img === rgb ? rgb.slice() : img;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Normalise + patchify
+
+/**
+ * smart_resize -> bicubic resize -> (x / 255 - mean) / std -> patches in merge-window order.
+ * The float steps follow the reference in float32 (x * (1/255) rounded to f32, then f32 subtract
+ * and divide), so values match it bit for bit given the same resized pixels.
+ */
+export function preprocess(
+  rgb: Uint8Array,
+  width: number,
+  height: number,
+  cfg: PreprocessConfig,
+): Preprocessed {
+  const ps = cfg.patchSize;
+  const merge = cfg.mergeSize;
+  const tps = cfg.temporalPatchSize;
+  if (rgb.length !== width * height * 3) {
+    throw new SegError("INVALID_INPUT", `RGB buffer has ${rgb.length} bytes, expected ${width}x${height}x3`);
+  }
+  const [hr, wr] = smartResize(height, width, ps * merge, cfg.minPixels, cfg.maxPixels);
+  const resized = hr === height && wr === width ? rgb : resizeBicubic(rgb, width, height, wr, hr); // [Hr, Wr, 3]
+
+  // 256-entry lookup per channel: exact and avoids per-pixel float work.
+  const lut = new Float32Array(3 * 256);
+  for (let c = 0; c < 3; c++) {
+    const mean = Math.fround(cfg.imageMean[c] as number);
+    const std = Math.fround(cfg.imageStd[c] as number);
+    for (let v = 0; v < 256; v++) {
+      lut[c * 256 + v] = Math.fround(Math.fround(Math.fround(v * (1 / 255)) - mean) / std);
+    }
+  }
+
+  const plane = hr * wr;
+  const hrImage = new Float32Array(3 * plane); // [3, Hr, Wr]
+  for (let i = 0; i < plane; i++) {
+    const s = i * 3;
+    hrImage[i] = lut[resized[s] as number] as number;
+    hrImage[plane + i] = lut[256 + (resized[s + 1] as number)] as number;
+    hrImage[2 * plane + i] = lut[512 + (resized[s + 2] as number)] as number;
+  }
+
+  const gh = hr / ps;
+  const gw = wr / ps;
+  const cols = 3 * tps * ps * ps;
+  const pixelValues = new Float32Array(gh * gw * cols); // [P, 1536]
+  const windowsPerRow = gw / merge;
+  const win = merge * merge;
+  for (let p = 0; p < gh * gw; p++) {
+    const blk = Math.floor(p / win);
+    const q = p % win;
+    const patchRow = Math.floor(blk / windowsPerRow) * merge + Math.floor(q / merge);
+    const patchCol = (blk % windowsPerRow) * merge + (q % merge);
+    let o = p * cols;
+    for (let c = 0; c < 3; c++) {
+      for (let t = 0; t < tps; t++) {
+        // columns (c, t, py, px); a still image repeats the same frame for every t
+        for (let py = 0; py < ps; py++) {
+          let s = c * plane + (patchRow * ps + py) * wr + patchCol * ps;
+          for (let px = 0; px < ps; px++) pixelValues[o++] = hrImage[s++] as number;
+        }
+      }
+    }
+  }
+  return { pixelValues, grid: [1, gh, gw], resized: [hr, wr], hrImage };
+}
