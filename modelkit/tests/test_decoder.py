@@ -424,3 +424,26 @@ def test_int4_equals_dequantised_weights(case: Case, tmp_path: Path, monkeypatch
     err_l, err_h = rel_err(logits, want_logits), rel_err(hidden, want_hidden)
     print(f"int4 vs dequantised fp32: logits {err_l:.2e}, hidden {err_h:.2e}")
     assert err_l < REL_TOL and err_h < REL_TOL
+
+
+def test_untied_head_text_only(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    """8B-style checkpoint: separate lm_head; a prompt without an image (plain 1-D positions)."""
+    config = tiny_config()
+    config.tie_word_embeddings = False
+    config.text_config.tie_word_embeddings = False
+    model = build_random_model(config, SEED + 1, weight_scale=WEIGHT_SCALE)
+    lm = model.model.language_model
+    assert model.lm_head.weight.data_ptr() != lm.embed_tokens.weight.data_ptr()
+    ids = np.array(tokenizer("<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n")["input_ids"])
+    path = tmp_path / "decoder_model_merged.onnx"
+    export_decoder(model, path, "fp32")
+    proto = onnx.load(str(path))
+    shapes = sorted(tuple(t.dims) for t in proto.graph.initializer if 151936 in t.dims)
+    assert shapes == [(32, 151936), (151936, 32)]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    pos = np.tile(np.arange(len(ids)), (3, 1))
+    ve = np.zeros((4, 1, len(ids), 32), np.float32)
+    logits, _, _ = run(session, ids, ve, pos, empty_past(model))
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids)[None]).logits[0, -1].numpy()
+    assert rel_err(logits, want) < REL_TOL
