@@ -12,10 +12,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
 from modelkit.errors import ModelkitError
-from modelkit.export_vision import export_vision_encoder, vision_io
+from modelkit.export_vision import VisionEncoderForExport, export_vision_encoder, vision_io
 from modelkit.hf import build_random_model, tiny_config
 from modelkit.onnx_utils import load_onnx, save_onnx
 from modelkit.vision_inputs import merge_window_positions, vision_host_inputs
@@ -206,6 +207,43 @@ def test_int4_graph_tracks_hf(model, dims, exported):
     rms = {k: float(np.linalg.norm(got[k] - ref[k]) / np.linalg.norm(ref[k])) for k in OUTPUTS}
     print("int4 relative RMS: " + ", ".join(f"{k} {v:.3f}" for k, v in rms.items()))
     assert max(rms.values()) < INT4_REL_RMS_TOL, rms
+
+
+def dequantise_matmul_nbits(b: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
+    """W^T [K, N] f32 from MatMulNBits' B (uint8 [N, blocks, block/2], two 4-bit values per byte,
+    low nibble first) and scales [N, blocks]; symmetric quantisation has the implicit zero point 8."""
+    n, blocks, half = b.shape
+    q = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, blocks, 2 * half).astype(np.float32)
+    w = (q - 8.0) * scales.reshape(n, blocks, 1)  # [N, blocks, block]
+    return w.reshape(n, -1)[:, :k].T.copy()
+
+
+def test_int4_graph_matches_hf_with_its_dequantised_weights(dims, exported):
+    """Put the graph's own int4 weights (dequantised) into a fresh HF model: then the int4 graph must
+    agree with HF to float32 accuracy, which checks the quantised graph's wiring exactly."""
+    _, session, path = exported["int4"]
+    graph = load_onnx(path)
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    twin = build_random_model(tiny_config(), seed=0, weight_scale=WEIGHT_SCALE)
+    # The export wrapper's [in, out] weights are views of the HF weights, so writing them writes HF's.
+    params = dict(VisionEncoderForExport(twin).named_parameters())
+    n_quantised = 0
+    for node in graph.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        k = next(a.i for a in node.attribute if a.name == "K")
+        name = node.input[1].removesuffix("_Q4")
+        w_t = dequantise_matmul_nbits(inits[node.input[1]], inits[node.input[2]], k)
+        with torch.no_grad():
+            params[name].copy_(torch.from_numpy(w_t))
+        n_quantised += 1
+    assert n_quantised == 1 + 5 * 4 + 4 * 2  # patch embed, 5 blocks x 4, 4 mergers x 2
+    assert torch.equal(twin.model.visual.blocks[0].attn.qkv.weight.t(), params["blocks.0.qkv.w_t"])
+    pixel_values, ref, _ = hf_reference(twin, GRIDS[0])
+    got = run_graph(session, pixel_values, vision_host_inputs(*GRIDS[0], dims["n_pos"], dims["dv"]))
+    rel = relative_errors(got, ref)
+    print("int4 vs HF with dequantised weights: " + ", ".join(f"{k} {v:.2e}" for k, v in rel.items()))
+    assert max(rel.values()) < FP32_REL_TOL, rel
 
 
 # ---------------------------------------------------------------------------------------------- (c)
