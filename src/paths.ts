@@ -1,0 +1,290 @@
+/**
+ * Path and URI safety. Every image or mask a caller names goes through here before anything opens it:
+ * the reference is parsed (plain path, file:// URI, data: URI; http(s) refused), the path is checked
+ * against the allow-list as written, then its real path (symlinks resolved) is checked again, so a
+ * link inside an allowed directory cannot reach outside it. Output files are only ever looked up
+ * inside the output directory.
+ */
+
+import { mkdir, realpath, stat } from "node:fs/promises";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { SegError } from "./errors.js";
+
+/** URI scheme of mask and overlay files served as MCP resources. */
+export const OUTPUT_URI_PREFIX = "qwen3-vl-seg://masks/";
+
+export type ImageRef = { kind: "path"; path: string } | { kind: "data"; mime: string; bytes: Uint8Array };
+
+export interface ResolvedFile {
+  /** Real absolute path (symlinks resolved). */
+  path: string;
+  bytes: number;
+}
+
+/** True when `child` is `parent` or lies below it (both absolute, normalised). */
+export function isInside(child: string, parent: string): boolean {
+  const rel = path.relative(parent, child);
+  return rel === "" || (!rel.startsWith("..") && !path.isAbsolute(rel));
+}
+
+function describeDirs(dirs: readonly string[]): string {
+  return dirs.map((d) => `"${d}"`).join(", ");
+}
+
+/**
+ * Parse what a caller passed as `image` (or `mask`): an absolute or `cwd`-relative path, a
+ * `file://` URI, or a base64 `data:` URI. URLs that would need a network fetch are refused.
+ */
+export function parseImageRef(
+  ref: string,
+  opts: { cwd: string; maxDataUriBytes: number; field?: string },
+): ImageRef {
+  const field = opts.field ?? "image";
+  const value = ref.trim();
+  if (value.length === 0) {
+    throw new SegError("INVALID_INPUT", `${field} is empty: pass a file path, a file:// URI or a data: URI`);
+  }
+  const scheme = /^([a-zA-Z][a-zA-Z0-9+.-]*):/.exec(value)?.[1]?.toLowerCase();
+  // A one-letter "scheme" is a Windows drive letter, not a URI.
+  if (scheme === undefined || scheme.length === 1) {
+    return { kind: "path", path: path.resolve(opts.cwd, value) };
+  }
+  if (scheme === "file") {
+    let p: string;
+    try {
+      p = fileURLToPath(value);
+    } catch (cause) {
+      throw new SegError(
+        "INVALID_INPUT",
+        `${field} is not a usable file:// URI (${(cause as Error).message}): pass a local absolute path instead`,
+        { cause },
+      );
+    }
+    return { kind: "path", path: path.resolve(p) };
+  }
+  if (scheme === "data") return parseDataUri(value, opts.maxDataUriBytes, field);
+  if (scheme === "http" || scheme === "https") {
+    throw new SegError(
+      "INVALID_INPUT",
+      `${field} is an ${scheme} URL; this server never fetches from the network: download the image to a file inside an allowed directory and pass its path`,
+    );
+  }
+  throw new SegError(
+    "INVALID_INPUT",
+    `${field} has unsupported URI scheme "${scheme}:": pass a file path, a file:// URI or a base64 data: URI`,
+  );
+}
+
+const BASE64 = /^[A-Za-z0-9+/]*={0,2}$/;
+
+function parseDataUri(value: string, maxBytes: number, field: string): ImageRef {
+  const comma = value.indexOf(",");
+  if (comma < 0) {
+    throw new SegError(
+      "INVALID_INPUT",
+      `${field} is a data: URI without a comma: use data:image/png;base64,<data>`,
+    );
+  }
+  const header = value.slice(5, comma).toLowerCase();
+  const params = header.split(";");
+  const mime = params[0] || "application/octet-stream";
+  if (!params.includes("base64")) {
+    throw new SegError(
+      "INVALID_INPUT",
+      `${field} data: URI must be base64-encoded: use data:${mime};base64,<data>`,
+    );
+  }
+  const payload = value.slice(comma + 1).replace(/\s+/g, "");
+  // Check the size before decoding so an oversized payload never gets a buffer.
+  const padding = payload.endsWith("==") ? 2 : payload.endsWith("=") ? 1 : 0;
+  const decodedBytes = Math.floor((payload.length * 3) / 4) - padding;
+  if (decodedBytes > maxBytes) {
+    throw new SegError(
+      "IMAGE_TOO_LARGE",
+      `${field} data: URI holds ${decodedBytes} bytes, over the limit of ${maxBytes}: save the image to a file inside an allowed directory and pass its path instead`,
+      { details: { bytes: decodedBytes, limit: maxBytes } },
+    );
+  }
+  if (payload.length % 4 === 1 || !BASE64.test(payload)) {
+    throw new SegError("INVALID_INPUT", `${field} data: URI is not valid base64`);
+  }
+  const bytes = new Uint8Array(Buffer.from(payload, "base64"));
+  if (bytes.length === 0) {
+    throw new SegError("IMAGE_DECODE_FAILED", `${field} data: URI is empty: pass the encoded image bytes`);
+  }
+  return { kind: "data", mime, bytes };
+}
+
+/** Real paths of the allowed directories; ones that do not exist are kept as written (nothing is inside them). */
+export async function realDirs(dirs: readonly string[]): Promise<string[]> {
+  const out = await Promise.all(
+    dirs.map(async (d) => {
+      try {
+        return await realpath(d);
+      } catch {
+        return path.resolve(d);
+      }
+    }),
+  );
+  return [...new Set(out)];
+}
+
+/**
+ * Resolve a path a caller gave to a real, regular, non-empty file inside `allowDirs`.
+ * Order matters: the path as written is checked first, so nothing outside the allowed directories
+ * is ever stat'ed (which would reveal whether it exists).
+ */
+export async function resolveAllowedFile(
+  file: string,
+  allowDirs: readonly string[],
+  opts: { maxBytes: number; field?: string },
+): Promise<ResolvedFile> {
+  const field = opts.field ?? "image";
+  const abs = path.resolve(file);
+  const lexicalDirs = allowDirs.map((d) => path.resolve(d));
+  const realAllowed = await realDirs(allowDirs);
+  const notAllowed = () =>
+    new SegError(
+      "PATH_NOT_ALLOWED",
+      `${field} "${abs}" is outside the allowed directories (${describeDirs(lexicalDirs)}): copy the file into one of them, or start the server with --allow-dir <dir>`,
+      { details: { path: abs, allowDirs: lexicalDirs } },
+    );
+  if (!lexicalDirs.some((d) => isInside(abs, d)) && !realAllowed.some((d) => isInside(abs, d))) {
+    throw notAllowed();
+  }
+  let real: string;
+  try {
+    real = await realpath(abs);
+  } catch (cause) {
+    const code = (cause as NodeJS.ErrnoException).code;
+    if (code === "ENOENT" || code === "ENOTDIR") {
+      throw new SegError(
+        "IMAGE_NOT_FOUND",
+        `${field} "${abs}" does not exist: check the path (relative paths are resolved against the server's working directory)`,
+        { cause },
+      );
+    }
+    throw new SegError("IMAGE_NOT_FOUND", `${field} "${abs}" cannot be opened (${code ?? "error"})`, {
+      cause,
+    });
+  }
+  if (!realAllowed.some((d) => isInside(real, d))) {
+    throw new SegError(
+      "PATH_NOT_ALLOWED",
+      `${field} "${abs}" resolves to "${real}", outside the allowed directories (${describeDirs(realAllowed)}): symbolic links may not lead out of them; copy the file in instead`,
+      { details: { path: abs, realPath: real } },
+    );
+  }
+  const info = await stat(real);
+  if (info.isDirectory()) {
+    throw new SegError(
+      "INVALID_INPUT",
+      `${field} "${abs}" is a directory: pass the path of an image file inside it`,
+    );
+  }
+  if (!info.isFile()) {
+    throw new SegError(
+      "INVALID_INPUT",
+      `${field} "${abs}" is not a regular file: pass the path of an image file`,
+    );
+  }
+  if (info.size === 0) {
+    throw new SegError(
+      "IMAGE_DECODE_FAILED",
+      `${field} "${abs}" is empty (0 bytes): pass a PNG, JPEG, WebP, GIF or TIFF file`,
+    );
+  }
+  if (info.size > opts.maxBytes) {
+    throw new SegError(
+      "IMAGE_TOO_LARGE",
+      `${field} "${abs}" has ${info.size} bytes, over the limit of ${opts.maxBytes}: downscale or recompress it, or raise --max-image-bytes`,
+      { details: { bytes: info.size, limit: opts.maxBytes } },
+    );
+  }
+  return { path: real, bytes: info.size };
+}
+
+/** Create the output directory if needed and return its real path. */
+export async function ensureOutputDir(outDir: string): Promise<string> {
+  try {
+    await mkdir(outDir, { recursive: true });
+    return await realpath(outDir);
+  } catch (cause) {
+    throw new SegError(
+      "OUTPUT_WRITE_FAILED",
+      `cannot create the output directory "${outDir}" (${(cause as Error).message}): pass a writable --out directory`,
+      { cause },
+    );
+  }
+}
+
+/** The resource URI of a file the engine wrote inside the output directory. */
+export function outputUri(outDirReal: string, file: string): string {
+  const rel = path.relative(outDirReal, file);
+  if (rel === "" || rel.startsWith("..") || path.isAbsolute(rel)) {
+    throw new SegError(
+      "OUTPUT_WRITE_FAILED",
+      `output file "${file}" is outside the output directory "${outDirReal}"`,
+    );
+  }
+  return OUTPUT_URI_PREFIX + encodeURIComponent(rel.split(path.sep).join("/"));
+}
+
+/**
+ * The file behind a `qwen3-vl-seg://masks/<name>` URI (or its `name`): only PNG files inside the
+ * output directory, after resolving symlinks.
+ */
+export async function resolveOutputFile(outDir: string, nameOrUri: string): Promise<string> {
+  const encoded = nameOrUri.startsWith(OUTPUT_URI_PREFIX)
+    ? nameOrUri.slice(OUTPUT_URI_PREFIX.length)
+    : nameOrUri;
+  let rel: string;
+  try {
+    rel = decodeURIComponent(encoded);
+  } catch {
+    throw new SegError("INVALID_INPUT", `"${nameOrUri}" is not a valid mask URI`);
+  }
+  const parts = rel.split("/");
+  if (
+    rel.length === 0 ||
+    parts.some((p) => p === "" || p === "." || p === ".." || p.includes("\\")) ||
+    !rel.toLowerCase().endsWith(".png")
+  ) {
+    throw new SegError(
+      "INVALID_INPUT",
+      `"${nameOrUri}" does not name a mask file: use a ${OUTPUT_URI_PREFIX}<name>.png URI returned by segment`,
+    );
+  }
+  const outReal = await realDirs([outDir]);
+  const root = outReal[0] ?? path.resolve(outDir);
+  const candidate = path.join(root, ...parts);
+  let real: string;
+  try {
+    real = await realpath(candidate);
+  } catch (cause) {
+    throw new SegError(
+      "IMAGE_NOT_FOUND",
+      `mask "${nameOrUri}" does not exist in the output directory: run segment again`,
+      { cause },
+    );
+  }
+  if (!isInside(real, root)) {
+    throw new SegError("PATH_NOT_ALLOWED", `mask "${nameOrUri}" resolves outside the output directory`);
+  }
+  return real;
+}
+
+/** Real directories from MCP roots (file:// URIs only; others are ignored). */
+export function rootsToDirs(roots: readonly { uri: string }[]): string[] {
+  const out: string[] = [];
+  for (const root of roots) {
+    if (!root.uri.startsWith("file://")) continue;
+    try {
+      out.push(path.resolve(fileURLToPath(root.uri)));
+    } catch {
+      // a malformed root grants nothing
+    }
+  }
+  return out;
+}

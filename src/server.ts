@@ -1,0 +1,312 @@
+/**
+ * The MCP server: three tools, a resource template serving the masks it wrote, and the model's
+ * description as a resource. `createServer` builds one McpServer (one per connection); the engine,
+ * its queue and the logger are shared between connections. Transports: stdio and Streamable HTTP.
+ */
+
+import { createHash, randomUUID, timingSafeEqual } from "node:crypto";
+import { readFile } from "node:fs/promises";
+import { createServer as createHttpServer, type IncomingMessage, type ServerResponse } from "node:http";
+import type { AddressInfo } from "node:net";
+import { McpServer, ResourceTemplate } from "@modelcontextprotocol/sdk/server/mcp.js";
+import { StdioServerTransport } from "@modelcontextprotocol/sdk/server/stdio.js";
+import { StreamableHTTPServerTransport } from "@modelcontextprotocol/sdk/server/streamableHttp.js";
+import {
+  isInitializeRequest,
+  ListRootsResultSchema,
+  RootsListChangedNotificationSchema,
+} from "@modelcontextprotocol/sdk/types.js";
+import { type Config, createLogger, isLoopbackHost, type Logger, PACKAGE_NAME } from "./config.js";
+import { SegError, toSegError } from "./errors.js";
+import { OUTPUT_URI_PREFIX, resolveOutputFile, rootsToDirs } from "./paths.js";
+import type { Engine, PackInfo } from "./runtime/types.js";
+import { registerDescribeRegionTool } from "./tools/describe-region.js";
+import { registerGroundTool } from "./tools/ground.js";
+import { registerSegmentTool } from "./tools/segment.js";
+import { EngineQueue, packInfoOnce, type ToolDeps, type ToolExtra } from "./tools/shared.js";
+
+export const SERVER_VERSION = "0.1.0";
+
+export const MODEL_RESOURCE_URI = "qwen3-vl-seg://model";
+
+const INSTRUCTIONS = `Pixel-level vision on local images with Qwen3-VL-Seg.
+- ground: find every object matching a referring expression; pixel boxes [x1, y1, x2, y2] + scores; found: false when nothing matches.
+- segment: one binary mask PNG per instance (same size as the image) in the output directory, with areas and tight boxes; pass box to segment a region you already know.
+- describe_region: describe what is inside a box or a mask from segment.
+Images are file paths (inside the allowed directories), file:// URIs or base64 data: URIs; URLs are never fetched. Masks can be read back as resources (${OUTPUT_URI_PREFIX}<name>).`;
+
+/** What all connections of one process share. */
+export interface SharedState {
+  config: Config;
+  engine: Engine;
+  queue: EngineQueue;
+  logger: Logger;
+  packInfo: () => Promise<PackInfo>;
+}
+
+export function createSharedState(config: Config, engine: Engine, logger?: Logger): SharedState {
+  return {
+    config,
+    engine,
+    queue: new EngineQueue(config.maxQueue),
+    logger: logger ?? createLogger(config.logLevel),
+    packInfo: packInfoOnce(engine),
+  };
+}
+
+/** One MCP server (for one connection) with the tools and resources registered. */
+export function createServer(
+  config: Config,
+  engine: Engine,
+  shared = createSharedState(config, engine),
+): McpServer {
+  const server = new McpServer(
+    { name: PACKAGE_NAME, title: "Qwen3-VL-Seg", version: SERVER_VERSION },
+    { instructions: INSTRUCTIONS, capabilities: { logging: {} } },
+  );
+  const { logger } = shared;
+
+  // MCP roots widen the allow-list for clients that offer them; refreshed when they change.
+  let roots: Promise<string[]> | undefined;
+  server.server.setNotificationHandler(RootsListChangedNotificationSchema, async () => {
+    roots = undefined;
+  });
+  const allowDirs = async (extra?: ToolExtra): Promise<readonly string[]> => {
+    if (!server.server.getClientCapabilities()?.roots) return config.allowDirs;
+    const request = { method: "roots/list" as const };
+    roots ??= (
+      extra
+        ? extra.sendRequest(request, ListRootsResultSchema, { timeout: 10_000 })
+        : server.server.listRoots(undefined, { timeout: 10_000 })
+    )
+      .then((r) => rootsToDirs(r.roots))
+      .catch((error: unknown) => {
+        logger.warn(`could not list the client's roots (${String(error)}); using --allow-dir only`);
+        roots = undefined;
+        return [];
+      });
+    return [...config.allowDirs, ...(await roots)];
+  };
+
+  const deps: ToolDeps = {
+    config,
+    engine,
+    queue: shared.queue,
+    logger,
+    allowDirs,
+    packInfo: shared.packInfo,
+  };
+  registerGroundTool(server, deps);
+  registerSegmentTool(server, deps);
+  registerDescribeRegionTool(server, deps);
+
+  server.registerResource(
+    "mask",
+    new ResourceTemplate(`${OUTPUT_URI_PREFIX}{name}`, { list: undefined }),
+    {
+      title: "Mask or overlay PNG written by segment",
+      description: "A file segment wrote in the output directory; only files there are served.",
+      mimeType: "image/png",
+    },
+    async (uri) => {
+      try {
+        const file = await resolveOutputFile(config.outDir, uri.href);
+        const data = await readFile(file);
+        return { contents: [{ uri: uri.href, mimeType: "image/png", blob: data.toString("base64") }] };
+      } catch (error) {
+        // Resource reads have no isError result; a protocol error carries the same line.
+        throw new Error(toSegError(error, "INVALID_INPUT").toLine());
+      }
+    },
+  );
+
+  server.registerResource(
+    "model",
+    MODEL_RESOURCE_URI,
+    {
+      title: "Model pack",
+      description: "The loaded model pack: name, sizes, provenance, execution provider.",
+      mimeType: "application/json",
+    },
+    async (uri) => ({
+      contents: [
+        {
+          uri: uri.href,
+          mimeType: "application/json",
+          text: JSON.stringify(await shared.packInfo(), null, 2),
+        },
+      ],
+    }),
+  );
+  return server;
+}
+
+// ---------------------------------------------------------------------------------------------
+// stdio
+
+/** Serve one client over stdin/stdout until it disconnects; releases the engine afterwards. */
+export async function serveStdio(
+  config: Config,
+  engine: Engine,
+  logger = createLogger(config.logLevel),
+): Promise<void> {
+  const server = createServer(config, engine, createSharedState(config, engine, logger));
+  const transport = new StdioServerTransport();
+  const closed = new Promise<void>((resolve) => {
+    transport.onclose = () => resolve();
+    process.stdin.once("end", () => resolve());
+    process.once("SIGINT", () => resolve());
+    process.once("SIGTERM", () => resolve());
+  });
+  await server.connect(transport);
+  logger.info(`serving on stdio (pack ${config.packDir}, output ${config.outDir})`);
+  await closed;
+  await server.close().catch(() => undefined);
+  await engine.dispose();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streamable HTTP
+
+export interface HttpHandle {
+  /** Endpoint URL, e.g. http://127.0.0.1:8765/mcp */
+  url: string;
+  close(): Promise<void>;
+}
+
+function digest(value: string): Buffer {
+  return createHash("sha256").update(value).digest();
+}
+
+function refuse(res: ServerResponse, status: number, message: string): void {
+  res.writeHead(status, { "content-type": "application/json" });
+  res.end(JSON.stringify({ jsonrpc: "2.0", error: { code: -32000, message }, id: null }));
+}
+
+async function readJsonBody(req: IncomingMessage, limit: number): Promise<unknown> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of req) {
+    size += (chunk as Buffer).length;
+    if (size > limit) throw new SegError("IMAGE_TOO_LARGE", `request body over ${limit} bytes`);
+    chunks.push(chunk as Buffer);
+  }
+  return JSON.parse(Buffer.concat(chunks).toString("utf8"));
+}
+
+/**
+ * Serve Streamable HTTP at `/mcp` on config.http (loopback by default). Every request is checked
+ * before the SDK sees it: the Host header (DNS rebinding), the Origin header (browsers), and the
+ * bearer token when one is configured. A non-loopback address requires a token.
+ */
+export async function serveHttp(
+  config: Config,
+  engine: Engine,
+  logger = createLogger(config.logLevel),
+): Promise<HttpHandle> {
+  const http = config.http;
+  if (!http) throw new SegError("INVALID_INPUT", "no HTTP address configured: pass --http 127.0.0.1:PORT");
+  const loopback = isLoopbackHost(http.host);
+  if (!loopback && http.token === undefined) {
+    throw new SegError(
+      "INVALID_INPUT",
+      `refusing to serve on non-loopback address ${http.host} without a token: pass --token (or QWEN3_VL_SEG_TOKEN) with at least 16 characters, or bind 127.0.0.1`,
+    );
+  }
+  const shared = createSharedState(config, engine, logger);
+  const sessions = new Map<string, StreamableHTTPServerTransport>();
+  const tokenDigest = http.token === undefined ? undefined : digest(http.token);
+  // Base64 inflates data: URIs by 4/3; leave room for the JSON around them.
+  const bodyLimit = Math.ceil((config.maxDataUriBytes * 4) / 3) + 256 * 1024;
+  let port = http.port;
+
+  const allowedHosts = () => new Set(["127.0.0.1", "localhost", "[::1]"].map((h) => `${h}:${port}`));
+  const allowedOrigins = () =>
+    new Set([
+      ...["127.0.0.1", "localhost", "[::1]"].map((h) => `http://${h}:${port}`),
+      ...http.allowedOrigins,
+    ]);
+
+  const handle = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
+    const url = new URL(req.url ?? "/", "http://localhost");
+    if (url.pathname !== "/mcp") return refuse(res, 404, "not found: the MCP endpoint is /mcp");
+    if (loopback && !allowedHosts().has((req.headers.host ?? "").toLowerCase())) {
+      return refuse(res, 403, `forbidden: Host header "${req.headers.host ?? ""}" is not this server`);
+    }
+    const origin = req.headers.origin;
+    if (origin !== undefined && !allowedOrigins().has(origin)) {
+      return refuse(res, 403, `forbidden: Origin "${origin}" is not allowed (add it with --allow-origin)`);
+    }
+    if (tokenDigest) {
+      const auth = req.headers.authorization ?? "";
+      const given = auth.startsWith("Bearer ") ? auth.slice(7) : "";
+      if (!timingSafeEqual(digest(given), tokenDigest)) {
+        res.setHeader("www-authenticate", "Bearer");
+        return refuse(res, 401, "unauthorized: send Authorization: Bearer <token>");
+      }
+    }
+    const sessionId = req.headers["mcp-session-id"];
+    const existing = typeof sessionId === "string" ? sessions.get(sessionId) : undefined;
+    if (req.method === "POST") {
+      let body: unknown;
+      try {
+        body = await readJsonBody(req, bodyLimit);
+      } catch (error) {
+        return refuse(
+          res,
+          error instanceof SegError ? 413 : 400,
+          `bad request body: ${(error as Error).message}`,
+        );
+      }
+      if (existing) return existing.handleRequest(req, res, body);
+      if (sessionId === undefined && isInitializeRequest(body)) {
+        const transport: StreamableHTTPServerTransport = new StreamableHTTPServerTransport({
+          sessionIdGenerator: () => randomUUID(),
+          onsessioninitialized: (id) => {
+            sessions.set(id, transport);
+          },
+        });
+        transport.onclose = () => {
+          if (transport.sessionId) sessions.delete(transport.sessionId);
+        };
+        await createServer(config, engine, shared).connect(transport);
+        return transport.handleRequest(req, res, body);
+      }
+      return refuse(res, 400, "bad request: no valid mcp-session-id (initialize first)");
+    }
+    if (existing && (req.method === "GET" || req.method === "DELETE"))
+      return existing.handleRequest(req, res);
+    return refuse(res, existing ? 405 : 400, "bad request: unknown session or method");
+  };
+
+  const server = createHttpServer((req, res) => {
+    handle(req, res).catch((error: unknown) => {
+      logger.error(`HTTP request failed: ${String(error)}`);
+      if (!res.headersSent) refuse(res, 500, "internal error");
+      else res.end();
+    });
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", (error) =>
+      reject(
+        new SegError("INVALID_INPUT", `cannot listen on ${http.host}:${http.port} (${error.message})`, {
+          cause: error,
+        }),
+      ),
+    );
+    server.listen(http.port, http.host, () => resolve());
+  });
+  port = (server.address() as AddressInfo).port;
+  const host = http.host.includes(":") ? `[${http.host}]` : http.host;
+  const url = `http://${host}:${port}/mcp`;
+  logger.info(`serving Streamable HTTP at ${url}${tokenDigest ? " (bearer token required)" : ""}`);
+  return {
+    url,
+    close: async () => {
+      await Promise.all([...sessions.values()].map((t) => t.close().catch(() => undefined)));
+      sessions.clear();
+      server.closeAllConnections();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+}

@@ -1,0 +1,299 @@
+/**
+ * What the three tools share: their dependencies, the engine queue, common schema pieces, progress
+ * reporting, result building, and THE one place where errors become tool results.
+ */
+
+import path from "node:path";
+import type { RequestHandlerExtra } from "@modelcontextprotocol/sdk/shared/protocol.js";
+import type {
+  CallToolResult,
+  ContentBlock,
+  ServerNotification,
+  ServerRequest,
+} from "@modelcontextprotocol/sdk/types.js";
+import { z } from "zod";
+import type { Config, Logger } from "../config.js";
+import { SegError, toSegError } from "../errors.js";
+import type { Engine, PackInfo, Stage, StageTimings } from "../runtime/types.js";
+import type { InputContext } from "./inputs.js";
+
+export type ToolExtra = RequestHandlerExtra<ServerRequest, ServerNotification>;
+
+export interface ToolDeps {
+  config: Config;
+  engine: Engine;
+  queue: EngineQueue;
+  logger: Logger;
+  /**
+   * Allowed input directories for one call: the configured ones plus the client's MCP roots
+   * (asked through `extra`, so the request travels on the call's own stream).
+   */
+  allowDirs(extra?: ToolExtra): Promise<readonly string[]>;
+  /** The pack's description (asked once). */
+  packInfo(): Promise<PackInfo>;
+}
+
+export interface CallOptions {
+  signal?: AbortSignal;
+  /** Wider than the engine's ProgressFn (it also takes "queued"), so it can be passed straight on. */
+  onProgress?: ServerProgressFn;
+}
+
+export async function inputContext(deps: ToolDeps): Promise<InputContext> {
+  return { config: deps.config, allowDirs: await deps.allowDirs() };
+}
+
+/** Memoise engine.info(): every result names the model. */
+export function packInfoOnce(engine: Engine): () => Promise<PackInfo> {
+  let pending: Promise<PackInfo> | undefined;
+  return () => {
+    pending ??= engine.info().catch((error: unknown) => {
+      pending = undefined;
+      throw error;
+    });
+    return pending;
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Engine queue
+
+/**
+ * Runs engine calls one at a time in arrival order. The engine serialises internally too; the queue
+ * exists so that a call cancelled while waiting leaves at once, waiting time is measured, and a
+ * flood of calls is refused instead of piling up.
+ */
+export class EngineQueue {
+  private running = false;
+  private readonly waiting: Array<() => void> = [];
+
+  constructor(private readonly maxWaiting: number) {}
+
+  get pending(): number {
+    return this.waiting.length + (this.running ? 1 : 0);
+  }
+
+  /** Run `fn` when it is its turn; resolves with its result and the milliseconds spent waiting. */
+  async run<T>(fn: () => Promise<T>, signal?: AbortSignal): Promise<{ value: T; waitedMs: number }> {
+    const start = performance.now();
+    if (this.running) {
+      if (this.waiting.length >= this.maxWaiting) {
+        throw new SegError(
+          "INFERENCE_FAILED",
+          `the server is busy (${this.waiting.length} requests waiting): retry in a little while`,
+        );
+      }
+      await new Promise<void>((resolve, reject) => {
+        const turn = () => {
+          signal?.removeEventListener("abort", onAbort);
+          resolve();
+        };
+        const onAbort = () => {
+          const i = this.waiting.indexOf(turn);
+          if (i >= 0) this.waiting.splice(i, 1);
+          reject(new SegError("CANCELLED", "the request was cancelled while waiting for the engine"));
+        };
+        if (signal?.aborted) return onAbort();
+        signal?.addEventListener("abort", onAbort, { once: true });
+        this.waiting.push(turn);
+      });
+    }
+    this.running = true;
+    const waitedMs = performance.now() - start;
+    try {
+      if (signal?.aborted) throw new SegError("CANCELLED", "the request was cancelled");
+      return { value: await fn(), waitedMs };
+    } finally {
+      this.running = false;
+      this.waiting.shift()?.();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schema pieces
+
+export const imageField = z
+  .string({ error: "image must be a string: a file path, a file:// URI or a data: URI" })
+  .describe(
+    "The image: an absolute path or one relative to the server's working directory, a file:// URI, or a base64 data: URI (data:image/png;base64,...). PNG, JPEG, WebP, GIF or TIFF. http(s) URLs are not fetched. Paths must lie inside the allowed directories.",
+  );
+
+export const expressionField = z
+  .string({ error: "expression must be a string" })
+  .describe(
+    'Referring expression naming what to find, in free form: "the red mug left of the laptop", "every dog", "the person holding an umbrella". Up to 1000 characters.',
+  );
+
+export const boxField = z
+  .array(z.number({ error: "box coordinates must be numbers" }), {
+    error: "box must be an array [x1, y1, x2, y2]",
+  })
+  .length(4, { error: "box must have exactly four numbers [x1, y1, x2, y2]" })
+  .describe(
+    "A box [x1, y1, x2, y2] in pixels of the original image (top-left corner, then bottom-right corner; x1 < x2, y1 < y2).",
+  );
+
+export const maxInstancesField = z
+  .number()
+  .int({ error: "max_instances must be an integer" })
+  .min(1, { error: "max_instances must be at least 1" })
+  .max(100, { error: "max_instances must be at most 100" })
+  .describe("Return at most this many instances, highest score first. Default 20.");
+
+/** Strict object: unknown fields are refused with a message that lists the accepted ones. */
+export function strictInput<T extends z.ZodRawShape>(tool: string, shape: T) {
+  const accepted = Object.keys(shape).join(", ");
+  return z.strictObject(shape, {
+    error: (issue) =>
+      issue.code === "unrecognized_keys"
+        ? `INVALID_INPUT: unknown field(s) ${issue.keys.map((k) => `"${k}"`).join(", ")} for ${tool}; the accepted fields are ${accepted}`
+        : undefined,
+  });
+}
+
+export const boxOutput = z
+  .array(z.number())
+  .length(4)
+  .describe("[x1, y1, x2, y2] in pixels of the original image");
+
+export const imageInfoOutput = z
+  .object({
+    width: z.number().int().describe("Width in pixels, after EXIF orientation"),
+    height: z.number().int().describe("Height in pixels, after EXIF orientation"),
+  })
+  .describe("Size of the input image; all boxes use its pixel coordinates");
+
+export const timingsOutput = z
+  .record(z.string(), z.number())
+  .describe("Milliseconds per stage (queue, decode, vision, prefill, generate, mask, write, total)");
+
+export const modelOutput = z.string().describe("Name of the model pack that produced this result");
+
+export const cachedOutput = z.boolean().describe("True when the image's encoding came from the cache");
+
+/** Milliseconds, rounded to 0.1 ms, with the time spent queued. */
+export function timingsWithQueue(timings: StageTimings, waitedMs: number): Record<string, number> {
+  const out: Record<string, number> = { queue: round1(waitedMs) };
+  for (const [k, v] of Object.entries(timings)) if (typeof v === "number") out[k] = round1(v);
+  return out;
+}
+
+function round1(v: number): number {
+  return Math.round(v * 10) / 10;
+}
+
+/** Scores to 4 decimals, pixel coordinates to 2: enough for any client, shorter JSON. */
+export function roundScore(v: number): number {
+  return Math.round(v * 1e4) / 1e4;
+}
+
+export function roundBox(box: readonly number[]): number[] {
+  return box.map((v) => Math.round(v * 100) / 100);
+}
+
+export function formatBox(box: readonly number[]): string {
+  return `[${box.map((v) => Math.round(v)).join(", ")}]`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Progress
+
+const STAGE_ORDER: readonly (Stage | "queued")[] = [
+  "queued",
+  "load",
+  "decode",
+  "vision",
+  "prefill",
+  "generate",
+  "mask",
+  "postprocess",
+  "write",
+];
+
+/**
+ * A ProgressFn that turns engine stages into `notifications/progress` for clients that sent a
+ * progress token (0..100 over the pipeline, strictly increasing as the protocol requires).
+ */
+export type ServerProgressFn = (progress: {
+  stage: Stage | "queued";
+  fraction: number;
+  message?: string;
+}) => void;
+
+export function progressNotifier(extra: ToolExtra, logger: Logger): ServerProgressFn | undefined {
+  const token = extra._meta?.progressToken;
+  if (token === undefined) return undefined;
+  let last = -1;
+  return ({ stage, fraction, message }) => {
+    const index = STAGE_ORDER.indexOf(stage);
+    const f = Math.min(1, Math.max(0, fraction));
+    const progress = Math.min(99, Math.floor((100 * (Math.max(0, index) + f)) / STAGE_ORDER.length));
+    if (progress <= last) return;
+    last = progress;
+    extra
+      .sendNotification({
+        method: "notifications/progress",
+        params: { progressToken: token, progress, total: 100, message: message ?? stage },
+      })
+      .catch((error: unknown) => logger.debug(`progress notification not sent: ${String(error)}`));
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results
+
+/** A successful result: concise text for older clients, the JSON copy, then links and images. */
+export function toolSuccess(
+  structured: Record<string, unknown>,
+  summary: string,
+  extra: ContentBlock[] = [],
+): CallToolResult {
+  return {
+    structuredContent: structured,
+    content: [{ type: "text", text: summary }, { type: "text", text: JSON.stringify(structured) }, ...extra],
+  };
+}
+
+/** THE one place errors become tool results: `isError: true` and `CODE: message` as text. */
+export function toolError(error: unknown, logger?: Logger): CallToolResult {
+  const err = toSegError(error);
+  if (!(error instanceof SegError)) {
+    logger?.error(
+      `unexpected ${err.code}: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`,
+    );
+  } else if (err.code === "INFERENCE_FAILED" || err.code === "MODEL_LOAD_FAILED") {
+    logger?.error(err.toLine());
+  } else {
+    logger?.debug(err.toLine());
+  }
+  return {
+    isError: true,
+    content: [{ type: "text", text: err.toLine() }],
+    _meta: { code: err.code },
+  };
+}
+
+/**
+ * Run a tool body with this call's signal, progress and roots; anything it throws becomes an error
+ * result, so one bad call never takes the server down.
+ */
+export async function handleTool(
+  deps: ToolDeps,
+  extra: ToolExtra,
+  body: (opts: CallOptions, deps: ToolDeps) => Promise<CallToolResult>,
+): Promise<CallToolResult> {
+  const onProgress = progressNotifier(extra, deps.logger);
+  const callDeps: ToolDeps = { ...deps, allowDirs: () => deps.allowDirs(extra) };
+  try {
+    onProgress?.({ stage: "queued", fraction: 0 });
+    return await body({ signal: extra.signal, ...(onProgress ? { onProgress } : {}) }, callDeps);
+  } catch (error) {
+    return toolError(error, deps.logger);
+  }
+}
+
+/** A resource_link block for a file the engine wrote in the output directory. */
+export function fileLink(uri: string, file: string, description: string): ContentBlock {
+  return { type: "resource_link", uri, name: path.basename(file), mimeType: "image/png", description };
+}
