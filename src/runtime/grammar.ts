@@ -1,0 +1,493 @@
+/**
+ * Token-level constraint that lets greedy decoding produce only well-formed box JSON:
+ *
+ *   [{"bbox_2d": [x1, y1, x2, y2], "label": "..."}, {...}]      or      []
+ *
+ * (no ``` fence; the answer starts with `[`). Coordinates are integers 0..1000 without leading
+ * zeros; a label is 1..maxLabelChars printable characters other than `"` and `\`. After the closing
+ * `]` only an eos token is allowed.
+ *
+ * Design: a character-level state machine; a token is allowed when all of its decoded characters
+ * are accepted in sequence (tokens may span several parts, e.g. `"}]` or `],`). To stay fast over
+ * the full vocabulary, tokens are indexed once by first character, and pure label tokens are sorted
+ * by length, so a step walks only the few candidates that can start at the current state; the
+ * allowed lists of the non-label states are cached by state.
+ *
+ * Fixed text (`{"bbox_2d": [` after `{`, `, ` between numbers, `], "label": "` after the 4th number,
+ * `}` after the label's closing quote) is offered by `forced()` as its tokenisation, so the caller
+ * can feed it as one chunk instead of sampling token by token.
+ *
+ * T_seg: `advance()` reports `boxClosed` for the token that ends the 4th coordinate, i.e. whose
+ * text carries the first character after it (`]`). In Qwen's vocabulary no token mixes digits and
+ * other characters (the pre-tokeniser isolates digits), so that token never holds digits and the
+ * last coordinate token is the one fed just before it: its final-norm state is the one that
+ * predicted the closing token. `lastCoordinateInToken` says otherwise for vocabularies where a
+ * token like `8]` exists.
+ */
+import { SegError } from "../errors.js";
+
+export interface BoxGrammarOptions {
+  /** After this many objects only `]` is allowed. @default 50 */
+  maxBoxes?: number;
+  /** Longest label, in UTF-16 code units of the decoded token texts. @default 64 */
+  maxLabelChars?: number;
+  /**
+   * Tokeniser for the fixed text `forced()` returns (use QwenTokenizer.encodePlain). Without it the
+   * fixed text is split greedily into the longest matching tokens.
+   */
+  encode?: (text: string) => number[];
+}
+
+export interface AdvanceEvent {
+  /** This token ended a box's fourth coordinate (its text starts the `], "label"` part). */
+  boxClosed: boolean;
+  /** The 4th coordinate's last digit is inside this token (never for Qwen's vocabulary). */
+  lastCoordinateInToken: boolean;
+}
+
+enum Phase {
+  Literal = 0,
+  ListOpen = 1,
+  Number = 2,
+  Label = 3,
+  AfterObject = 4,
+  End = 5,
+  Done = 6,
+}
+
+enum Lit {
+  Start = 0,
+  Object = 1,
+  Separator = 2,
+  LabelKey = 3,
+  Close = 4,
+  Next = 5,
+}
+
+const LITERALS: readonly string[] = ["[", '{"bbox_2d": [', ", ", '], "label": "', '"}', ', {"bbox_2d": ['];
+
+const QUOTE = 0x22;
+const COMMA = 0x2c;
+const CLOSE_BRACKET = 0x5d;
+const OPEN_BRACE = 0x7b;
+const DIGIT_0 = 0x30;
+
+function isLabelChar(c: number): boolean {
+  return c >= 0x20 && c !== QUOTE && c !== 0x5c && c !== 0x7f && !(c >= 0x80 && c <= 0x9f);
+}
+
+/** The machine's state; a plain record so a walk can copy it cheaply. */
+interface State {
+  phase: Phase;
+  lit: Lit;
+  off: number;
+  /** Coordinate index 0..3 (Number and the Separator literal). */
+  k: number;
+  /** Value and digit count of the current number. */
+  value: number;
+  digits: number;
+  labelLen: number;
+  boxes: number;
+}
+
+export class BoxGrammar {
+  readonly #texts: readonly string[];
+  readonly #eos: Int32Array;
+  readonly #eosSet: ReadonlySet<number>;
+  readonly #maxBoxes: number;
+  readonly #maxLabel: number;
+  readonly #encode: ((text: string) => number[]) | undefined;
+  readonly #vocabSize: number;
+
+  /** First char code -> ids of tokens starting with it. */
+  readonly #byFirst = new Map<number, Int32Array>();
+  /** Ids of tokens made only of label characters, shortest first. */
+  readonly #labelPure: Int32Array;
+  /** #labelPureUpTo[n] = how many #labelPure tokens are at most n long (n <= maxLabel). */
+  readonly #labelPureUpTo: Int32Array;
+  /** Tokens whose first non-label character is `"` (they can end a label). */
+  readonly #labelEnders: Int32Array;
+
+  /** Allowed ids per state key, for every phase but Label. */
+  readonly #cache = new Map<string, Int32Array>();
+  /** Allowed label-ending ids per label length (x2, + 1 when no further box may start). */
+  readonly #enderCache = new Map<number, Int32Array>();
+  readonly #forcedCache = new Map<string, number[]>();
+  #greedyIndex: Map<string, number> | undefined;
+
+  #s: State = initialState();
+  readonly #scratch: State = initialState();
+
+  constructor(tokenTexts: readonly string[], eosIds: readonly number[], options: BoxGrammarOptions = {}) {
+    this.#texts = tokenTexts;
+    this.#vocabSize = tokenTexts.length;
+    this.#eos = Int32Array.from(eosIds);
+    this.#eosSet = new Set(eosIds);
+    this.#maxBoxes = options.maxBoxes ?? 50;
+    this.#maxLabel = options.maxLabelChars ?? 64;
+    this.#encode = options.encode;
+    if (!Number.isInteger(this.#maxBoxes) || this.#maxBoxes < 0) {
+      throw new SegError("INVALID_INPUT", `maxBoxes must be a non-negative integer, got ${this.#maxBoxes}`);
+    }
+    if (!Number.isInteger(this.#maxLabel) || this.#maxLabel < 1) {
+      throw new SegError("INVALID_INPUT", `maxLabelChars must be a positive integer, got ${this.#maxLabel}`);
+    }
+
+    const byFirst = new Map<number, number[]>();
+    const pure: number[] = [];
+    const enders: number[] = [];
+    for (let id = 0; id < tokenTexts.length; id++) {
+      const t = tokenTexts[id] as string;
+      if (t.length === 0 || this.#eosSet.has(id)) continue;
+      const c0 = t.charCodeAt(0);
+      let list = byFirst.get(c0);
+      if (list === undefined) {
+        list = [];
+        byFirst.set(c0, list);
+      }
+      list.push(id);
+      let i = 0;
+      while (i < t.length && isLabelChar(t.charCodeAt(i))) i++;
+      if (i === t.length) pure.push(id);
+      else if (t.charCodeAt(i) === QUOTE) enders.push(id);
+    }
+    for (const [c, ids] of byFirst) this.#byFirst.set(c, Int32Array.from(ids));
+    pure.sort((a, b) => (tokenTexts[a] as string).length - (tokenTexts[b] as string).length || a - b);
+    this.#labelPure = Int32Array.from(pure);
+    this.#labelPureUpTo = new Int32Array(this.#maxLabel + 1);
+    let n = 0;
+    for (let len = 0; len <= this.#maxLabel; len++) {
+      while (n < pure.length && (tokenTexts[pure[n] as number] as string).length <= len) n++;
+      this.#labelPureUpTo[len] = n;
+    }
+    this.#labelEnders = Int32Array.from(enders);
+  }
+
+  /** Back to the start of an answer (the caches stay). */
+  reset(): void {
+    this.#s = initialState();
+  }
+
+  /** After the closing `]` (only eos may follow) or after eos. */
+  isDone(): boolean {
+    return this.#s.phase === Phase.End || this.#s.phase === Phase.Done;
+  }
+
+  /** Boxes whose object was closed so far. */
+  get boxCount(): number {
+    return this.#s.boxes;
+  }
+
+  /**
+   * Tokens of the fixed text that must come next, empty at a choice point. Feeding all of them
+   * (advance each) is always valid.
+   */
+  forced(): number[] {
+    const s = this.#s;
+    let text = "";
+    if (s.phase === Phase.Literal) text = (LITERALS[s.lit] as string).slice(s.off);
+    else if ((s.phase === Phase.ListOpen || s.phase === Phase.AfterObject) && s.boxes >= this.#maxBoxes)
+      text = "]";
+    if (text === "") return [];
+    let ids = this.#forcedCache.get(text);
+    if (ids === undefined) {
+      ids = this.#encode ? this.#encode(text) : this.#greedy(text);
+      this.#forcedCache.set(text, ids);
+    }
+    return [...ids];
+  }
+
+  /** The highest-logit allowed token. */
+  pick(logits: Float32Array): number {
+    let best = -1;
+    let bestValue = Number.NEGATIVE_INFINITY;
+    for (const list of this.#allowedLists()) {
+      for (let i = 0; i < list.length; i++) {
+        const id = list[i] as number;
+        const v = logits[id] as number;
+        if (v > bestValue || best < 0) {
+          bestValue = v;
+          best = id;
+        }
+      }
+    }
+    if (best < 0)
+      throw new SegError("INFERENCE_FAILED", "the box grammar allows no token (the answer is complete)");
+    return best;
+  }
+
+  /** 1 = allowed, over the whole vocabulary. */
+  allowedMask(): Uint8Array {
+    const mask = new Uint8Array(this.#vocabSize);
+    for (const list of this.#allowedLists())
+      for (let i = 0; i < list.length; i++) mask[list[i] as number] = 1;
+    return mask;
+  }
+
+  /** The allowed ids (unordered), for sampling and tests. */
+  allowedIds(): Int32Array {
+    const lists = this.#allowedLists();
+    const out = new Int32Array(lists.reduce((n, l) => n + l.length, 0));
+    let at = 0;
+    for (const l of lists) {
+      out.set(l, at);
+      at += l.length;
+    }
+    return out;
+  }
+
+  /** Whether `advance(tokenId)` would succeed now (walks the token's text; no state change). */
+  accepts(tokenId: number): boolean {
+    const s = this.#s;
+    if (this.#eosSet.has(tokenId)) return s.phase === Phase.End;
+    const text = this.#texts[tokenId];
+    if (text === undefined || text.length === 0) return false;
+    const w = this.#scratch;
+    Object.assign(w, s);
+    for (let i = 0; i < text.length; i++)
+      if (!step(w, text.charCodeAt(i), this.#maxBoxes, this.#maxLabel)) return false;
+    return true;
+  }
+
+  /** Accepts a token. @throws SegError INFERENCE_FAILED when the token is not allowed. */
+  advance(tokenId: number): AdvanceEvent {
+    const s = this.#s;
+    if (this.#eosSet.has(tokenId)) {
+      if (s.phase !== Phase.End) throw this.#rejected(tokenId);
+      s.phase = Phase.Done;
+      return { boxClosed: false, lastCoordinateInToken: false };
+    }
+    const text = this.#texts[tokenId];
+    if (text === undefined || text.length === 0) throw this.#rejected(tokenId);
+    const next = this.#scratch;
+    Object.assign(next, s);
+    let boxClosed = false;
+    let digitBeforeClose = false;
+    for (let i = 0; i < text.length; i++) {
+      const c = text.charCodeAt(i);
+      const closes = next.phase === Phase.Number && next.k === 3 && c === CLOSE_BRACKET;
+      if (!step(next, c, this.#maxBoxes, this.#maxLabel)) throw this.#rejected(tokenId);
+      if (closes) {
+        boxClosed = true;
+        digitBeforeClose = i > 0;
+      }
+    }
+    Object.assign(s, next);
+    return { boxClosed, lastCoordinateInToken: digitBeforeClose };
+  }
+
+  #rejected(tokenId: number): SegError {
+    return new SegError(
+      "INFERENCE_FAILED",
+      `token ${tokenId} (${JSON.stringify(this.#texts[tokenId] ?? "")}) is not allowed by the box grammar here`,
+    );
+  }
+
+  /** The allowed ids as a few lists (possibly overlapping nothing; never copied for labels). */
+  #allowedLists(): Int32Array[] {
+    const s = this.#s;
+    switch (s.phase) {
+      case Phase.End:
+        return [this.#eos];
+      case Phase.Done:
+        return [];
+      case Phase.Label: {
+        const room = this.#maxLabel - s.labelLen;
+        const pure = this.#labelPure.subarray(0, this.#labelPureUpTo[room] ?? 0);
+        // Enders such as `"}, {` walk into the next object, which maxBoxes may forbid.
+        const key = s.labelLen * 2 + (s.boxes + 1 >= this.#maxBoxes ? 1 : 0);
+        let enders = this.#enderCache.get(key);
+        if (enders === undefined) {
+          enders = this.#walkAll([this.#labelEnders]);
+          this.#enderCache.set(key, enders);
+        }
+        return [pure, enders];
+      }
+      default: {
+        const key = stateKey(s, this.#maxBoxes);
+        let allowed = this.#cache.get(key);
+        if (allowed === undefined) {
+          allowed = this.#walkAll(this.#firstCharLists(s));
+          this.#cache.set(key, allowed);
+        }
+        return [allowed];
+      }
+    }
+  }
+
+  /** Candidate lists by the characters the state accepts first (not Label/End/Done). */
+  #firstCharLists(s: State): Int32Array[] {
+    const chars: number[] = [];
+    switch (s.phase) {
+      case Phase.Literal:
+        chars.push((LITERALS[s.lit] as string).charCodeAt(s.off));
+        break;
+      case Phase.ListOpen:
+      case Phase.AfterObject:
+        chars.push(CLOSE_BRACKET, s.phase === Phase.ListOpen ? OPEN_BRACE : COMMA);
+        break;
+      case Phase.Number:
+        for (let d = 0; d < 10; d++) chars.push(DIGIT_0 + d);
+        chars.push(s.k === 3 ? CLOSE_BRACKET : COMMA);
+        break;
+      default:
+        break;
+    }
+    const lists: Int32Array[] = [];
+    for (const c of chars) {
+      const l = this.#byFirst.get(c);
+      if (l !== undefined) lists.push(l);
+    }
+    return lists;
+  }
+
+  /** Candidates whose whole text the machine accepts from the current state. */
+  #walkAll(lists: readonly Int32Array[]): Int32Array {
+    const out: number[] = [];
+    const s = this.#s;
+    const w = this.#scratch;
+    for (const list of lists) {
+      for (let j = 0; j < list.length; j++) {
+        const id = list[j] as number;
+        const t = this.#texts[id] as string;
+        Object.assign(w, s);
+        let ok = true;
+        for (let i = 0; i < t.length && ok; i++)
+          ok = step(w, t.charCodeAt(i), this.#maxBoxes, this.#maxLabel);
+        if (ok) out.push(id);
+      }
+    }
+    return Int32Array.from(out);
+  }
+
+  /** Longest-match split of fixed text, used when no tokeniser was given. */
+  #greedy(text: string): number[] {
+    if (this.#greedyIndex === undefined) {
+      const index = new Map<string, number>();
+      this.#texts.forEach((t, id) => {
+        if (t.length > 0 && t.length <= 16 && !this.#eosSet.has(id) && !index.has(t)) index.set(t, id);
+      });
+      this.#greedyIndex = index;
+    }
+    const ids: number[] = [];
+    let at = 0;
+    while (at < text.length) {
+      let found = -1;
+      let len = Math.min(16, text.length - at);
+      for (; len > 0; len--) {
+        const id = this.#greedyIndex.get(text.slice(at, at + len));
+        if (id !== undefined) {
+          found = id;
+          break;
+        }
+      }
+      if (found < 0)
+        throw new SegError("INFERENCE_FAILED", `no token spells ${JSON.stringify(text.slice(at))}`);
+      ids.push(found);
+      at += len;
+    }
+    return ids;
+  }
+}
+
+function initialState(): State {
+  return { phase: Phase.Literal, lit: Lit.Start, off: 0, k: 0, value: 0, digits: 0, labelLen: 0, boxes: 0 };
+}
+
+/** Everything that decides which texts the machine accepts from a non-label state. */
+function stateKey(s: State, maxBoxes: number): string {
+  return `${s.phase},${s.lit},${s.off},${s.k},${s.value},${s.digits},${s.boxes >= maxBoxes ? 1 : 0}`;
+}
+
+/** Consumes one character; false when it is not allowed (the state is then garbage). */
+function step(s: State, c: number, maxBoxes: number, maxLabel: number): boolean {
+  switch (s.phase) {
+    case Phase.Literal: {
+      const lit = LITERALS[s.lit] as string;
+      if (c !== lit.charCodeAt(s.off)) return false;
+      s.off++;
+      if (s.off === lit.length) endLiteral(s);
+      return true;
+    }
+    case Phase.ListOpen:
+    case Phase.AfterObject:
+      if (c === CLOSE_BRACKET) {
+        s.phase = Phase.End;
+        return true;
+      }
+      if (s.boxes >= maxBoxes) return false;
+      if (c === (s.phase === Phase.ListOpen ? OPEN_BRACE : COMMA)) {
+        enterLiteral(s, s.phase === Phase.ListOpen ? Lit.Object : Lit.Next, 1);
+        return true;
+      }
+      return false;
+    case Phase.Number: {
+      const d = c - DIGIT_0;
+      if (d >= 0 && d <= 9) {
+        if (s.digits > 0 && s.value === 0) return false; // no leading zeros
+        const v = s.value * 10 + d;
+        if (v > 1000) return false;
+        s.value = v;
+        s.digits++;
+        return true;
+      }
+      if (s.digits === 0) return false;
+      if (s.k < 3 && c === COMMA) {
+        enterLiteral(s, Lit.Separator, 1);
+        return true;
+      }
+      if (s.k === 3 && c === CLOSE_BRACKET) {
+        enterLiteral(s, Lit.LabelKey, 1);
+        return true;
+      }
+      return false;
+    }
+    case Phase.Label:
+      if (c === QUOTE) {
+        if (s.labelLen === 0) return false;
+        enterLiteral(s, Lit.Close, 1);
+        return true;
+      }
+      if (!isLabelChar(c) || s.labelLen >= maxLabel) return false;
+      s.labelLen++;
+      return true;
+    default:
+      return false;
+  }
+}
+
+function enterLiteral(s: State, lit: Lit, off: number): void {
+  s.phase = Phase.Literal;
+  s.lit = lit;
+  s.off = off;
+}
+
+/** Where each literal leads. */
+function endLiteral(s: State): void {
+  switch (s.lit) {
+    case Lit.Start:
+      s.phase = Phase.ListOpen;
+      break;
+    case Lit.Object:
+    case Lit.Next:
+      s.phase = Phase.Number;
+      s.k = 0;
+      s.value = 0;
+      s.digits = 0;
+      break;
+    case Lit.Separator:
+      s.phase = Phase.Number;
+      s.k++;
+      s.value = 0;
+      s.digits = 0;
+      break;
+    case Lit.LabelKey:
+      s.phase = Phase.Label;
+      s.labelLen = 0;
+      break;
+    case Lit.Close:
+      s.phase = Phase.AfterObject;
+      s.boxes++;
+      break;
+  }
+}
