@@ -137,7 +137,8 @@ export async function decodeImage(source: ImageSource, limits: DecodeLimits): Pr
 
   let meta: Metadata;
   try {
-    meta = await sharp(bytes, options).metadata();
+    // Header only; no pixel limit here so the size check below can report the numbers.
+    meta = await sharp(bytes, { failOn: "error", pages: 1 }).metadata();
   } catch (e) {
     throw decodeError(e, label);
   }
@@ -163,24 +164,46 @@ export async function decodeImage(source: ImageSource, limits: DecodeLimits): Pr
   }
 
   try {
+    const hasAlpha = meta.hasAlpha === true;
     const { data, info } = await sharp(bytes, options)
       .rotate() // EXIF orientation
-      .flatten({ background: { r: 255, g: 255, b: 255 } })
       .toColourspace("srgb")
-      .removeAlpha()
+      [hasAlpha ? "ensureAlpha" : "removeAlpha"]()
       .raw({ depth: "uchar" })
       .toBuffer({ resolveWithObject: true });
-    if (info.channels !== 3 || data.length !== info.width * info.height * 3) {
+    const channels = hasAlpha ? 4 : 3;
+    if (info.channels !== channels || data.length !== info.width * info.height * channels) {
       throw new Error(`unexpected decoder output: ${info.width}x${info.height}x${info.channels}`);
     }
-    return {
-      rgb: new Uint8Array(data.buffer, data.byteOffset, data.byteLength),
-      width: info.width,
-      height: info.height,
-    };
+    const rgb = hasAlpha
+      ? compositeOnWhite(data, info.width * info.height)
+      : new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    return { rgb, width: info.width, height: info.height };
   } catch (e) {
     throw decodeError(e, label);
   }
+}
+
+/**
+ * RGBA -> RGB over an opaque white background with PIL's integer alpha_composite arithmetic
+ * (7-bit coefficients, divide-by-255 by shifts), so the pixels equal the reference's
+ * `Image.alpha_composite(white, rgba)` exactly. With an opaque white destination its coefficients
+ * reduce to coef1 = 128 a, coef2 = 128 (255 - a).
+ */
+function compositeOnWhite(rgba: Uint8Array, pixels: number): Uint8Array {
+  const out = new Uint8Array(pixels * 3);
+  for (let i = 0; i < pixels; i++) {
+    const a = rgba[i * 4 + 3] as number;
+    for (let c = 0; c < 3; c++) {
+      if (a === 0) {
+        out[i * 3 + c] = 255;
+        continue;
+      }
+      const t = ((rgba[i * 4 + c] as number) * a + 255 * (255 - a)) * 128 + (0x80 << 7);
+      out[i * 3 + c] = (((t >> 8) + t) >> 8) >> 7;
+    }
+  }
+  return out;
 }
 
 function decodeError(e: unknown, label: string): SegError {
@@ -449,14 +472,19 @@ export function preprocess(
     const q = p % win;
     const patchRow = Math.floor(blk / windowsPerRow) * merge + Math.floor(q / merge);
     const patchCol = (blk % windowsPerRow) * merge + (q % merge);
+    const frame = ps * ps;
     let o = p * cols;
     for (let c = 0; c < 3; c++) {
-      for (let t = 0; t < tps; t++) {
-        // columns (c, t, py, px); a still image repeats the same frame for every t
-        for (let py = 0; py < ps; py++) {
-          let s = c * plane + (patchRow * ps + py) * wr + patchCol * ps;
-          for (let px = 0; px < ps; px++) pixelValues[o++] = hrImage[s++] as number;
-        }
+      // columns (c, t, py, px): frame t = 0 from the image ...
+      const first = o;
+      for (let py = 0; py < ps; py++) {
+        let s = c * plane + (patchRow * ps + py) * wr + patchCol * ps;
+        for (let px = 0; px < ps; px++) pixelValues[o++] = hrImage[s++] as number;
+      }
+      // ... and a still image repeats the same frame for every further t
+      for (let t = 1; t < tps; t++) {
+        pixelValues.copyWithin(o, first, first + frame);
+        o += frame;
       }
     }
   }
