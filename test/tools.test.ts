@@ -1,0 +1,504 @@
+/**
+ * The tool layer through a real MCP Client over an in-memory transport: schemas, results, progress,
+ * cancellation, error mapping and every refusal.
+ */
+
+import { mkdir, mkdtemp, readFile, rm, symlink, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { Client } from "@modelcontextprotocol/sdk/client/index.js";
+import { InMemoryTransport } from "@modelcontextprotocol/sdk/inMemory.js";
+import type { McpServer } from "@modelcontextprotocol/sdk/server/mcp.js";
+import { type CallToolResult, ListRootsRequestSchema } from "@modelcontextprotocol/sdk/types.js";
+import sharp from "sharp";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type Config, createConfig } from "../src/config.js";
+import { SegError } from "../src/errors.js";
+import { createServer } from "../src/server.js";
+import { describeRegionOutputSchema } from "../src/tools/describe-region.js";
+import { groundOutputSchema } from "../src/tools/ground.js";
+import { segmentOutputSchema } from "../src/tools/segment.js";
+import { FakeEngine } from "./helpers/fake-engine.js";
+
+let root: string;
+let work: string;
+let outside: string;
+let config: Config;
+
+async function png(file: string, width: number, height: number): Promise<void> {
+  await sharp({ create: { width, height, channels: 3, background: { r: 200, g: 40, b: 40 } } })
+    .png()
+    .toFile(file);
+}
+
+beforeAll(async () => {
+  root = await mkdtemp(path.join(tmpdir(), "seg-tools-"));
+  work = path.join(root, "work");
+  outside = path.join(root, "outside");
+  await mkdir(path.join(work, "folder.png"), { recursive: true });
+  await mkdir(outside, { recursive: true });
+  await png(path.join(work, "cat.png"), 64, 48);
+  await png(path.join(work, "big.png"), 200, 100); // 20,000 px, over the 10,000 limit below
+  await png(path.join(work, "small-mask.png"), 32, 32);
+  await png(path.join(outside, "secret.png"), 64, 48);
+  await symlink(path.join(outside, "secret.png"), path.join(work, "escape.png"));
+  await writeFile(path.join(work, "empty.png"), "");
+  // PNG signature, then garbage: looks like a PNG, cannot be decoded
+  await writeFile(
+    path.join(work, "corrupt.png"),
+    Buffer.concat([Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]), Buffer.alloc(64, 7)]),
+  );
+  await writeFile(
+    path.join(work, "drawing.svg"),
+    '<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+  );
+  await writeFile(path.join(work, "notes.png"), "just some text, not an image");
+  config = createConfig({
+    cwd: work,
+    outDir: path.join(root, "out"),
+    allowDirs: [work],
+    maxPixels: 10_000,
+    maxDataUriBytes: 4096,
+  });
+});
+
+afterAll(async () => {
+  await rm(root, { recursive: true, force: true });
+});
+
+async function connect(engine: FakeEngine, options: { roots?: string[] } = {}) {
+  const server: McpServer = createServer(config, engine);
+  const client = new Client(
+    { name: "test-client", version: "1.0.0" },
+    options.roots ? { capabilities: { roots: { listChanged: true } } } : {},
+  );
+  if (options.roots) {
+    const roots = options.roots;
+    client.setRequestHandler(ListRootsRequestSchema, async () => ({
+      roots: roots.map((r) => ({ uri: `file://${r}`, name: path.basename(r) })),
+    }));
+  }
+  const [clientSide, serverSide] = InMemoryTransport.createLinkedPair();
+  await Promise.all([server.connect(serverSide), client.connect(clientSide)]);
+  return {
+    client,
+    call: (name: string, args: Record<string, unknown>) =>
+      client.callTool({ name, arguments: args }) as Promise<CallToolResult>,
+    close: async () => {
+      await client.close();
+      await server.close();
+    },
+  };
+}
+
+function textOf(result: CallToolResult): string {
+  const first = result.content[0];
+  return first?.type === "text" ? first.text : "";
+}
+
+function expectError(result: CallToolResult, code: string, message: RegExp): void {
+  expect(result.isError, textOf(result)).toBe(true);
+  expect(textOf(result).startsWith(`${code}: `), textOf(result)).toBe(true);
+  expect(textOf(result)).toMatch(message);
+}
+
+describe("tools over an in-memory MCP connection", () => {
+  let engine: FakeEngine;
+  let conn: Awaited<ReturnType<typeof connect>>;
+
+  beforeAll(async () => {
+    engine = new FakeEngine();
+    conn = await connect(engine);
+  });
+  afterAll(async () => {
+    await conn.close();
+  });
+
+  it("lists the three tools with strict input schemas, output schemas and annotations", async () => {
+    const { tools } = await conn.client.listTools();
+    expect(tools.map((t) => t.name).sort()).toEqual(["describe_region", "ground", "segment"]);
+    for (const tool of tools) {
+      expect(tool.inputSchema.additionalProperties).toBe(false);
+      expect(tool.outputSchema?.type).toBe("object");
+      expect(tool.description?.length).toBeGreaterThan(40);
+      for (const [field, schema] of Object.entries(tool.inputSchema.properties ?? {})) {
+        expect((schema as { description?: string }).description, `${tool.name}.${field}`).toBeTruthy();
+      }
+      expect(tool.annotations?.openWorldHint).toBe(false);
+    }
+    const byName = Object.fromEntries(tools.map((t) => [t.name, t]));
+    expect(byName.ground?.inputSchema.required).toEqual(["image", "expression"]);
+    expect(byName.segment?.inputSchema.required).toEqual(["image"]);
+    expect(byName.ground?.annotations?.readOnlyHint).toBe(true);
+    expect(byName.describe_region?.annotations?.readOnlyHint).toBe(true);
+    expect(byName.segment?.annotations?.readOnlyHint).toBe(false); // it writes mask files
+    expect(byName.segment?.annotations?.destructiveHint).toBe(false);
+    expect(Object.keys(byName.segment?.outputSchema?.properties ?? {})).toEqual(
+      expect.arrayContaining(["found", "image", "instances", "model", "timings_ms"]),
+    );
+  });
+
+  it("ground: boxes, scores, a text summary and a JSON copy", async () => {
+    const result = await conn.call("ground", { image: "cat.png", expression: "two cats" });
+    expect(result.isError).toBeFalsy();
+    const out = groundOutputSchema.parse(result.structuredContent);
+    expect(out.found).toBe(true);
+    expect(out.image).toEqual({ width: 64, height: 48 });
+    expect(out.instances).toHaveLength(2);
+    expect(out.instances[0]).toEqual({ label: "two cats", box: [0, 0, 32, 24], score: 0.9 });
+    expect(out.model).toBe("fake-engine");
+    expect(out.timings_ms.queue).toBeGreaterThanOrEqual(0);
+    expect(textOf(result)).toMatch(/^Found 2 instances of "two cats" in the 64x48 image/);
+    const copy = result.content[1];
+    expect(copy?.type === "text" && JSON.parse(copy.text)).toEqual(result.structuredContent);
+  });
+
+  it("ground: found: false is a normal result", async () => {
+    const result = await conn.call("ground", {
+      image: path.join(work, "cat.png"),
+      expression: "nothing here",
+    });
+    expect(result.isError).toBeFalsy();
+    const out = groundOutputSchema.parse(result.structuredContent);
+    expect(out).toMatchObject({ found: false, instances: [], image: { width: 64, height: 48 } });
+    expect(textOf(result)).toMatch(/No match for "nothing here".*found: false/);
+  });
+
+  it("ground: max_instances is passed on", async () => {
+    const result = await conn.call("ground", { image: "cat.png", expression: "two cats", max_instances: 1 });
+    expect(groundOutputSchema.parse(result.structuredContent).instances).toHaveLength(1);
+  });
+
+  it("segment: one mask PNG per instance, the input's size, with a resource link that reads back", async () => {
+    const result = await conn.call("segment", { image: "cat.png", expression: "the cat", rle: true });
+    expect(result.isError, textOf(result)).toBeFalsy();
+    const out = segmentOutputSchema.parse(result.structuredContent);
+    expect(out.found).toBe(true);
+    const inst = out.instances[0];
+    if (!inst) throw new Error("no instance");
+    expect(path.dirname(inst.mask.path)).toBe(
+      await import("node:fs/promises").then((fs) => fs.realpath(config.outDir)),
+    );
+    const meta = await sharp(inst.mask.path).metadata();
+    expect([meta.width, meta.height]).toEqual([64, 48]);
+    expect(inst.mask.area_px).toBe(32 * 24);
+    expect(inst.mask.area_fraction).toBeCloseTo(0.25, 6);
+    expect(inst.mask.rle?.size).toEqual([48, 64]);
+    expect(inst.mask.uri).toMatch(/^qwen3-vl-seg:\/\/masks\/mask-.*\.png$/);
+    const link = result.content.find((c) => c.type === "resource_link");
+    expect(link).toMatchObject({ type: "resource_link", uri: inst.mask.uri, mimeType: "image/png" });
+    const read = await conn.client.readResource({ uri: inst.mask.uri });
+    const blob = read.contents[0] && "blob" in read.contents[0] ? read.contents[0].blob : "";
+    expect(Buffer.from(blob, "base64").equals(await readFile(inst.mask.path))).toBe(true);
+    expect(result.content.some((c) => c.type === "image")).toBe(false); // previews are opt-in
+  });
+
+  it("segment: a given box skips grounding and is the instance's box", async () => {
+    const result = await conn.call("segment", { image: "cat.png", box: [4, 6, 20, 30] });
+    const out = segmentOutputSchema.parse(result.structuredContent);
+    expect(out.instances).toHaveLength(1);
+    expect(out.instances[0]?.box).toEqual([4, 6, 20, 30]);
+    expect(engine.calls.at(-1)).toMatchObject({ method: "segment" });
+  });
+
+  it("segment: found: false writes nothing and links nothing", async () => {
+    const result = await conn.call("segment", { image: "cat.png", expression: "nothing at all" });
+    const out = segmentOutputSchema.parse(result.structuredContent);
+    expect(out).toMatchObject({ found: false, instances: [] });
+    expect(result.content.filter((c) => c.type === "resource_link")).toHaveLength(0);
+  });
+
+  it("segment: preview returns a small inline image and an overlay link", async () => {
+    const result = await conn.call("segment", { image: "cat.png", expression: "the cat", preview: true });
+    const out = segmentOutputSchema.parse(result.structuredContent);
+    expect(out.overlay?.uri).toMatch(/^qwen3-vl-seg:\/\/masks\//);
+    const image = result.content.find((c) => c.type === "image");
+    expect(image?.type === "image" && image.mimeType).toBe("image/jpeg");
+    expect(JSON.stringify(result).length).toBeLessThan(100_000);
+  });
+
+  it("describe_region: with a box, and with a mask written by segment", async () => {
+    const byBox = await conn.call("describe_region", { image: "cat.png", box: [0, 0, 10, 10] });
+    expect(describeRegionOutputSchema.parse(byBox.structuredContent)).toMatchObject({
+      box: [0, 0, 10, 10],
+      description: "a boxed region",
+      label: "region",
+    });
+    const seg = segmentOutputSchema.parse(
+      (await conn.call("segment", { image: "cat.png", expression: "cat" })).structuredContent,
+    );
+    const maskPath = seg.instances[0]?.mask.path ?? "";
+    const byMask = await conn.call("describe_region", { image: "cat.png", mask: maskPath });
+    expect(byMask.isError, textOf(byMask)).toBeFalsy();
+    expect(describeRegionOutputSchema.parse(byMask.structuredContent).description).toBe("a masked region");
+    const byUri = await conn.call("describe_region", { image: "cat.png", mask: seg.instances[0]?.mask.uri });
+    expect(byUri.isError, textOf(byUri)).toBeFalsy();
+  });
+
+  it("accepts data: URIs under the limit", async () => {
+    const bytes = await sharp({ create: { width: 20, height: 10, channels: 3, background: "#fff" } })
+      .png()
+      .toBuffer();
+    const result = await conn.call("ground", {
+      image: `data:image/png;base64,${bytes.toString("base64")}`,
+      expression: "x",
+    });
+    expect(groundOutputSchema.parse(result.structuredContent).image).toEqual({ width: 20, height: 10 });
+  });
+
+  it("sends increasing progress notifications when asked", async () => {
+    const seen: number[] = [];
+    await conn.client.callTool(
+      { name: "ground", arguments: { image: "cat.png", expression: "cat" } },
+      undefined,
+      {
+        onprogress: (p) => seen.push(p.progress),
+      },
+    );
+    expect(seen.length).toBeGreaterThanOrEqual(3);
+    for (let i = 1; i < seen.length; i++) expect(seen[i]).toBeGreaterThan(seen[i - 1] ?? -1);
+    expect(seen.every((p) => p >= 0 && p <= 100)).toBe(true);
+  });
+
+  describe("refusals: isError results with the code and what to do instead", () => {
+    const cases: Array<[string, string, Record<string, unknown>, string, RegExp]> = [
+      [
+        "missing file",
+        "ground",
+        { image: "missing.png", expression: "x" },
+        "IMAGE_NOT_FOUND",
+        /missing\.png" does not exist: check the path/,
+      ],
+      [
+        "directory",
+        "ground",
+        { image: "folder.png", expression: "x" },
+        "INVALID_INPUT",
+        /is a directory: pass the path of an image file/,
+      ],
+      [
+        "outside the allowed directories",
+        "ground",
+        { image: "../outside/secret.png", expression: "x" },
+        "PATH_NOT_ALLOWED",
+        /outside the allowed directories.*--allow-dir/,
+      ],
+      [
+        "symlink escaping them",
+        "segment",
+        { image: "escape.png", expression: "x" },
+        "PATH_NOT_ALLOWED",
+        /resolves to .*secret\.png", outside the allowed directories/,
+      ],
+      [
+        "corrupt image",
+        "ground",
+        { image: "corrupt.png", expression: "x" },
+        "IMAGE_DECODE_FAILED",
+        /looks like PNG but cannot be decoded.*corrupt or truncated/,
+      ],
+      [
+        "zero-byte file",
+        "ground",
+        { image: "empty.png", expression: "x" },
+        "IMAGE_DECODE_FAILED",
+        /is empty \(0 bytes\)/,
+      ],
+      [
+        "image over the pixel limit",
+        "segment",
+        { image: "big.png", expression: "x" },
+        "IMAGE_TOO_LARGE",
+        /is 200x100 = 20000 pixels, over the limit of 10000.*--max-pixels/,
+      ],
+      [
+        "unsupported format (SVG)",
+        "ground",
+        { image: "drawing.svg", expression: "x" },
+        "UNSUPPORTED_FORMAT",
+        /is a SVG file: pass a PNG, JPEG, WebP, GIF or TIFF image/,
+      ],
+      [
+        "not an image at all",
+        "ground",
+        { image: "notes.png", expression: "x" },
+        "UNSUPPORTED_FORMAT",
+        /is not a recognised image/,
+      ],
+      [
+        "empty expression",
+        "ground",
+        { image: "cat.png", expression: "   " },
+        "INVALID_INPUT",
+        /expression is empty: describe the object/,
+      ],
+      [
+        "10,000-character expression",
+        "segment",
+        { image: "cat.png", expression: "a".repeat(10_000) },
+        "INVALID_INPUT",
+        /expression has 10000 characters, over the limit of 1000/,
+      ],
+      [
+        "box outside the image",
+        "segment",
+        { image: "cat.png", box: [10, 10, 65, 20] },
+        "INVALID_INPUT",
+        /box \[10, 10, 65, 20\] lies outside the 64x48 image/,
+      ],
+      [
+        "inverted box",
+        "describe_region",
+        { image: "cat.png", box: [30, 10, 20, 20] },
+        "INVALID_INPUT",
+        /box \[30, 10, 20, 20\] is empty or inverted: .*x1 < x2/,
+      ],
+      [
+        "mask of another size",
+        "describe_region",
+        { image: "cat.png", mask: "small-mask.png" },
+        "INVALID_INPUT",
+        /mask .* is 32x32 but the image is 64x48: pass a mask written by segment/,
+      ],
+      [
+        "http URL",
+        "ground",
+        { image: "https://example.com/cat.png", expression: "x" },
+        "INVALID_INPUT",
+        /never fetches from the network/,
+      ],
+      [
+        "neither expression nor box",
+        "segment",
+        { image: "cat.png" },
+        "INVALID_INPUT",
+        /segment needs an expression .* or a box/,
+      ],
+      [
+        "neither box nor mask",
+        "describe_region",
+        { image: "cat.png" },
+        "INVALID_INPUT",
+        /needs a box .* or a mask/,
+      ],
+    ];
+    for (const [name, tool, args, code, message] of cases) {
+      it(name, async () => {
+        expectError(await conn.call(tool, args), code, message);
+      });
+    }
+
+    it("data: URI over the size limit", async () => {
+      const payload = Buffer.alloc(5000, 1).toString("base64");
+      expectError(
+        await conn.call("ground", { image: `data:image/png;base64,${payload}`, expression: "x" }),
+        "IMAGE_TOO_LARGE",
+        /data: URI holds 5000 bytes, over the limit of 4096: save the image to a file/,
+      );
+    });
+
+    it("unknown fields (strict schema)", async () => {
+      const result = await conn.call("ground", { image: "cat.png", expression: "x", threshold: 0.5 });
+      expect(result.isError).toBe(true);
+      expect(textOf(result)).toMatch(
+        /INVALID_INPUT: unknown field\(s\) "threshold" for ground; the accepted fields are image, expression, max_instances/,
+      );
+    });
+
+    it("wrong types", async () => {
+      const result = await conn.call("segment", { image: "cat.png", box: [1, 2, 3] });
+      expect(result.isError).toBe(true);
+      expect(textOf(result)).toMatch(/box must have exactly four numbers/);
+    });
+  });
+});
+
+describe("engine failures, cancellation, queueing, roots", () => {
+  it("INFERENCE_FAILED becomes an error result and the server stays up", async () => {
+    const engine = new FakeEngine({
+      failWith: new SegError("INFERENCE_FAILED", "onnxruntime: out of memory"),
+    });
+    const conn = await connect(engine);
+    expectError(
+      await conn.call("ground", { image: "cat.png", expression: "x" }),
+      "INFERENCE_FAILED",
+      /out of memory/,
+    );
+    // a plain Error thrown deep inside is mapped the same way
+    engine.options.failWith = new Error("boom");
+    expectError(
+      await conn.call("segment", { image: "cat.png", expression: "x" }),
+      "INFERENCE_FAILED",
+      /boom/,
+    );
+    engine.options = {};
+    const ok = await conn.call("ground", { image: "cat.png", expression: "x" });
+    expect(ok.isError).toBeFalsy();
+    await conn.close();
+  });
+
+  it("cancellation aborts the engine call", async () => {
+    const engine = new FakeEngine({ delayMs: 3000 });
+    const conn = await connect(engine);
+    const controller = new AbortController();
+    const started = Date.now();
+    const call = conn.client.callTool(
+      { name: "segment", arguments: { image: "cat.png", expression: "x" } },
+      undefined,
+      {
+        signal: controller.signal,
+      },
+    );
+    setTimeout(() => controller.abort("user gave up"), 150);
+    await expect(call).rejects.toThrow(/user gave up|abort/i);
+    await new Promise((r) => setTimeout(r, 50));
+    expect(engine.calls[0]?.signal?.aborted).toBe(true);
+    expect(Date.now() - started).toBeLessThan(2000);
+    // the connection still works
+    engine.options = {};
+    expect((await conn.call("ground", { image: "cat.png", expression: "x" })).isError).toBeFalsy();
+    await conn.close();
+  });
+
+  it("concurrent calls queue on the engine and all complete", async () => {
+    const engine = new FakeEngine({ delayMs: 50 });
+    const conn = await connect(engine);
+    const results = await Promise.all(
+      ["one", "two things", "three"].map((expression) =>
+        conn.call("ground", { image: "cat.png", expression }),
+      ),
+    );
+    expect(results.every((r) => !r.isError)).toBe(true);
+    const waits = results.map((r) => groundOutputSchema.parse(r.structuredContent).timings_ms.queue ?? 0);
+    expect(Math.max(...waits)).toBeGreaterThan(40); // the last one waited for the others
+    await conn.close();
+  });
+
+  it("MCP roots widen the allowed directories", async () => {
+    const denied = await connect(new FakeEngine());
+    expectError(
+      await denied.call("ground", { image: path.join(outside, "secret.png"), expression: "x" }),
+      "PATH_NOT_ALLOWED",
+      /outside/,
+    );
+    await denied.close();
+    const conn = await connect(new FakeEngine(), { roots: [outside] });
+    const result = await conn.call("ground", { image: path.join(outside, "secret.png"), expression: "x" });
+    expect(result.isError, textOf(result)).toBeFalsy();
+    await conn.close();
+  });
+
+  it("the mask resource template serves only files in the output directory", async () => {
+    const conn = await connect(new FakeEngine());
+    await expect(
+      conn.client.readResource({ uri: "qwen3-vl-seg://masks/..%2F..%2Fetc%2Fpasswd" }),
+    ).rejects.toThrow(/INVALID_INPUT: .*does not name a mask file/);
+    await expect(conn.client.readResource({ uri: "qwen3-vl-seg://masks/missing.png" })).rejects.toThrow(
+      /IMAGE_NOT_FOUND/,
+    );
+    const model = await conn.client.readResource({ uri: "qwen3-vl-seg://model" });
+    const text = model.contents[0] && "text" in model.contents[0] ? model.contents[0].text : "{}";
+    expect(JSON.parse(text).name).toBe("fake-engine");
+    await conn.close();
+  });
+});
