@@ -133,16 +133,69 @@ def to_fp16(
     """
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+    f32_ops = set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32_ops)
+    f32_nodes = set(keep_fp32_nodes)
     converted = convert_float_to_float16(
         model,
         keep_io_types=True,
-        op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep_fp32_ops),
-        node_block_list=list(keep_fp32_nodes),
+        op_block_list=sorted(f32_ops),
+        node_block_list=sorted(f32_nodes),
         # Shape inference needs the serialised model, which a >2 GiB model cannot be.
         disable_shape_infer=model.ByteSize() > PROTOBUF_LIMIT,
     )
     _drop_duplicate_nodes(converted)
+    _fold_cast_round_trips(converted, f32_ops, f32_nodes)
     return converted
+
+
+def _cast_to(node: onnx.NodeProto) -> int:
+    return next(a.i for a in node.attribute if a.name == "to")
+
+
+def _fold_cast_round_trips(model: onnx.ModelProto, f32_ops: set[str], f32_nodes: set[str]) -> None:
+    """Remove f32 -> Cast(fp16) -> Cast(f32) round trips.
+
+    The converter casts every f32-kept node's output to fp16 and back again when the next consumer
+    is f32-kept too (and does the same to f32 graph inputs, e.g. the rotary tables), which rounds the
+    values it was asked to keep in f32. The consumers are fed the original f32 tensor instead.
+    """
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    f32_inputs = {v.name for v in graph.input if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+
+    def is_f32(name: str) -> bool:
+        if name in f32_inputs:
+            return True
+        node = producer.get(name)
+        if node is None:
+            return False
+        if node.op_type == "Cast":
+            return _cast_to(node) == TensorProto.FLOAT
+        return node.op_type in f32_ops or node.name in f32_nodes
+
+    graph_outputs = {v.name for v in graph.output}
+    replace: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "Cast" or _cast_to(node) != TensorProto.FLOAT or node.output[0] in graph_outputs:
+            continue
+        down = producer.get(node.input[0])
+        if down is not None and down.op_type == "Cast" and _cast_to(down) == TensorProto.FLOAT16:
+            if is_f32(down.input[0]):
+                replace[node.output[0]] = down.input[0]
+    if not replace:
+        return
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in replace:
+                node.input[i] = replace[name]
+    # Drop the Casts nobody reads any more (the fp16 one may still feed fp16 consumers).
+    while True:
+        read = {name for node in graph.node for name in node.input} | graph_outputs
+        kept = [n for n in graph.node if n.op_type != "Cast" or n.output[0] in read]
+        if len(kept) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(kept)
 
 
 def _drop_duplicate_nodes(model: onnx.ModelProto) -> None:
