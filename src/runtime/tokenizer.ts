@@ -112,13 +112,14 @@ export class QwenTokenizer {
   }
 
   /**
-   * The decoded text of one token on its own (what `decode([id])` returns). A token holding part of
-   * a multi-byte UTF-8 character decodes to U+FFFD. Added tokens give their content; unknown ids ''.
+   * The decoded text of one token on its own (what `decode([id])` returns), for the box grammar.
+   * A token holding part of a multi-byte UTF-8 character decodes to U+FFFD. Added tokens (special
+   * or not: <|im_end|>, <think>, ...) and unknown ids give '', so a grammar never takes a control
+   * token for text.
    */
   tokenText(id: number): string {
     const token = this.#vocab[id];
-    if (token === undefined) return "";
-    if (this.#addedIds.has(id)) return token;
+    if (token === undefined || this.#addedIds.has(id)) return "";
     const bytes = new Uint8Array(token.length);
     let n = 0;
     for (const ch of token) {
@@ -129,15 +130,9 @@ export class QwenTokenizer {
     return this.#utf8.decode(bytes.subarray(0, n));
   }
 
-  /**
-   * Per-id texts for the box grammar, `size` long (the model's vocab, e.g. 151936): every added token
-   * (special or not) and every id the tokenizer does not know is '', so the grammar never allows it
-   * as text.
-   */
+  /** `tokenText` for ids 0..size-1 (size = the model's vocab, e.g. 151936; extra ids give ''). */
   grammarTokenTexts(size: number): string[] {
-    const texts = new Array<string>(size);
-    for (let id = 0; id < size; id++) texts[id] = this.#addedIds.has(id) ? "" : this.tokenText(id);
-    return texts;
+    return Array.from({ length: size }, (_, id) => this.tokenText(id));
   }
 }
 
