@@ -1,0 +1,133 @@
+/** Streamable HTTP: a real SDK client end to end, and the checks every request passes first. */
+
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { Client } from "@modelcontextprotocol/sdk/client/index.js";
+import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
+import type { CallToolResult } from "@modelcontextprotocol/sdk/types.js";
+import sharp from "sharp";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { createConfig, isLoopbackHost, parseListenAddress } from "../src/config.js";
+import { type HttpHandle, serveHttp } from "../src/server.js";
+import { segmentOutputSchema } from "../src/tools/segment.js";
+import { FakeEngine } from "./helpers/fake-engine.js";
+
+const TOKEN = "s3cret-token-0123456789";
+let root: string;
+let handle: HttpHandle;
+
+const initialize = {
+  jsonrpc: "2.0",
+  id: 1,
+  method: "initialize",
+  params: { protocolVersion: "2025-06-18", capabilities: {}, clientInfo: { name: "raw", version: "1" } },
+};
+
+function post(url: string, headers: Record<string, string>, body: unknown = initialize): Promise<Response> {
+  return fetch(url, {
+    method: "POST",
+    headers: {
+      "content-type": "application/json",
+      accept: "application/json, text/event-stream",
+      ...headers,
+    },
+    body: JSON.stringify(body),
+  });
+}
+
+beforeAll(async () => {
+  root = await mkdtemp(path.join(tmpdir(), "seg-http-"));
+  await sharp({ create: { width: 40, height: 30, channels: 3, background: "#369" } })
+    .png()
+    .toFile(path.join(root, "img.png"));
+  const config = createConfig({
+    cwd: root,
+    outDir: path.join(root, "out"),
+    logLevel: "warn",
+    http: { host: "127.0.0.1", port: 0, token: TOKEN },
+  });
+  handle = await serveHttp(config, new FakeEngine());
+});
+
+afterAll(async () => {
+  await handle?.close();
+  await rm(root, { recursive: true, force: true });
+});
+
+describe("Streamable HTTP", () => {
+  it("serves the tools to an SDK client with the bearer token", async () => {
+    const client = new Client({ name: "http-test", version: "1" });
+    const transport = new StreamableHTTPClientTransport(new URL(handle.url), {
+      requestInit: { headers: { authorization: `Bearer ${TOKEN}` } },
+    });
+    await client.connect(transport);
+    const { tools } = await client.listTools();
+    expect(tools.map((t) => t.name).sort()).toEqual(["describe_region", "ground", "segment"]);
+    const result = (await client.callTool({
+      name: "segment",
+      arguments: { image: "img.png", expression: "the square" },
+    })) as CallToolResult;
+    expect(result.isError).toBeFalsy();
+    const out = segmentOutputSchema.parse(result.structuredContent);
+    const meta = await sharp(out.instances[0]?.mask.path ?? "").metadata();
+    expect([meta.width, meta.height]).toEqual([40, 30]);
+    await transport.terminateSession();
+    await client.close();
+  });
+
+  it("refuses requests without the token", async () => {
+    const res = await post(handle.url, {});
+    expect(res.status).toBe(401);
+    expect(res.headers.get("www-authenticate")).toBe("Bearer");
+    expect((await post(handle.url, { authorization: "Bearer wrong" })).status).toBe(401);
+  });
+
+  it("refuses foreign Origin and Host headers (DNS rebinding)", async () => {
+    const auth = { authorization: `Bearer ${TOKEN}` };
+    const evil = await post(handle.url, { ...auth, origin: "http://evil.example" });
+    expect(evil.status).toBe(403);
+    expect(((await evil.json()) as { error: { message: string } }).error.message).toMatch(
+      /Origin "http:\/\/evil.example" is not allowed/,
+    );
+    const port = new URL(handle.url).port;
+    const own = await post(handle.url, { ...auth, origin: `http://localhost:${port}` });
+    expect(own.status).toBe(200);
+    const rebound = await fetch(handle.url, {
+      method: "GET",
+      headers: { ...auth, host: `attacker.example:${port}` },
+    });
+    expect(rebound.status).toBe(403);
+  });
+
+  it("answers unknown paths and sessions plainly", async () => {
+    const auth = { authorization: `Bearer ${TOKEN}` };
+    expect((await post(handle.url.replace("/mcp", "/other"), auth)).status).toBe(404);
+    const res = await post(
+      handle.url,
+      { ...auth, "mcp-session-id": "nope" },
+      { jsonrpc: "2.0", id: 2, method: "tools/list" },
+    );
+    expect(res.status).toBe(400);
+  });
+
+  it("refuses a non-loopback address without a token", async () => {
+    const config = createConfig({ cwd: root, logLevel: "silent", http: { host: "0.0.0.0", port: 0 } });
+    await expect(serveHttp(config, new FakeEngine())).rejects.toThrow(
+      /non-loopback address 0.0.0.0 without a token/,
+    );
+  });
+});
+
+describe("listen addresses", () => {
+  it("parses HOST:PORT, :PORT and PORT", () => {
+    expect(parseListenAddress("127.0.0.1:8765")).toEqual({ host: "127.0.0.1", port: 8765 });
+    expect(parseListenAddress("8765")).toEqual({ host: "127.0.0.1", port: 8765 });
+    expect(parseListenAddress("[::1]:9000")).toEqual({ host: "::1", port: 9000 });
+    expect(() => parseListenAddress("localhost")).toThrow(/expected HOST:PORT for --http/);
+  });
+  it("knows loopback hosts", () => {
+    expect(["127.0.0.1", "localhost", "::1", "[::1]", "127.1.2.3"].every(isLoopbackHost)).toBe(true);
+    expect(["0.0.0.0", "192.168.1.2", "example.com"].some(isLoopbackHost)).toBe(false);
+  });
+});
