@@ -1,6 +1,7 @@
 /** Streamable HTTP: a real SDK client end to end, and the checks every request passes first. */
 
 import { mkdtemp, rm } from "node:fs/promises";
+import { request } from "node:http";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
@@ -93,11 +94,20 @@ describe("Streamable HTTP", () => {
     const port = new URL(handle.url).port;
     const own = await post(handle.url, { ...auth, origin: `http://localhost:${port}` });
     expect(own.status).toBe(200);
-    const rebound = await fetch(handle.url, {
-      method: "GET",
-      headers: { ...auth, host: `attacker.example:${port}` },
+    // fetch() cannot forge Host; node:http can
+    const rebound = await new Promise<number>((resolve, reject) => {
+      const req = request(
+        handle.url,
+        { method: "GET", headers: { ...auth, host: `attacker.example:${port}` } },
+        (res) => {
+          res.resume();
+          resolve(res.statusCode ?? 0);
+        },
+      );
+      req.on("error", reject);
+      req.end();
     });
-    expect(rebound.status).toBe(403);
+    expect(rebound).toBe(403);
   });
 
   it("answers unknown paths and sessions plainly", async () => {
