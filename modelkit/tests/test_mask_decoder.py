@@ -98,6 +98,32 @@ def test_onnx_matches_pytorch(
         assert err < 1e-4, f"{name}: max abs diff {err * scale:.3g} at scale {scale:.3g}"
 
 
+@pytest.mark.parametrize(("gh", "gw"), [(6, 8), (12, 20)])
+def test_onnx_degenerate_and_padded_gate_boxes(
+    tiny_model: MaskDecoder, exported: tuple[Path, dict], gh: int, gw: int
+) -> None:
+    """Zero-size boxes hit the in-graph minimum gate side (2 patches of this grid), a box touching
+    the border and an all-padding query: still the same numbers as PyTorch."""
+    path, _ = exported
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = list(example_inputs(tiny_model, gh, gw, 3, 2))
+    inputs[3] = torch.tensor([[0.4, 0.4, 0.4, 0.4], [0.0, 0.0, 0.5, 1.0], [0.2, 0.3, 0.6, 0.9]])
+    inputs[4] = torch.tensor(
+        [
+            [[0.4, 0.4, 0.4, 0.4], [0.0, 0.0, 0.0, 0.0]],
+            [[0.0, 0.0, 0.5, 1.0], [0.6, 0.1, 0.6, 0.2]],
+            [[0.2, 0.3, 0.6, 0.9], [0.1, 0.1, 0.2, 0.2]],
+        ]
+    )
+    inputs[5] = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    with torch.no_grad():
+        ref = [t.numpy() for t in tiny_model(*inputs)]
+    got = session.run(list(OUTPUT_NAMES), {n: t.numpy() for n, t in zip(INPUT_NAMES, inputs, strict=True)})
+    for name, r, g in zip(OUTPUT_NAMES, ref, got, strict=True):
+        scale = max(1.0, float(np.abs(r).max()))
+        assert float(np.abs(g - r).max()) / scale < 1e-4, name
+
+
 def test_fp16_export_runs_close(tiny_model: MaskDecoder, tmp_path: Path) -> None:
     path = tmp_path / "mask_decoder.onnx"
     export_mask_decoder(tiny_model, path, "fp16")
@@ -142,6 +168,15 @@ def test_gate_shape_is_box_relative() -> None:
     assert masked[0, 0, 300, 300] < 1e-6 and masked[0, 0, 80, 80] > 0.99
     maxed = gate(two, torch.ones(1, 2), level, torch.tensor(0.0), torch.tensor(0.0))
     assert maxed[0, 0, 300, 300] > 0.99 and maxed[0, 0, 80, 80] > 0.99
+
+
+def test_gate_minimum_side_keeps_degenerate_box_open() -> None:
+    gate = BoxGate(20.0, 0.15)
+    level = torch.zeros(1, 1, 64, 64)  # stride 4 of a 16x16-patch image
+    point = torch.tensor([[[0.5, 0.5, 0.5, 0.5]]])
+    g = gate(point, torch.ones(1, 1), level, torch.tensor(2 / 16), torch.tensor(2 / 16))
+    # a 2-patch (8 stride-4 pixels) window centred on the point
+    assert g[0, 0, 31, 31] > 0.99 and g[0, 0, 31, 20] < 0.01
 
 
 def test_parameter_count_at_4b_widths() -> None:
