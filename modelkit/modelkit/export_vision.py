@@ -34,8 +34,9 @@ from .onnx_utils import (
 OPSET = 17
 LN_EPS = 1e-6
 
-# Node-name fragments of the parts kept in f32 when the weights are fp16 (spec 7.4).
-_FP32_SCOPES = ("/rope/", "/pos_embed/")
+# Node-name fragments of the parts kept in f32 when the weights are fp16 (spec 7.4); the rotary
+# module runs twice per block, as scopes "rope" (q) and "rope_1" (k).
+_FP32_SCOPES = ("/rope/", "/rope_1/", "/pos_embed/")
 
 
 def vision_io(cv: int, h: int, dv: int, n_taps: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
