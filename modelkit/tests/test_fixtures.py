@@ -1,0 +1,184 @@
+"""The committed tiny pack and golden fixtures: reproducible, and the graphs reproduce the reference.
+
+1. Re-recording a case with the PyTorch reference writes byte-identical files (fixtures are a pure
+   function of the pack's provenance, the images and the code).
+2. End-to-end parity of the committed artifacts: the pack's three ONNX graphs in onnxruntime
+   reproduce the fixtures (vision outputs, prefill logits/hidden, 20 greedy tokens through the KV
+   cache, mask logits) within the tolerances stored in each case.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+from tokenizers import Tokenizer
+
+from modelkit.cli import models_for_pack
+from modelkit.fixtures import CASES, _deterministic_torch, load_case, record_case, write_case
+from modelkit.images import FIXTURE_IMAGES, write_fixture_images
+from modelkit.pack import load_manifest, verify_pack
+
+REPO = Path(__file__).resolve().parents[2]
+PACK = REPO / "models" / "tiny-random"
+FIXTURES = REPO / "test" / "fixtures" / "tiny-random"
+IMAGES = REPO / "test" / "fixtures" / "images"
+CASE_NAMES = [c.name for c in CASES]
+
+
+@pytest.fixture(scope="module")
+def manifest() -> dict[str, Any]:
+    assert verify_pack(PACK) == [], "the committed pack does not match its checksums"
+    return load_manifest(PACK)
+
+
+@pytest.fixture(scope="module")
+def sessions(manifest: dict[str, Any]) -> dict[str, ort.InferenceSession]:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return {
+        role: ort.InferenceSession(str(PACK / g["file"]), opts, providers=["CPUExecutionProvider"])
+        for role, g in manifest["graphs"].items()
+    }
+
+
+def _close(doc: dict[str, Any], name: str, got: np.ndarray, want: np.ndarray) -> float:
+    tol = doc["tolerances"][name]
+    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+    np.testing.assert_allclose(got, want, atol=tol["atol"], rtol=tol["rtol"], err_msg=name)
+    return float(np.abs(got.astype(np.float64) - want).max())
+
+
+def test_index_lists_the_cases() -> None:
+    index = json.loads((FIXTURES / "index.json").read_text())
+    assert index == {"pack": "tiny-random", "cases": CASE_NAMES}
+
+
+def test_images_are_reproducible(tmp_path: Path) -> None:
+    fresh = write_fixture_images(tmp_path)
+    for name in FIXTURE_IMAGES:
+        with Image.open(IMAGES / name) as committed, Image.open(fresh[name]) as new:
+            assert committed.mode == new.mode and committed.size == new.size
+            assert np.array_equal(np.asarray(committed), np.asarray(new)), name
+
+
+def test_rerecording_a_case_is_byte_identical(manifest: dict[str, Any], tmp_path: Path) -> None:
+    case = CASES[0]
+    model, decoder = models_for_pack(PACK, None, None)
+    tokenizer = Tokenizer.from_file(str(PACK / manifest["tokenizer"]["file"]))
+    with _deterministic_torch():
+        tensors, info = record_case(model, decoder, manifest, tokenizer, case, IMAGES / case.image)
+    committed = FIXTURES / case.name
+    doc = json.loads((committed / "case.json").read_text())
+    write_case(tmp_path / case.name, doc["image"], tensors, info)
+    new_files = sorted(p.name for p in (tmp_path / case.name).iterdir())
+    assert new_files == sorted(p.name for p in committed.iterdir())
+    for name in new_files:
+        assert (tmp_path / case.name / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("case_name", CASE_NAMES)
+def test_vision_encoder_reproduces_fixtures(
+    sessions: dict[str, ort.InferenceSession], case_name: str
+) -> None:
+    doc, t = load_case(FIXTURES / case_name)
+    feeds = {
+        k: t[k] for k in ("pixel_values", "pos_embed_idx", "pos_embed_weight", "rotary_cos", "rotary_sin")
+    }
+    image_features, deepstack, vit_ms = sessions["vision_encoder"].run(None, feeds)
+    _close(doc, "image_features", image_features, t["image_features"])
+    _close(doc, "deepstack_features", deepstack, t["deepstack_features"])
+    _close(doc, "vit_ms", vit_ms, t["vit_ms"])
+
+
+def _visual_embeds(t: dict[str, np.ndarray], pad_id: int) -> np.ndarray:
+    ids = t["input_ids"]  # [S]
+    hidden = t["image_features"].shape[1]
+    out = np.zeros((4, 1, ids.shape[0], hidden), dtype=np.float32)  # [4, B, S, H]
+    rows = np.flatnonzero(ids == pad_id)
+    out[0, 0, rows] = t["image_features"]
+    out[1:, 0, rows] = t["deepstack_features"]
+    return out
+
+
+@pytest.mark.parametrize("case_name", CASE_NAMES)
+def test_decoder_prefill_and_greedy_with_kv_cache(
+    manifest: dict[str, Any], sessions: dict[str, ort.InferenceSession], case_name: str
+) -> None:
+    doc, t = load_case(FIXTURES / case_name)
+    text = manifest["model"]["text"]
+    n_layers, n_kv, hd, hidden = (
+        text["num_hidden_layers"],
+        text["num_key_value_heads"],
+        text["head_dim"],
+        text["hidden_size"],
+    )
+    sess = sessions["decoder"]
+    out_names = [o.name for o in sess.get_outputs()]
+    seq = t["input_ids"].shape[0]
+    rope_delta = doc["meta"]["rope_delta"]
+
+    past = {
+        f"past_key_values.{i}.{kv}": np.zeros((1, n_kv, 0, hd), dtype=np.float32)
+        for i in range(n_layers)
+        for kv in ("key", "value")
+    }
+    feeds = {
+        "input_ids": t["input_ids"][None],  # [1, S]
+        "visual_embeds": _visual_embeds(t, manifest["tokens"]["image_pad"]),
+        "attention_mask": np.ones((1, seq), dtype=np.int64),
+        "position_ids": t["position_ids"][:, None, :],  # [3, 1, S]
+        **past,
+    }
+    res = dict(zip(out_names, sess.run(None, feeds), strict=True))
+    _close(doc, "prefill_logits", res["logits"][0, 0], t["prefill_logits"])
+    _close(doc, "prefill_hidden", res["last_hidden_state"][0], t["prefill_hidden"])
+
+    tokens: list[int] = [int(res["logits"][0, 0].argmax())]
+    hiddens: list[np.ndarray] = []
+    for step in range(t["greedy_tokens"].shape[0]):
+        past = {
+            f"past_key_values.{k[len('present.') :]}": v for k, v in res.items() if k.startswith("present.")
+        }
+        total = seq + step + 1
+        feeds = {
+            "input_ids": np.array([[tokens[-1]]], dtype=np.int64),
+            "visual_embeds": np.zeros((4, 1, 1, hidden), dtype=np.float32),
+            "attention_mask": np.ones((1, total), dtype=np.int64),
+            # text positions after the prompt: cache index + rope_delta on all three axes
+            "position_ids": np.full((3, 1, 1), seq + step + rope_delta, dtype=np.int64),
+            **past,
+        }
+        res = dict(zip(out_names, sess.run(None, feeds), strict=True))
+        hiddens.append(res["last_hidden_state"][0, 0])
+        tokens.append(int(res["logits"][0, 0].argmax()))
+    greedy = np.asarray(tokens[: t["greedy_tokens"].shape[0]], dtype=np.int64)
+    np.testing.assert_array_equal(greedy, t["greedy_tokens"])
+    _close(doc, "greedy_hidden", np.stack(hiddens), t["greedy_hidden"])
+
+
+@pytest.mark.parametrize("case_name", CASE_NAMES)
+def test_mask_decoder_reproduces_fixtures(
+    manifest: dict[str, Any], sessions: dict[str, ort.InferenceSession], case_name: str
+) -> None:
+    doc, t = load_case(FIXTURES / case_name)
+    pad_rows = np.flatnonzero(t["input_ids"] == manifest["tokens"]["image_pad"])
+    feeds = {
+        "vit_ms": t["vit_ms"],
+        "mm_embeds": t["prefill_hidden"][pad_rows],  # [M, H]
+        "query_hidden": t["mask_query_hidden"],
+        "boxes": t["mask_boxes"],
+        "gate_boxes": t["mask_gate_boxes"],
+        "gate_valid": t["mask_gate_valid"],
+        "hr_image": t["hr_image"],
+    }
+    np.testing.assert_array_equal(t["mask_query_hidden"], t["greedy_hidden"][doc["meta"]["mask_query_rows"]])
+    mask_logits, coarse, iou = sessions["mask_decoder"].run(None, feeds)
+    _close(doc, "mask_logits", mask_logits, t["mask_logits"])
+    _close(doc, "mask_logits_coarse", coarse, t["mask_logits_coarse"])
+    _close(doc, "iou_pred", iou, t["iou_pred"])
