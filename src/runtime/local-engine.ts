@@ -17,7 +17,14 @@ import { type ExecutionProvider, f32, i64, type Logger, OnnxSession } from "./on
 import { newOutputName, readMaskPng, writeMaskPng, writeOverlayPng } from "./output.js";
 import { type LoadedPack, loadPack, type VerifyMode } from "./pack.js";
 import { decodeImage, preprocess } from "./preprocess.js";
-import { boxTo1000, buildChatIds, renderPrompt } from "./prompt.js";
+import {
+  boxPrefixIds,
+  boxPrefixText,
+  boxTo1000,
+  buildChatIds,
+  describeQuestion,
+  groundQuestion,
+} from "./prompt.js";
 import { ropeIndex } from "./rope.js";
 import { QwenTokenizer } from "./tokenizer.js";
 import type {
@@ -157,11 +164,8 @@ export class LocalEngine implements Engine {
       vocab: t.vocab_size,
     });
     this.#cache = new ByteLru(config.cacheBytes);
-    const maxId = pack.manifest.tokens.max_token_id ?? t.vocab_size - 1;
-    // Rows past the tokenizer's last id exist in the embedding but are never valid output.
-    this.#tokenTexts = Array.from({ length: t.vocab_size }, (_, id) =>
-      id > maxId ? "" : tokenizer.tokenText(id),
-    );
+    // Rows past the tokenizer's last id exist in the embedding but are never valid output ('' text).
+    this.#tokenTexts = tokenizer.grammarTokenTexts(t.vocab_size);
   }
 
   static async create(options: EngineConfig): Promise<LocalEngine> {
@@ -259,14 +263,14 @@ export class LocalEngine implements Engine {
         const label = req.expression?.trim() || "region";
         const prefill = await this.#prefill(
           image,
-          renderPrompt(this.#pack.manifest.prompts.ground, { expression: label }),
-          `[{"bbox_2d": [${box1000.join(", ")}`,
+          groundQuestion(this.#pack.manifest.prompts, label),
+          boxPrefixIds(this.#tokenizer, box1000).ids,
           timer,
           req.signal,
         );
-        // T_seg: the state after the box's last coordinate token (docs/design.md).
+        // T_seg: the state at the box's last coordinate token (docs/design.md).
         queries = [{ label, box: req.box, box1000, hidden: prefill.lastHidden }];
-        text = `[{"bbox_2d": [${box1000.join(", ")}], "label": ${JSON.stringify(label)}}]`;
+        text = `${boxPrefixText(box1000)}], "label": ${JSON.stringify(label)}}]`;
       } else {
         const answer = await this.#groundOnImage(
           image,
@@ -372,14 +376,11 @@ export class LocalEngine implements Engine {
         box ??= tight;
       }
       if (!box) throw new SegError("INVALID_INPUT", "describe_region needs a box or a mask");
-      const b = boxTo1000(box, image.width, image.height);
-      const question = renderPrompt(this.#pack.manifest.prompts.describe, {
-        x1: String(b[0]),
-        y1: String(b[1]),
-        x2: String(b[2]),
-        y2: String(b[3]),
-      });
-      const prefill = await this.#prefill(image, question, "", timer, req.signal);
+      const question = describeQuestion(
+        this.#pack.manifest.prompts,
+        boxTo1000(box, image.width, image.height),
+      );
+      const prefill = await this.#prefill(image, question, [], timer, req.signal);
       timer.progress("generate", 0);
       const stop = new Set(this.#pack.manifest.tokens.stop);
       const gen = await generate(this.#lm, prefill, {
@@ -517,7 +518,7 @@ export class LocalEngine implements Engine {
   async #prefill(
     image: EncodedImage,
     question: string,
-    answerPrefix: string,
+    answerPrefix: readonly number[],
     timer: Timer,
     signal: AbortSignal | undefined,
   ): Promise<Prefilled> {
@@ -526,7 +527,7 @@ export class LocalEngine implements Engine {
     const tokens = this.#pack.manifest.tokens;
     const m = (image.grid[1] * image.grid[2]) / 4;
     const chat = buildChatIds(this.#tokenizer, this.#pack.manifest.prompts.chat, question, m, tokens);
-    const ids = answerPrefix ? [...chat.ids, ...this.#tokenizer.encode(answerPrefix)] : chat.ids;
+    const ids = [...chat.ids, ...answerPrefix];
     const s0 = image.prefixIds.length;
     for (let i = 0; i < s0; i++) {
       if (ids[i] !== image.prefixIds[i]) {
@@ -568,13 +569,16 @@ export class LocalEngine implements Engine {
     const limit = maxInstances ?? DEFAULT_MAX_INSTANCES;
     const prefill = await this.#prefill(
       image,
-      renderPrompt(this.#pack.manifest.prompts.ground, { expression }),
-      "",
+      groundQuestion(this.#pack.manifest.prompts, expression),
+      [],
       timer,
       signal,
     );
     timer.progress("generate", 0);
-    const grammar = new BoxGrammar(this.#tokenTexts, this.#pack.manifest.tokens.stop, { maxBoxes: limit });
+    const grammar = new BoxGrammar(this.#tokenTexts, this.#pack.manifest.tokens.stop, {
+      maxBoxes: limit,
+      encode: (t) => this.#tokenizer.encodePlain(t),
+    });
     const budget = 8 + TOKENS_PER_BOX * limit;
     const gen = await generate(this.#lm, prefill, {
       maxNewTokens: budget,
@@ -594,12 +598,14 @@ export class LocalEngine implements Engine {
     // Box k's score: geometric mean probability of the tokens the model chose (forced ones excluded)
     // in its answer span.
     const scores = boxScores(gen.probs, gen.boxTokenEnds);
-    const instances = parsed.instances.slice(0, limit).map((inst, k) => ({
+    // `index` counts every box in the text, so dropped (degenerate, duplicate) boxes keep the pairing
+    // with the grammar's per-box hidden states and scores.
+    const instances = parsed.instances.slice(0, limit).map((inst) => ({
       label: inst.label,
       box: inst.box,
       box1000: inst.box1000,
-      score: scores[k] ?? 0,
-      hidden: gen.boxHidden[k] ?? prefill.lastHidden,
+      score: scores[inst.index] ?? 0,
+      hidden: gen.boxHidden[inst.index] ?? prefill.lastHidden,
     }));
     return { instances, text };
   }
