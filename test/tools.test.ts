@@ -1,9 +1,11 @@
 /**
  * The tool layer through a real MCP Client over an in-memory transport: schemas, results, progress,
- * cancellation, error mapping and every refusal.
+ * cancellation and every refusal against the real engine and the committed tiny pack (its random
+ * weights give meaningless but well-formed answers); error mapping, found: false, queueing and roots
+ * with a scripted engine, because the real one cannot be made to fail or find nothing on demand.
  */
 
-import { mkdir, mkdtemp, readFile, rm, symlink, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, realpath, rm, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
@@ -12,8 +14,10 @@ import type { McpServer } from "@modelcontextprotocol/sdk/server/mcp.js";
 import { type CallToolResult, ListRootsRequestSchema } from "@modelcontextprotocol/sdk/types.js";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type Config, createConfig } from "../src/config.js";
+import { type Config, createConfig, defaultPackDir } from "../src/config.js";
 import { SegError } from "../src/errors.js";
+import { createEngine } from "../src/runtime/engine.js";
+import type { Engine } from "../src/runtime/types.js";
 import { createServer } from "../src/server.js";
 import { describeRegionOutputSchema } from "../src/tools/describe-region.js";
 import { groundOutputSchema } from "../src/tools/ground.js";
@@ -66,7 +70,7 @@ afterAll(async () => {
   await rm(root, { recursive: true, force: true });
 });
 
-async function connect(engine: FakeEngine, options: { roots?: string[] } = {}) {
+async function connect(engine: Engine, options: { roots?: string[] } = {}) {
   const server: McpServer = createServer(config, engine);
   const client = new Client(
     { name: "test-client", version: "1.0.0" },
@@ -102,16 +106,28 @@ function expectError(result: CallToolResult, code: string, message: RegExp): voi
   expect(textOf(result)).toMatch(message);
 }
 
-describe("tools over an in-memory MCP connection", () => {
-  let engine: FakeEngine;
+function expectBoxInside(box: readonly number[], width: number, height: number): void {
+  const [x1 = -1, y1 = -1, x2 = -1, y2 = -1] = box;
+  expect(box).toHaveLength(4);
+  expect(0 <= x1 && x1 <= x2 && x2 <= width, `x of ${box}`).toBe(true);
+  expect(0 <= y1 && y1 <= y2 && y2 <= height, `y of ${box}`).toBe(true);
+}
+
+describe("tools with the real engine and the tiny pack", () => {
+  let engine: Engine;
   let conn: Awaited<ReturnType<typeof connect>>;
 
   beforeAll(async () => {
-    engine = new FakeEngine();
+    engine = await createEngine({
+      packDir: defaultPackDir(),
+      executionProvider: "cpu",
+      log: () => undefined,
+    });
     conn = await connect(engine);
   });
   afterAll(async () => {
-    await conn.close();
+    await conn?.close();
+    await engine?.dispose();
   });
 
   it("lists the three tools with strict input schemas, output schemas and annotations", async () => {
@@ -138,52 +154,49 @@ describe("tools over an in-memory MCP connection", () => {
     );
   });
 
-  it("ground: boxes, scores, a text summary and a JSON copy", async () => {
-    const result = await conn.call("ground", { image: "cat.png", expression: "two cats" });
-    expect(result.isError).toBeFalsy();
+  it("ground: boxes in pixels, scores, a text summary and a JSON copy", async () => {
+    const result = await conn.call("ground", {
+      image: "cat.png",
+      expression: "the red square",
+      max_instances: 2,
+    });
+    expect(result.isError, textOf(result)).toBeFalsy();
     const out = groundOutputSchema.parse(result.structuredContent);
-    expect(out.found).toBe(true);
     expect(out.image).toEqual({ width: 64, height: 48 });
-    expect(out.instances).toHaveLength(2);
-    expect(out.instances[0]).toEqual({ label: "two cats", box: [0, 0, 32, 24], score: 0.9 });
-    expect(out.model).toBe("fake-engine");
+    expect(out.found).toBe(out.instances.length > 0);
+    expect(out.instances.length).toBeLessThanOrEqual(2);
+    for (const inst of out.instances) {
+      expectBoxInside(inst.box, 64, 48);
+      expect(inst.score).toBeGreaterThanOrEqual(0);
+      expect(inst.score).toBeLessThanOrEqual(1);
+    }
+    expect(out.model).toBe("tiny-random");
+    expect(out.timings_ms.total).toBeGreaterThan(0);
     expect(out.timings_ms.queue).toBeGreaterThanOrEqual(0);
-    expect(textOf(result)).toMatch(/^Found 2 instances of "two cats" in the 64x48 image/);
+    expect(textOf(result)).toMatch(
+      /^(Found \d+ instances? of "the red square"|No match for "the red square") in the 64x48 image/,
+    );
     const copy = result.content[1];
     expect(copy?.type === "text" && JSON.parse(copy.text)).toEqual(result.structuredContent);
   });
 
-  it("ground: found: false is a normal result", async () => {
-    const result = await conn.call("ground", {
-      image: path.join(work, "cat.png"),
-      expression: "nothing here",
-    });
-    expect(result.isError).toBeFalsy();
-    const out = groundOutputSchema.parse(result.structuredContent);
-    expect(out).toMatchObject({ found: false, instances: [], image: { width: 64, height: 48 } });
-    expect(textOf(result)).toMatch(/No match for "nothing here".*found: false/);
-  });
-
-  it("ground: max_instances is passed on", async () => {
-    const result = await conn.call("ground", { image: "cat.png", expression: "two cats", max_instances: 1 });
-    expect(groundOutputSchema.parse(result.structuredContent).instances).toHaveLength(1);
-  });
-
-  it("segment: one mask PNG per instance, the input's size, with a resource link that reads back", async () => {
-    const result = await conn.call("segment", { image: "cat.png", expression: "the cat", rle: true });
+  it("segment with a box: one mask PNG of the input's size, with a resource link that reads back", async () => {
+    const result = await conn.call("segment", { image: "cat.png", box: [4, 6, 40, 30], rle: true });
     expect(result.isError, textOf(result)).toBeFalsy();
     const out = segmentOutputSchema.parse(result.structuredContent);
     expect(out.found).toBe(true);
+    expect(out.instances).toHaveLength(1);
     const inst = out.instances[0];
     if (!inst) throw new Error("no instance");
-    expect(path.dirname(inst.mask.path)).toBe(
-      await import("node:fs/promises").then((fs) => fs.realpath(config.outDir)),
-    );
+    expect(inst.box).toEqual([4, 6, 40, 30]);
+    expectBoxInside(inst.mask_box, 64, 48);
+    expect(path.dirname(inst.mask.path)).toBe(await realpath(config.outDir));
     const meta = await sharp(inst.mask.path).metadata();
-    expect([meta.width, meta.height]).toEqual([64, 48]);
-    expect(inst.mask.area_px).toBe(32 * 24);
-    expect(inst.mask.area_fraction).toBeCloseTo(0.25, 6);
+    expect([meta.format, meta.width, meta.height]).toEqual(["png", 64, 48]);
+    expect(Number.isInteger(inst.mask.area_px)).toBe(true);
+    expect(inst.mask.area_fraction).toBeCloseTo(inst.mask.area_px / (64 * 48), 5);
     expect(inst.mask.rle?.size).toEqual([48, 64]);
+    expect(inst.mask.rle?.counts.reduce((a, b) => a + b, 0)).toBe(64 * 48);
     expect(inst.mask.uri).toMatch(/^qwen3-vl-seg:\/\/masks\/mask-.*\.png$/);
     const link = result.content.find((c) => c.type === "resource_link");
     expect(link).toMatchObject({ type: "resource_link", uri: inst.mask.uri, mimeType: "image/png" });
@@ -193,44 +206,39 @@ describe("tools over an in-memory MCP connection", () => {
     expect(result.content.some((c) => c.type === "image")).toBe(false); // previews are opt-in
   });
 
-  it("segment: a given box skips grounding and is the instance's box", async () => {
-    const result = await conn.call("segment", { image: "cat.png", box: [4, 6, 20, 30] });
+  it("segment with an expression: every instance has a mask of the input's size", async () => {
+    const result = await conn.call("segment", {
+      image: "cat.png",
+      expression: "the square",
+      max_instances: 1,
+    });
+    expect(result.isError, textOf(result)).toBeFalsy();
     const out = segmentOutputSchema.parse(result.structuredContent);
-    expect(out.instances).toHaveLength(1);
-    expect(out.instances[0]?.box).toEqual([4, 6, 20, 30]);
-    expect(engine.calls.at(-1)).toMatchObject({ method: "segment" });
-  });
-
-  it("segment: found: false writes nothing and links nothing", async () => {
-    const result = await conn.call("segment", { image: "cat.png", expression: "nothing at all" });
-    const out = segmentOutputSchema.parse(result.structuredContent);
-    expect(out).toMatchObject({ found: false, instances: [] });
-    expect(result.content.filter((c) => c.type === "resource_link")).toHaveLength(0);
-  });
-
-  it("segment: preview returns a small inline image and an overlay link", async () => {
-    const result = await conn.call("segment", { image: "cat.png", expression: "the cat", preview: true });
-    const out = segmentOutputSchema.parse(result.structuredContent);
-    expect(out.overlay?.uri).toMatch(/^qwen3-vl-seg:\/\/masks\//);
-    const image = result.content.find((c) => c.type === "image");
-    expect(image?.type === "image" && image.mimeType).toBe("image/jpeg");
-    expect(JSON.stringify(result).length).toBeLessThan(100_000);
+    expect(out.found).toBe(out.instances.length > 0);
+    for (const inst of out.instances) {
+      const meta = await sharp(inst.mask.path).metadata();
+      expect([meta.width, meta.height]).toEqual([64, 48]);
+    }
+    expect(result.content.filter((c) => c.type === "resource_link")).toHaveLength(out.instances.length);
   });
 
   it("describe_region: with a box, and with a mask written by segment", async () => {
     const byBox = await conn.call("describe_region", { image: "cat.png", box: [0, 0, 10, 10] });
-    expect(describeRegionOutputSchema.parse(byBox.structuredContent)).toMatchObject({
-      box: [0, 0, 10, 10],
-      description: "a boxed region",
-      label: "region",
-    });
+    expect(byBox.isError, textOf(byBox)).toBeFalsy();
+    const out = describeRegionOutputSchema.parse(byBox.structuredContent);
+    expect(out.box).toEqual([0, 0, 10, 10]);
+    expect(typeof out.description).toBe("string");
+    expect(typeof out.label).toBe("string");
+    expect(textOf(byBox)).toMatch(/^Region \[0, 0, 10, 10\] of the 64x48 image: /);
     const seg = segmentOutputSchema.parse(
-      (await conn.call("segment", { image: "cat.png", expression: "cat" })).structuredContent,
+      (await conn.call("segment", { image: "cat.png", box: [8, 8, 30, 30] })).structuredContent,
     );
-    const maskPath = seg.instances[0]?.mask.path ?? "";
-    const byMask = await conn.call("describe_region", { image: "cat.png", mask: maskPath });
+    const byMask = await conn.call("describe_region", {
+      image: "cat.png",
+      mask: seg.instances[0]?.mask.path,
+    });
     expect(byMask.isError, textOf(byMask)).toBeFalsy();
-    expect(describeRegionOutputSchema.parse(byMask.structuredContent).description).toBe("a masked region");
+    expectBoxInside(describeRegionOutputSchema.parse(byMask.structuredContent).box, 64, 48);
     const byUri = await conn.call("describe_region", { image: "cat.png", mask: seg.instances[0]?.mask.uri });
     expect(byUri.isError, textOf(byUri)).toBeFalsy();
   });
@@ -239,25 +247,44 @@ describe("tools over an in-memory MCP connection", () => {
     const bytes = await sharp({ create: { width: 20, height: 10, channels: 3, background: "#fff" } })
       .png()
       .toBuffer();
-    const result = await conn.call("ground", {
+    const result = await conn.call("describe_region", {
       image: `data:image/png;base64,${bytes.toString("base64")}`,
-      expression: "x",
+      box: [1, 1, 9, 9],
     });
-    expect(groundOutputSchema.parse(result.structuredContent).image).toEqual({ width: 20, height: 10 });
+    expect(result.isError, textOf(result)).toBeFalsy();
+    expect(describeRegionOutputSchema.parse(result.structuredContent).image).toEqual({
+      width: 20,
+      height: 10,
+    });
   });
 
   it("sends increasing progress notifications when asked", async () => {
-    const seen: number[] = [];
+    const seen: Array<{ progress: number; message?: string | undefined }> = [];
     await conn.client.callTool(
-      { name: "ground", arguments: { image: "cat.png", expression: "cat" } },
+      { name: "segment", arguments: { image: "cat.png", box: [1, 2, 30, 40] } },
       undefined,
-      {
-        onprogress: (p) => seen.push(p.progress),
-      },
+      { onprogress: (p) => seen.push(p) },
     );
     expect(seen.length).toBeGreaterThanOrEqual(3);
-    for (let i = 1; i < seen.length; i++) expect(seen[i]).toBeGreaterThan(seen[i - 1] ?? -1);
-    expect(seen.every((p) => p >= 0 && p <= 100)).toBe(true);
+    for (let i = 1; i < seen.length; i++)
+      expect(seen[i]?.progress).toBeGreaterThan(seen[i - 1]?.progress ?? -1);
+    expect(seen.every((p) => p.progress >= 0 && p.progress <= 100)).toBe(true);
+    expect(seen.map((p) => p.message)).toEqual(expect.arrayContaining(["queued"]));
+  });
+
+  it("cancellation aborts the engine call and the connection stays usable", async () => {
+    const controller = new AbortController();
+    const started = Date.now();
+    const call = conn.client.callTool(
+      { name: "ground", arguments: { image: "cat.png", expression: "everything" } },
+      undefined,
+      { signal: controller.signal },
+    );
+    setTimeout(() => controller.abort("user gave up"), 200);
+    await expect(call).rejects.toThrow(/user gave up|abort/i);
+    expect(Date.now() - started).toBeLessThan(1500);
+    const next = await conn.call("describe_region", { image: "cat.png", box: [0, 0, 5, 5] });
+    expect(next.isError, textOf(next)).toBeFalsy();
   });
 
   describe("refusals: isError results with the code and what to do instead", () => {
@@ -413,7 +440,53 @@ describe("tools over an in-memory MCP connection", () => {
   });
 });
 
-describe("engine failures, cancellation, queueing, roots", () => {
+describe("tool-layer mapping with a scripted engine", () => {
+  it("found: false is a normal result for ground and segment", async () => {
+    const conn = await connect(new FakeEngine());
+    const ground = await conn.call("ground", {
+      image: path.join(work, "cat.png"),
+      expression: "nothing here",
+    });
+    expect(ground.isError).toBeFalsy();
+    expect(groundOutputSchema.parse(ground.structuredContent)).toMatchObject({
+      found: false,
+      instances: [],
+      image: { width: 64, height: 48 },
+    });
+    expect(textOf(ground)).toMatch(/No match for "nothing here".*found: false/);
+    const seg = await conn.call("segment", { image: "cat.png", expression: "nothing at all" });
+    expect(segmentOutputSchema.parse(seg.structuredContent)).toMatchObject({ found: false, instances: [] });
+    expect(seg.content.filter((c) => c.type === "resource_link")).toHaveLength(0);
+    await conn.close();
+  });
+
+  it("several instances, max_instances, and the summary lists each", async () => {
+    const conn = await connect(new FakeEngine());
+    const two = await conn.call("ground", { image: "cat.png", expression: "two cats" });
+    const out = groundOutputSchema.parse(two.structuredContent);
+    expect(out.instances).toEqual([
+      { label: "two cats", box: [0, 0, 32, 24], score: 0.9 },
+      { label: "two cats", box: [32, 24, 64, 48], score: 0.8 },
+    ]);
+    expect(textOf(two)).toMatch(
+      /^Found 2 instances of "two cats" in the 64x48 image.*\n1\. two cats \[0, 0, 32, 24\] score 0\.90/,
+    );
+    const one = await conn.call("ground", { image: "cat.png", expression: "two cats", max_instances: 1 });
+    expect(groundOutputSchema.parse(one.structuredContent).instances).toHaveLength(1);
+    await conn.close();
+  });
+
+  it("preview returns a small inline image and an overlay link", async () => {
+    const conn = await connect(new FakeEngine());
+    const result = await conn.call("segment", { image: "cat.png", expression: "the cat", preview: true });
+    const out = segmentOutputSchema.parse(result.structuredContent);
+    expect(out.overlay?.uri).toMatch(/^qwen3-vl-seg:\/\/masks\//);
+    const image = result.content.find((c) => c.type === "image");
+    expect(image?.type === "image" && image.mimeType).toBe("image/jpeg");
+    expect(JSON.stringify(result).length).toBeLessThan(100_000);
+    await conn.close();
+  });
+
   it("INFERENCE_FAILED becomes an error result and the server stays up", async () => {
     const engine = new FakeEngine({
       failWith: new SegError("INFERENCE_FAILED", "onnxruntime: out of memory"),
@@ -437,26 +510,22 @@ describe("engine failures, cancellation, queueing, roots", () => {
     await conn.close();
   });
 
-  it("cancellation aborts the engine call", async () => {
-    const engine = new FakeEngine({ delayMs: 3000 });
+  it("a call cancelled while queued never reaches the engine", async () => {
+    const engine = new FakeEngine({ delayMs: 400 });
     const conn = await connect(engine);
+    const first = conn.call("ground", { image: "cat.png", expression: "first" });
     const controller = new AbortController();
-    const started = Date.now();
-    const call = conn.client.callTool(
-      { name: "segment", arguments: { image: "cat.png", expression: "x" } },
+    const second = conn.client.callTool(
+      { name: "ground", arguments: { image: "cat.png", expression: "second" } },
       undefined,
       {
         signal: controller.signal,
       },
     );
-    setTimeout(() => controller.abort("user gave up"), 150);
-    await expect(call).rejects.toThrow(/user gave up|abort/i);
-    await new Promise((r) => setTimeout(r, 50));
-    expect(engine.calls[0]?.signal?.aborted).toBe(true);
-    expect(Date.now() - started).toBeLessThan(2000);
-    // the connection still works
-    engine.options = {};
-    expect((await conn.call("ground", { image: "cat.png", expression: "x" })).isError).toBeFalsy();
+    setTimeout(() => controller.abort("no longer needed"), 100);
+    await expect(second).rejects.toThrow(/no longer needed|abort/i);
+    expect((await first).isError).toBeFalsy();
+    expect(engine.calls.map((c) => c.expression)).toEqual(["first"]);
     await conn.close();
   });
 
