@@ -133,6 +133,7 @@ export async function decodeImage(source: ImageSource, limits: DecodeLimits): Pr
     limitInputPixels: Math.max(1, Math.floor(limits.maxInputPixels)),
     failOn: "error", // truncated-but-readable files pass; real decode errors fail
     pages: 1, // first frame of animated GIF/WebP, first page of TIFF
+    ignoreIcc: true, // like PIL (the reference and the training pipeline): raw stored values
   };
 
   let meta: Metadata;
