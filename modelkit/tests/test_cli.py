@@ -8,15 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 
-from modelkit.cli import DEFAULT_TOKENIZER, main
+from modelkit.cli import DEFAULT_TOKENIZER, build_tiny_models, main
+from modelkit.fixtures import load_case
 from modelkit.hf import tiny_config
 from modelkit.mask_decoder import MaskDecoder, MaskDecoderConfig, save_decoder_checkpoint
+from modelkit.pack import load_manifest, verify_pack
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = REPO / DEFAULT_TOKENIZER
 COMMITTED_PACK = REPO / "models" / "tiny-random"
+COMMITTED_FIXTURES = REPO / "test" / "fixtures" / "tiny-random"
 
 
 def _decoder_file(tmp: Path, vision_hidden: int, text_hidden: int) -> Path:
@@ -164,3 +169,35 @@ def test_python_dash_m_entry_point() -> None:
     )
     for command in ("export", "tiny", "fixtures", "verify"):
         assert command in out.stdout
+
+
+def test_export_hf_checkpoint_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The success path: a Hugging Face folder (save_pretrained of the tiny model the committed pack
+    was built from) exports to a pack whose graphs reproduce the committed fixtures."""
+    model, decoder = build_tiny_models(seed=0, weight_scale=8.0)
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(TOKENIZER / f, ckpt / f)
+    decoder_path = tmp_path / "decoder.safetensors"
+    save_decoder_checkpoint(decoder, decoder_path)
+    out = tmp_path / "packs" / "exported"
+    rc = main(
+        ["export", "--checkpoint", str(ckpt), "--decoder", str(decoder_path), "--out", str(out)]
+        + ["--min-pixels", "65536", "--max-pixels", "262144"]
+    )
+    assert rc == 0, capsys.readouterr().err
+    assert verify_pack(out) == []
+    m = load_manifest(out)
+    assert m["name"] == "exported" and m["provenance"]["base"] == str(ckpt)
+    assert m["model"] == load_manifest(COMMITTED_PACK)["model"]
+    assert sorted(p.name for p in (tmp_path / "packs").iterdir()) == ["exported"]
+
+    doc, t = load_case(COMMITTED_FIXTURES / "ground_halfeven")
+    vision = ort.InferenceSession(str(out / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {
+        k: t[k] for k in ("pixel_values", "pos_embed_idx", "pos_embed_weight", "rotary_cos", "rotary_sin")
+    }
+    image_features = vision.run(["image_features"], feeds)[0]
+    tol = doc["tolerances"]["image_features"]
+    np.testing.assert_allclose(image_features, t["image_features"], atol=tol["atol"], rtol=tol["rtol"])
