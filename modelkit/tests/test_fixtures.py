@@ -22,6 +22,7 @@ from modelkit.cli import main
 from modelkit.fixtures import CASES, load_case
 from modelkit.images import FIXTURE_IMAGES, write_fixture_images
 from modelkit.pack import load_manifest, verify_pack
+from modelkit.preprocess import load_rgb, preprocess_image, to_rgb, unpatchify
 
 REPO = Path(__file__).resolve().parents[2]
 PACK = REPO / "models" / "tiny-random"
@@ -184,3 +185,44 @@ def test_mask_decoder_reproduces_fixtures(
     _close(doc, "mask_logits", mask_logits, t["mask_logits"])
     _close(doc, "mask_logits_coarse", coarse, t["mask_logits_coarse"])
     _close(doc, "iou_pred", iou, t["iou_pred"])
+
+
+# Reference preprocessing (modelkit.preprocess), which the fixtures' pixel tensors come from.
+
+
+@pytest.mark.parametrize(
+    ("name", "resized"),
+    [
+        ("halfeven_400x208.png", (192, 384)),  # 6.5 and 12.5 round half to even (half-up: 224x416)
+        ("tall_144x520.png", (512, 128)),  # 4.5 -> 4, exactly min_pixels
+        ("small_rgba_120x90.png", (224, 320)),  # below min_pixels: scaled up
+    ],
+)
+def test_smart_resize_paths(name: str, resized: tuple[int, int]) -> None:
+    prep = preprocess_image(load_rgb(IMAGES / name), 65536, 262144)
+    assert prep.resized_hw == resized
+    gh, gw = resized[0] // 16, resized[1] // 16
+    assert prep.image_grid_thw.tolist() == [[1, gh, gw]]
+    assert prep.pixel_values.shape == (gh * gw, 1536) and prep.hr_image.shape == (1, 3, *resized)
+    assert np.array_equal(unpatchify(prep.pixel_values, gh, gw), prep.hr_image)
+
+
+def test_alpha_is_composited_on_white() -> None:
+    rgb = np.asarray(load_rgb(IMAGES / "small_rgba_120x90.png"))  # [90, 120, 3]
+    assert (rgb[:, :30][20:50] == 255).all()  # the fully transparent strip (no shapes drawn there)
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([10, 20, 30] * 256)
+    palette.info["transparency"] = 0
+    assert (np.asarray(to_rgb(palette)) == 255).all()
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    img = Image.new("RGB", (40, 20), (200, 10, 10))
+    img.paste((10, 10, 200), (0, 0, 10, 20))  # blue on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.png"
+    img.save(path, exif=exif)
+    shown = np.asarray(load_rgb(path))
+    assert shown.shape == (40, 20, 3)
+    assert tuple(shown[0, 10]) == (10, 10, 200) and tuple(shown[-1, 10]) == (200, 10, 10)
