@@ -6,7 +6,6 @@
 
 import { createHash } from "node:crypto";
 import { readFile } from "node:fs/promises";
-import path from "node:path";
 import { SegError } from "../errors.js";
 import { ByteLru, byteSize } from "./cache.js";
 import { argmax, generate, type KvCache, LanguageModel } from "./generate.js";
@@ -325,7 +324,7 @@ export class LocalEngine implements Engine {
         });
         timer.lap("postprocess", "write");
         for (const [i, { item, r, score }] of outputs.entries()) {
-          const file = path.join(req.outputDir, newOutputName(req.outputDir, `mask-${i}`));
+          const file = newOutputName(req.outputDir, "mask", i);
           await writeMaskPng(r.bitmap, image.width, image.height, file);
           instances.push({
             label: item.label,
@@ -342,7 +341,7 @@ export class LocalEngine implements Engine {
         }
         if (req.overlay) {
           const decoded = await decodeImage(req.image, this.#limits());
-          overlayPath = path.join(req.outputDir, newOutputName(req.outputDir, "overlay"));
+          overlayPath = newOutputName(req.outputDir, "overlay");
           await writeOverlayPng(decoded.rgb, decoded.width, decoded.height, bitmaps, overlayPath);
         }
         timer.lap("write");

@@ -1,0 +1,216 @@
+/**
+ * The engine end to end on the committed tiny random pack: the answers of a random model carry no
+ * meaning, so these tests check the pipeline's contracts (shapes, files, caching, cancellation,
+ * errors), while parity.test.ts checks the numbers.
+ */
+
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import sharp from "sharp";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { isSegError, type SegError } from "../src/errors.js";
+import { createEngine } from "../src/runtime/engine.js";
+import { LocalEngine } from "../src/runtime/local-engine.js";
+import type { Engine, Stage } from "../src/runtime/types.js";
+
+const root = path.resolve(import.meta.dirname, "..");
+const packDir = path.join(root, "models/tiny-random");
+const imagePath = path.join(root, "test/fixtures/images/halfeven_400x208.png");
+
+let engine: LocalEngine;
+let out: string;
+
+beforeAll(async () => {
+  engine = await LocalEngine.create({ packDir, executionProvider: "cpu" });
+  out = await mkdtemp(path.join(os.tmpdir(), "qvs-engine-"));
+});
+
+afterAll(async () => {
+  await engine?.dispose();
+  await rm(out, { recursive: true, force: true });
+});
+
+async function rejection(p: Promise<unknown>): Promise<SegError> {
+  try {
+    await p;
+  } catch (e) {
+    if (isSegError(e)) return e;
+    throw e;
+  }
+  throw new Error("expected a rejection");
+}
+
+describe("LocalEngine on the tiny pack", () => {
+  it("describes the pack", async () => {
+    const info = await engine.info();
+    expect(info.name).toBe("tiny-random");
+    expect(info.executionProvider).toBe("cpu");
+    expect(info.preprocess.patchSize).toBe(16);
+  });
+
+  it("grounds: boxes inside the image, well-formed answer text, stage progress, then a cache hit", async () => {
+    const stages = new Set<Stage>();
+    const first = await engine.ground({
+      image: { path: imagePath },
+      expression: "the red box",
+      maxInstances: 3,
+      onProgress: (p) => stages.add(p.stage),
+    });
+    expect(first.image).toEqual({ width: 400, height: 208 });
+    expect(first.cached).toBe(false);
+    expect(first.text.startsWith("[")).toBe(true);
+    expect(first.found).toBe(first.instances.length > 0);
+    expect(first.instances.length).toBeLessThanOrEqual(3);
+    for (const inst of first.instances) {
+      const [x1, y1, x2, y2] = inst.box;
+      expect(0 <= x1 && x1 < x2 && x2 <= 400 && 0 <= y1 && y1 < y2 && y2 <= 208).toBe(true);
+      expect(inst.score).toBeGreaterThan(0);
+      expect(inst.score).toBeLessThanOrEqual(1);
+    }
+    expect([...stages]).toEqual(expect.arrayContaining(["decode", "vision", "prefill", "generate"]));
+    expect(first.timings.total).toBeGreaterThan(0);
+
+    const again = await engine.ground({
+      image: { path: imagePath },
+      expression: "the red box",
+      maxInstances: 3,
+    });
+    expect(again.cached).toBe(true);
+    expect(again.timings.vision).toBeUndefined();
+    expect(again.text).toBe(first.text); // greedy and deterministic
+  });
+
+  it("segments a given box: one 1-bit mask PNG the size of the image", async () => {
+    const res = await engine.segment({
+      image: { path: imagePath },
+      box: [40, 30, 200, 180],
+      outputDir: out,
+      rle: true,
+      overlay: true,
+    });
+    expect(res.found).toBe(true);
+    expect(res.instances).toHaveLength(1);
+    const inst = res.instances[0];
+    if (!inst) throw new Error("no instance");
+    expect(inst.box).toEqual([40, 30, 200, 180]);
+    expect(path.dirname(inst.mask.path)).toBe(out);
+    const meta = await sharp(inst.mask.path).metadata();
+    expect([meta.width, meta.height]).toEqual([400, 208]);
+    expect(inst.mask.areaFraction).toBeCloseTo(inst.mask.areaPx / (400 * 208), 10);
+    expect(inst.mask.rle?.size).toEqual([208, 400]);
+    const counted = (inst.mask.rle?.counts ?? []).reduce((a, b) => a + b, 0);
+    expect(counted).toBe(400 * 208);
+    expect(res.overlayPath && path.dirname(res.overlayPath)).toBe(out);
+  });
+
+  it("segments from an expression with the same pipeline as ground", async () => {
+    const g = await engine.ground({ image: { path: imagePath }, expression: "the red box", maxInstances: 2 });
+    const s = await engine.segment({
+      image: { path: imagePath },
+      expression: "the red box",
+      maxInstances: 2,
+      outputDir: out,
+    });
+    expect(s.instances.map((i) => i.box)).toEqual(g.instances.map((i) => i.box));
+    expect(s.found).toBe(g.found);
+  });
+
+  it("describes a region given a box, and given a mask PNG from segment", async () => {
+    const byBox = await engine.describe({ image: { path: imagePath }, box: [40, 30, 200, 180] });
+    expect(typeof byBox.description).toBe("string");
+    expect(byBox.box).toEqual([40, 30, 200, 180]);
+    const seg = await engine.segment({ image: { path: imagePath }, box: [40, 30, 200, 180], outputDir: out });
+    const inst = seg.instances[0];
+    if (!inst) throw new Error("no instance");
+    if (inst.mask.areaPx > 0) {
+      const byMask = await engine.describe({ image: { path: imagePath }, maskPath: inst.mask.path });
+      expect(byMask.box).toEqual(inst.maskBox);
+    }
+  });
+
+  it("accepts image bytes and shares the cache entry with the path", async () => {
+    const bytes = await readFile(imagePath);
+    const res = await engine.ground({ image: { bytes }, expression: "the red box", maxInstances: 1 });
+    expect(res.cached).toBe(true);
+  });
+
+  it("stops generation when cancelled mid-way", async () => {
+    const controller = new AbortController();
+    let steps = 0;
+    const err = await rejection(
+      engine.describe({
+        image: { path: imagePath },
+        box: [0, 0, 100, 100],
+        signal: controller.signal,
+        onProgress: (p) => {
+          if (p.stage === "generate" && p.fraction > 0 && ++steps === 2) controller.abort();
+        },
+      }),
+    );
+    expect(err.code).toBe("CANCELLED");
+    expect(steps).toBe(2);
+  });
+
+  it("reports bad input with codes", async () => {
+    expect(
+      (await rejection(engine.ground({ image: { path: "/nonexistent/x.png" }, expression: "a" }))).code,
+    ).toBe("IMAGE_NOT_FOUND");
+    expect(
+      (await rejection(engine.ground({ image: { bytes: new Uint8Array() }, expression: "a" }))).code,
+    ).toBe("IMAGE_DECODE_FAILED");
+    expect((await rejection(engine.ground({ image: { path: imagePath }, expression: "  " }))).code).toBe(
+      "INVALID_INPUT",
+    );
+    expect((await rejection(engine.segment({ image: { path: imagePath }, outputDir: out }))).message).toBe(
+      "segment needs an expression or a box",
+    );
+  });
+});
+
+describe("createEngine (worker thread)", () => {
+  let worker: Engine;
+  beforeAll(async () => {
+    worker = await createEngine({ packDir, executionProvider: "cpu" });
+  });
+  afterAll(async () => {
+    await worker?.dispose();
+  });
+
+  it("answers like the in-thread engine and relays progress", async () => {
+    const stages: Stage[] = [];
+    const res = await worker.ground({
+      image: { path: imagePath },
+      expression: "the red box",
+      maxInstances: 3,
+      onProgress: (p) => stages.push(p.stage),
+    });
+    const local = await engine.ground({
+      image: { path: imagePath },
+      expression: "the red box",
+      maxInstances: 3,
+    });
+    expect(res.text).toBe(local.text);
+    expect(stages).toContain("generate");
+  });
+
+  it("relays cancellation and errors as SegErrors", async () => {
+    const controller = new AbortController();
+    controller.abort();
+    expect(
+      (
+        await rejection(
+          worker.ground({ image: { path: imagePath }, expression: "x", signal: controller.signal }),
+        )
+      ).code,
+    ).toBe("CANCELLED");
+    expect(
+      (await rejection(worker.ground({ image: { path: "/nonexistent.png" }, expression: "x" }))).code,
+    ).toBe("IMAGE_NOT_FOUND");
+  });
+
+  it("fails to start with MODEL_NOT_FOUND for a missing pack", async () => {
+    const err = await rejection(createEngine({ packDir: path.join(root, "models/does-not-exist") }));
+    expect(err.code).toBe("MODEL_NOT_FOUND");
+  });
+});
