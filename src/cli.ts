@@ -125,6 +125,25 @@ export function deferredEngine(loading: Promise<Engine>): Engine {
   };
 }
 
+/** An Engine that loads its pack on first use, so that bad input fails fast without loading a model. */
+function lazyEngine(load: () => Promise<Engine>): Engine {
+  let loading: Promise<Engine> | undefined;
+  const get = () => {
+    loading ??= load();
+    return loading;
+  };
+  return {
+    info: async () => (await get()).info(),
+    ground: async (req) => (await get()).ground(req),
+    segment: async (req) => (await get()).segment(req),
+    describe: async (req) => (await get()).describe(req),
+    dispose: async () => {
+      const engine = await loading?.catch(() => undefined);
+      await engine?.dispose();
+    },
+  };
+}
+
 function parseBox(value: string): number[] {
   const parts = value.split(",").map((p) => p.trim());
   const numbers = parts.map(Number);
@@ -289,7 +308,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
       );
     }
 
-    const engine = await makeEngine(config, logger);
+    const engine = lazyEngine(() => makeEngine(config, logger));
     try {
       const deps: ToolDeps = {
         config,

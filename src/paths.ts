@@ -161,7 +161,7 @@ export async function resolveAllowedFile(
     if (code === "ENOENT" || code === "ENOTDIR") {
       throw new SegError(
         "IMAGE_NOT_FOUND",
-        `${field} "${abs}" does not exist: check the path (relative paths are resolved against the server's working directory)`,
+        `${field} "${abs}" does not exist: check the path (relative paths are resolved against the working directory)`,
         { cause },
       );
     }
