@@ -21,7 +21,7 @@ const root = path.resolve(here, here.includes(`${path.sep}dist${path.sep}`) ? ".
 const { values } = parseArgs({
   options: {
     pack: { type: "string", default: path.join(root, "models/tiny-random") },
-    image: { type: "string", default: path.join(root, "test/fixtures/images/shapes-400x300.png") },
+    image: { type: "string", default: path.join(root, "test/fixtures/images/halfeven_400x208.png") },
     runs: { type: "string", default: "5" },
     device: { type: "string", default: "cpu" },
     expression: { type: "string", default: "the red circle" },

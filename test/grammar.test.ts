@@ -265,12 +265,7 @@ describe("BoxGrammar", () => {
         steps++;
       }
     }
-    times.sort((a, b) => a - b);
-    const mean = times.reduce((a, b) => a + b, 0) / times.length;
-    const p95 = times[Math.floor(times.length * 0.95)] ?? 0;
-    console.log(
-      `BoxGrammar.pick over ${VOCAB} tokens: ${times.length} steps, mean ${mean.toFixed(3)} ms, p95 ${p95.toFixed(3)} ms, max ${(times.at(-1) ?? 0).toFixed(3)} ms`,
-    );
-    expect(mean).toBeLessThan(5);
+    // Speed is measured by `npm run bench` (per-step decode time), never asserted in a test.
+    expect(times.length).toBeGreaterThan(0);
   });
 });
