@@ -604,6 +604,32 @@ def generate_dataset(
     return ann_path
 
 
+# The repository's examples/ folder: (file name, seed, width, height, background). Regenerate with
+# `write_examples(Path("examples"))`; tests/test_synth.py checks the files still match.
+EXAMPLES: tuple[tuple[str, int, int, int, str], ...] = (
+    ("shapes-1.png", 100, 512, 384, "gradient"),
+    ("shapes-2.png", 209, 640, 320, "plain"),
+    ("shapes-3.png", 307, 176, 128, "noisy"),
+    ("shapes-4.png", 402, 300, 560, "gradient"),
+)
+
+
+def example_scene(seed: int, width: int, height: int, background: str) -> tuple[Scene, list[Referral]]:
+    rng = np.random.default_rng(seed)
+    scene = render_scene(rng, width, height, background=background)
+    return scene, make_expressions(scene, rng, n=10)
+
+
+def write_examples(out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, seed, width, height, background in EXAMPLES:
+        scene, _ = example_scene(seed, width, height, background)
+        scene.image.save(out_dir / name, format="PNG")
+        paths.append(out_dir / name)
+    return paths
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI
 

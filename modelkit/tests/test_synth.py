@@ -25,6 +25,7 @@ from modelkit.refdata import (
 )
 from modelkit.synth import (
     COLOURS,
+    EXAMPLES,
     REF_KINDS,
     SHAPES,
     SIZES,
@@ -32,6 +33,7 @@ from modelkit.synth import (
     Scene,
     add_synth_commands,
     describe,
+    example_scene,
     generate_dataset,
     make_expressions,
     render_scene,
@@ -436,3 +438,15 @@ def test_cli_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert args.run(args) == 0
     assert "wrote 2 images" in capsys.readouterr().out
     assert len(load_refdata(tmp_path / "d").images) == 2
+
+
+def test_examples_folder_matches_the_generator() -> None:
+    folder = Path(__file__).resolve().parents[2] / "examples"
+    for name, seed, width, height, background in EXAMPLES:
+        path = folder / name
+        assert path.stat().st_size < 50_000, name
+        scene, refs = example_scene(seed, width, height, background)
+        with Image.open(path) as im:
+            assert im.size == (width, height)
+            assert im.convert("RGB").tobytes() == scene.image.tobytes(), name
+        assert name in (folder / "README.md").read_text(encoding="utf-8")
