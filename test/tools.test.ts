@@ -63,6 +63,7 @@ beforeAll(async () => {
     allowDirs: [work],
     maxPixels: 10_000,
     maxDataUriBytes: 4096,
+    logLevel: "silent",
   });
 });
 
