@@ -273,7 +273,13 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
     const makeEngine = io.createEngine ?? defaultCreateEngine;
 
     if (command === "serve") {
-      const engine = deferredEngine(makeEngine(config, logger));
+      const loading = makeEngine(config, logger);
+      loading.then(
+        () => logger.info(`model pack loaded from ${config.packDir}`),
+        (error: unknown) =>
+          logger.error(`${toSegError(error, "MODEL_LOAD_FAILED").toLine()} (tool calls will report it)`),
+      );
+      const engine = deferredEngine(loading);
       if (config.http) {
         const handle = await serveHttp(config, engine, logger);
         await new Promise<void>((resolve) => {

@@ -62,7 +62,7 @@ export function createServer(
 ): McpServer {
   const server = new McpServer(
     { name: PACKAGE_NAME, title: "Qwen3-VL-Seg", version: SERVER_VERSION },
-    { instructions: INSTRUCTIONS, capabilities: { logging: {} } },
+    { instructions: INSTRUCTIONS },
   );
   const { logger } = shared;
 

@@ -14,6 +14,7 @@ import type { McpServer } from "@modelcontextprotocol/sdk/server/mcp.js";
 import { type CallToolResult, ListRootsRequestSchema } from "@modelcontextprotocol/sdk/types.js";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { deferredEngine } from "../src/cli.js";
 import { type Config, createConfig, defaultPackDir } from "../src/config.js";
 import { SegError } from "../src/errors.js";
 import { createEngine } from "../src/runtime/engine.js";
@@ -508,6 +509,23 @@ describe("tool-layer mapping with a scripted engine", () => {
     engine.options = {};
     const ok = await conn.call("ground", { image: "cat.png", expression: "x" });
     expect(ok.isError).toBeFalsy();
+    await conn.close();
+  });
+
+  it("a pack that failed to load is reported by every call; the server stays up", async () => {
+    const failed = Promise.reject(new SegError("MODEL_NOT_FOUND", "model pack folder /nope does not exist"));
+    const conn = await connect(deferredEngine(failed));
+    expectError(
+      await conn.call("ground", { image: "cat.png", expression: "x" }),
+      "MODEL_NOT_FOUND",
+      /\/nope/,
+    );
+    // input is still validated first, so the caller learns about its own mistakes
+    expectError(
+      await conn.call("ground", { image: "missing.png", expression: "x" }),
+      "IMAGE_NOT_FOUND",
+      /missing/,
+    );
     await conn.close();
   });
 
