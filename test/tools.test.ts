@@ -245,6 +245,25 @@ describe("tools with the real engine and the tiny pack", () => {
     expect(byUri.isError, textOf(byUri)).toBeFalsy();
   });
 
+  it("boxes use the EXIF-oriented size, as the engine does", async () => {
+    // stored 64x48, EXIF orientation 6 (rotate 90): the picture a viewer shows is 48x64
+    await sharp({ create: { width: 64, height: 48, channels: 3, background: "#28c" } })
+      .jpeg()
+      .withMetadata({ orientation: 6 })
+      .toFile(path.join(work, "rotated.jpg"));
+    const result = await conn.call("segment", { image: "rotated.jpg", box: [2, 2, 40, 60] });
+    expect(result.isError, textOf(result)).toBeFalsy();
+    const out = segmentOutputSchema.parse(result.structuredContent);
+    expect(out.image).toEqual({ width: 48, height: 64 });
+    const meta = await sharp(out.instances[0]?.mask.path ?? "").metadata();
+    expect([meta.width, meta.height]).toEqual([48, 64]);
+    expectError(
+      await conn.call("segment", { image: "rotated.jpg", box: [2, 2, 60, 40] }),
+      "INVALID_INPUT",
+      /outside the 48x64 image/,
+    );
+  });
+
   it("accepts data: URIs under the limit", async () => {
     const bytes = await sharp({ create: { width: 20, height: 10, channels: 3, background: "#fff" } })
       .png()
@@ -533,6 +552,7 @@ describe("tool-layer mapping with a scripted engine", () => {
     const engine = new FakeEngine({ delayMs: 400 });
     const conn = await connect(engine);
     const first = conn.call("ground", { image: "cat.png", expression: "first" });
+    while (engine.calls.length === 0) await new Promise((r) => setTimeout(r, 5)); // first holds the engine
     const controller = new AbortController();
     const second = conn.client.callTool(
       { name: "ground", arguments: { image: "cat.png", expression: "second" } },

@@ -196,11 +196,12 @@ export function registerSegmentTool(server: McpServer, deps: ToolDeps): void {
         "Segment every object matching a referring expression (or the object inside a given box) and write one binary mask PNG per instance, the size of the input image, into the server's output directory. Returns per instance: label, box and tight mask box in pixels, score, mask path + resource link, area in pixels and as a fraction. found: false when nothing matches. Optional RLE, overlay image and small inline preview.",
       inputSchema: segmentInputSchema,
       outputSchema: segmentOutputSchema,
-      // Writes new files, but only inside its own output directory, and never overwrites inputs.
+      // Each call writes new files (fresh names), only inside its own output directory; it never
+      // overwrites or deletes anything.
       annotations: {
         readOnlyHint: false,
         destructiveHint: false,
-        idempotentHint: true,
+        idempotentHint: false,
         openWorldHint: false,
       },
     },
