@@ -1,4 +1,4 @@
-"""`modelkit` command line: export | tiny | fixtures | verify.
+"""`modelkit` command line: export | tiny | fixtures | verify | synth.
 
 Bad input prints one line `CODE: message` to stderr and exits 2 without writing anything. The cheap
 checks (config, decoder file, output folder, tokenizer) run before any large weights are loaded.
@@ -65,19 +65,22 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check a pack's files against the sha256 sums in pack.json")
     v.add_argument("pack", type=Path)
+
+    e.set_defaults(run=cmd_export)
+    t.set_defaults(run=cmd_tiny)
+    f.set_defaults(run=cmd_fixtures)
+    v.set_defaults(run=cmd_verify)
+    # Commands of other modules register themselves (each sets `run`).
+    from .synth import add_synth_commands
+
+    add_synth_commands(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "export":
-            return cmd_export(args)
-        if args.command == "tiny":
-            return cmd_tiny(args)
-        if args.command == "fixtures":
-            return cmd_fixtures(args)
-        return cmd_verify(args)
+        return int(args.run(args))
     except ModelkitError as e:
         print(f"{e.code}: {e.message}", file=sys.stderr)
         return 2
