@@ -280,6 +280,11 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
           logger.error(`${toSegError(error, "MODEL_LOAD_FAILED").toLine()} (tool calls will report it)`),
       );
       const engine = deferredEngine(loading);
+      if (config.allowDirs.length === 0) {
+        logger.warn(
+          "started in the filesystem root without --allow-dir: only the client's MCP roots are readable; pass --allow-dir <dir>",
+        );
+      }
       if (config.http) {
         const handle = await serveHttp(config, engine, logger);
         await new Promise<void>((resolve) => {

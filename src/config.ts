@@ -33,8 +33,12 @@ const configSchema = z.strictObject({
   packDir: z.string(),
   /** Where mask PNGs and overlays are written (absolute; created on demand). */
   outDir: z.string(),
-  /** Directories input images and masks may come from (absolute). MCP roots are added at run time. */
-  allowDirs: z.array(z.string()).min(1),
+  /**
+   * Directories input images and masks may come from (absolute). MCP roots are added at run time.
+   * Empty when none was given and the working directory is the filesystem root (as for servers
+   * that desktop clients launch): allowing the whole disk by accident is worse than asking.
+   */
+  allowDirs: z.array(z.string()),
   /** Largest input file or decoded data: URI, in bytes. @default 50 MiB */
   maxImageBytes: z
     .number()
@@ -156,7 +160,12 @@ export function createConfig(options: ConfigOptions = {}): Config {
     cwd,
     packDir: options.packDir === undefined ? defaultPackDir() : abs(options.packDir),
     outDir: abs(options.outDir ?? DEFAULT_OUT_DIR),
-    allowDirs: (options.allowDirs && options.allowDirs.length > 0 ? options.allowDirs : [cwd]).map(abs),
+    allowDirs: (options.allowDirs && options.allowDirs.length > 0
+      ? options.allowDirs
+      : path.parse(cwd).root === cwd
+        ? []
+        : [cwd]
+    ).map(abs),
     ...(options.maxImageBytes === undefined ? {} : { maxImageBytes: options.maxImageBytes }),
     ...(options.maxDataUriBytes === undefined ? {} : { maxDataUriBytes: options.maxDataUriBytes }),
     ...(options.maxPixels === undefined ? {} : { maxPixels: options.maxPixels }),

@@ -147,7 +147,9 @@ export async function resolveAllowedFile(
   const notAllowed = () =>
     new SegError(
       "PATH_NOT_ALLOWED",
-      `${field} "${abs}" is outside the allowed directories (${describeDirs(lexicalDirs)}): copy the file into one of them, or start the server with --allow-dir <dir>`,
+      lexicalDirs.length === 0
+        ? `${field} "${abs}" cannot be read: no input directory is allowed (the server runs in the filesystem root and the client offers no roots): start the server with --allow-dir <dir>`
+        : `${field} "${abs}" is outside the allowed directories (${describeDirs(lexicalDirs)}): copy the file into one of them, or start the server with --allow-dir <dir>`,
       { details: { path: abs, allowDirs: lexicalDirs } },
     );
   if (!lexicalDirs.some((d) => isInside(abs, d)) && !realAllowed.some((d) => isInside(abs, d))) {

@@ -3,6 +3,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { pathToFileURL } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { createConfig } from "../src/config.js";
 import { SegError } from "../src/errors.js";
 import {
   ensureOutputDir,
@@ -145,6 +146,14 @@ describe("resolveAllowedFile", () => {
     );
   });
 
+  it("with no allowed directory, says how to allow one", async () => {
+    await rejectsWith(
+      resolveAllowedFile(path.join(allowed, "a.png"), [], limits),
+      "PATH_NOT_ALLOWED",
+      /no input directory is allowed.*--allow-dir <dir>/,
+    );
+  });
+
   it("refuses symlinks that escape", async () => {
     await rejectsWith(
       resolveAllowedFile(path.join(allowed, "escape.png"), [allowed], limits),
@@ -213,6 +222,12 @@ describe("output files", () => {
     );
     expect(() => outputUri(out, path.join(outside, "secret.png"))).toThrow(/outside the output directory/);
   });
+});
+
+it("a server started in the filesystem root allows no directory by default", () => {
+  expect(createConfig({ cwd: "/" }).allowDirs).toEqual([]);
+  expect(createConfig({ cwd: "/srv/images" }).allowDirs).toEqual(["/srv/images"]);
+  expect(createConfig({ cwd: "/", allowDirs: ["pics"] }).allowDirs).toEqual(["/pics"]);
 });
 
 it("rootsToDirs keeps file:// roots only", () => {
