@@ -5,6 +5,7 @@
  */
 
 import { existsSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { z } from "zod";
@@ -159,7 +160,11 @@ export function createConfig(options: ConfigOptions = {}): Config {
   const input: ConfigInput = {
     cwd,
     packDir: options.packDir === undefined ? defaultPackDir() : abs(options.packDir),
-    outDir: abs(options.outDir ?? DEFAULT_OUT_DIR),
+    // In the filesystem root (desktop clients) ./qwen3-vl-seg-out is rarely writable: use the temp dir.
+    outDir:
+      options.outDir === undefined && path.parse(cwd).root === cwd
+        ? path.join(tmpdir(), DEFAULT_OUT_DIR)
+        : abs(options.outDir ?? DEFAULT_OUT_DIR),
     allowDirs: (options.allowDirs && options.allowDirs.length > 0
       ? options.allowDirs
       : path.parse(cwd).root === cwd

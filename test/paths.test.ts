@@ -226,6 +226,8 @@ describe("output files", () => {
 
 it("a server started in the filesystem root allows no directory by default", () => {
   expect(createConfig({ cwd: "/" }).allowDirs).toEqual([]);
+  expect(createConfig({ cwd: "/" }).outDir).toBe(path.join(tmpdir(), "qwen3-vl-seg-out"));
+  expect(createConfig({ cwd: "/srv/images" }).outDir).toBe("/srv/images/qwen3-vl-seg-out");
   expect(createConfig({ cwd: "/srv/images" }).allowDirs).toEqual(["/srv/images"]);
   expect(createConfig({ cwd: "/", allowDirs: ["pics"] }).allowDirs).toEqual(["/pics"]);
 });
