@@ -46,9 +46,11 @@ export const USAGE = `Usage:
 
 Options:
   --pack DIR              model pack folder (default: the bundled pack)
-  --out DIR               where masks are written (default: ./qwen3-vl-seg-out, created on demand)
+  --out DIR               where masks are written (default: ./qwen3-vl-seg-out, created on demand;
+                          <tmpdir>/qwen3-vl-seg-out when started in the filesystem root)
   --allow-dir DIR         directory input images may come from; repeatable
-                          (server default: the working directory, plus the client's MCP roots;
+                          (server default: the working directory - none when it is the
+                          filesystem root - plus the client's MCP roots;
                           CLI default: the working directory and the folders of the files named)
   --max-image-bytes N     largest input file (default 52428800)
   --max-data-uri-bytes N  largest decoded data: URI (default 8388608)
