@@ -2,11 +2,11 @@ import { readFileSync } from "node:fs";
 import { beforeAll, describe, expect, it } from "vitest";
 import { SegError } from "../src/errors.js";
 import {
-  boxPrefixIds,
   boxPrefixText,
   boxTo1000,
   buildChatIds,
   describeQuestion,
+  groundingAnswerIds,
   groundQuestion,
   type PromptTemplates,
   renderPrompt,
@@ -132,15 +132,14 @@ describe("box text", () => {
 
   it("writes the box prefix and finds the last coordinate token", () => {
     expect(boxPrefixText([0, 12, 1000, 999])).toBe('[{"bbox_2d": [0, 12, 1000, 999');
-    const expected = fixture.cases.find((c) => c.name === "box prefix")?.ids ?? [];
-    const { ids, lastCoordinateIndex } = boxPrefixIds(tok, [0, 12, 1000, 999]);
-    expect(ids).toEqual(expected);
-    expect(tok.decode([ids[lastCoordinateIndex] ?? -1])).toBe("9");
-    expect(lastCoordinateIndex).toBe(ids.length - 1);
+    const { ids, lastCoordinate } = groundingAnswerIds(tok, [[0, 12, 1000, 999]], ["x"], { close: false });
+    expect(tok.decode(ids)).toBe(boxPrefixText([0, 12, 1000, 999]));
+    expect(tok.decode([ids[lastCoordinate[0] ?? -1] ?? -1])).toBe("9");
+    expect(lastCoordinate).toEqual([ids.length - 1]);
   });
 
   it("rejects out-of-range box1000 values", () => {
-    expect(() => boxPrefixIds(tok, [0, 0, 1001, 5])).toThrow(/integers in 0..1000/);
-    expect(() => boxPrefixIds(tok, [0, 0, 1.5, 5])).toThrow(SegError);
+    expect(() => groundingAnswerIds(tok, [[0, 0, 1001, 5]], ["x"])).toThrow(/integers in 0..1000/);
+    expect(() => groundingAnswerIds(tok, [[0, 0, 1.5, 5]], ["x"])).toThrow(SegError);
   });
 });

@@ -17,11 +17,11 @@ import { newOutputName, readMaskPng, writeMaskPng, writeOverlayPng } from "./out
 import { type LoadedPack, loadPack, type VerifyMode } from "./pack.js";
 import { decodeImage, preprocess } from "./preprocess.js";
 import {
-  boxPrefixIds,
   boxPrefixText,
   boxTo1000,
   buildChatIds,
   describeQuestion,
+  groundingAnswerIds,
   groundQuestion,
 } from "./prompt.js";
 import { ropeIndex } from "./rope.js";
@@ -263,7 +263,7 @@ export class LocalEngine implements Engine {
         const prefill = await this.#prefill(
           image,
           groundQuestion(this.#pack.manifest.prompts, label),
-          boxPrefixIds(this.#tokenizer, box1000).ids,
+          groundingAnswerIds(this.#tokenizer, [box1000], [label], { close: false }).ids,
           timer,
           req.signal,
         );

