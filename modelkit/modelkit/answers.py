@@ -31,6 +31,22 @@ DESCRIBE_CROP_TEMPLATE = "Describe the object in the middle of the image in a sh
 CROP_MARGIN = 0.15
 
 
+DESCRIBE_MODES = ("box", "crop")
+
+
+def pack_prompts(describe_mode: str = "box") -> dict[str, str]:
+    """The `prompts` section of pack.json (docs/design.md)."""
+    if describe_mode not in DESCRIBE_MODES:
+        raise ValueError(f"describe_mode must be one of {DESCRIBE_MODES}, got {describe_mode!r}")
+    prompts = {"chat": CHAT_TEMPLATE, "ground": GROUND_TEMPLATE}
+    if describe_mode == "box":
+        prompts["describe"] = DESCRIBE_BOX_TEMPLATE.replace("{{", "{").replace("}}", "}")
+    else:
+        prompts["describe"] = DESCRIBE_CROP_TEMPLATE
+        prompts["describe_mode"] = "crop"
+    return prompts
+
+
 class Tokenizer:
     """What this module needs from a tokenizer (transformers' or `tokenizers`')."""
 

@@ -21,6 +21,7 @@ import torch
 import transformers
 from torch import nn
 
+from .answers import pack_prompts
 from .errors import ModelkitError
 from .onnx_utils import GraphSpec
 from .preprocess import ALPHA_BACKGROUND, IMAGE_MEAN, IMAGE_STD, MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE
@@ -34,14 +35,6 @@ GRAPH_FILES = {
     "vision_encoder": "vision_encoder.onnx",
     "decoder": "decoder_model_merged.onnx",
     "mask_decoder": "mask_decoder.onnx",
-}
-# Qwen3-VL-Instruct chat template for one user turn with one image (spec 4.2), and the task prompts.
-PROMPTS = {
-    "chat": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n"
-    "<|im_start|>assistant\n",
-    "ground": 'Locate every object that matches the description "{expression}" in the image. '
-    "Report bbox coordinates in JSON format.",
-    "describe": 'Describe the object inside {"bbox_2d": [{x1}, {y1}, {x2}, {y2}]} in a short phrase.',
 }
 SPECIAL_TOKENS = {
     "image_pad": "<|image_pad|>",
@@ -237,8 +230,12 @@ def build_pack(
     min_pixels: int = 65536,
     max_pixels: int = 1048576,
     stop_tokens: list[int] | None = None,
+    describe_mode: str = "box",
 ) -> dict[str, Any]:
     """Export `model` (Qwen3VLForConditionalGeneration) and `decoder` (MaskDecoder) into a pack.
+
+    `describe_mode` "box" asks for a region by its 0..1000 box on the whole image (Qwen3-VL's way);
+    "crop" shows the model a crop around the region instead (answers.crop_box).
 
     Returns the manifest. Raises ModelkitError (nothing written) for bad input; any other error
     during export also leaves `out_dir` untouched (the old pack stays when `force` was given).
@@ -263,7 +260,7 @@ def build_pack(
         "model": {**model_section(model.config), "mask_decoder": mask_decoder_section(decoder.config)},
         "preprocess": preprocess_section(min_pixels, max_pixels),
         "tokens": tokens_section(tokenizer_ids, model.config, stop_tokens),
-        "prompts": dict(PROMPTS),
+        "prompts": pack_prompts(describe_mode),
         "tokenizer": {"file": TOKENIZER_FILES[0], "config": TOKENIZER_FILES[1]},
     }
 
