@@ -56,7 +56,9 @@ def tiny_config() -> Qwen3VLConfig:
     )
 
 
-def build_random_model(config: Qwen3VLConfig, seed: int, weight_scale: float = 1.0) -> Qwen3VLForConditionalGeneration:
+def build_random_model(
+    config: Qwen3VLConfig, seed: int, weight_scale: float = 1.0
+) -> Qwen3VLForConditionalGeneration:
     """Instantiate a random-weight model with transformers itself.
 
     `weight_scale` multiplies every weight matrix after the library's own init (std 0.02), so that a
