@@ -11,7 +11,7 @@ import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { isSegError, type SegError } from "../src/errors.js";
 import { createEngine } from "../src/runtime/engine.js";
-import { LocalEngine } from "../src/runtime/local-engine.js";
+import { cropBox, LocalEngine } from "../src/runtime/local-engine.js";
 import type { Engine, Stage } from "../src/runtime/types.js";
 
 const root = path.resolve(import.meta.dirname, "..");
@@ -165,6 +165,16 @@ describe("LocalEngine on the tiny pack", () => {
     expect((await rejection(engine.segment({ image: { path: imagePath }, outputDir: out }))).message).toBe(
       "segment needs an expression or a box",
     );
+  });
+});
+
+describe("cropBox (describe_mode crop)", () => {
+  it("matches modelkit answers.crop_box", () => {
+    // Expected values printed by modelkit.answers.crop_box for the same arguments.
+    expect(cropBox([10, 20, 50, 60], 400, 208)).toEqual([0, 0, 82, 92]);
+    expect(cropBox([0, 0, 400, 208], 400, 208)).toEqual([0, 0, 400, 208]);
+    expect(cropBox([300.5, 100.2, 390.7, 200.9], 400, 208)).toEqual([269, 69, 400, 208]);
+    expect(cropBox([5, 5, 6, 6], 128, 640)).toEqual([0, 0, 26, 26]);
   });
 });
 

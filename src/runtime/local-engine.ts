@@ -375,11 +375,21 @@ export class LocalEngine implements Engine {
         box ??= tight;
       }
       if (!box) throw new SegError("INVALID_INPUT", "describe_region needs a box or a mask");
+      const region = box;
+      let target = image;
+      let targetCached = cached;
+      if (this.#pack.manifest.prompts.describe_mode === "crop") {
+        // The model looks at a crop around the region (modelkit answers.crop_box) instead of reading
+        // the box's coordinates.
+        const encoded = await this.#encode(req.image, timer, req.signal, (w, h) => cropBox(region, w, h));
+        target = encoded.image;
+        targetCached = encoded.cached;
+      }
       const question = describeQuestion(
         this.#pack.manifest.prompts,
         boxTo1000(box, image.width, image.height),
       );
-      const prefill = await this.#prefill(image, question, [], timer, req.signal);
+      const prefill = await this.#prefill(target, question, [], timer, req.signal);
       timer.progress("generate", 0);
       const stop = new Set(this.#pack.manifest.tokens.stop);
       const gen = await generate(this.#lm, prefill, {
@@ -403,7 +413,7 @@ export class LocalEngine implements Engine {
         description,
         label: shortLabel(description),
         timings: timer.finish(),
-        cached,
+        cached: targetCached,
       };
     });
   }
@@ -423,21 +433,35 @@ export class LocalEngine implements Engine {
     source: ImageSource,
     timer: Timer,
     signal: AbortSignal | undefined,
+    crop?: (width: number, height: number) => Box,
   ): Promise<{ image: EncodedImage; cached: boolean }> {
     timer.progress("decode", 0);
     const bytes =
       "bytes" in source ? source.bytes : await readImageBytes(source.path, this.#config.maxImageBytes);
     const pre = this.#pack.manifest.preprocess;
-    const key = createHash("sha256")
+    const hash = createHash("sha256")
       .update(bytes)
-      .update(`|${pre.min_pixels}|${pre.max_pixels}|${this.#pack.manifest.name}`)
-      .digest("hex");
-    const hit = this.#cache.get(key);
-    if (hit) {
-      timer.lap("decode");
-      return { image: hit, cached: true };
+      .update(`|${pre.min_pixels}|${pre.max_pixels}|${this.#pack.manifest.name}`);
+    // A crop's key needs the image size, known only after decoding.
+    if (!crop) {
+      const hit = this.#cache.get(hash.copy().digest("hex"));
+      if (hit) {
+        timer.lap("decode");
+        return { image: hit, cached: true };
+      }
     }
-    const decoded = await decodeImage({ bytes }, this.#limits());
+    let decoded = await decodeImage({ bytes }, this.#limits());
+    if (crop) {
+      const region = crop(decoded.width, decoded.height);
+      hash.update(`|crop:${region.join(",")}`);
+      const hit = this.#cache.get(hash.copy().digest("hex"));
+      if (hit) {
+        timer.lap("decode");
+        return { image: hit, cached: true };
+      }
+      decoded = cropRgb(decoded, region);
+    }
+    const key = hash.digest("hex");
     const prep = await preprocess(decoded.rgb, decoded.width, decoded.height, {
       patchSize: pre.patch_size,
       mergeSize: pre.merge_size,
@@ -649,6 +673,31 @@ async function readImageBytes(file: string, maxBytes: number): Promise<Uint8Arra
       cause,
     });
   }
+}
+
+/** Margin of describe_mode "crop", as a fraction of the image's shorter side (modelkit answers.py). */
+export const CROP_MARGIN = 0.15;
+
+/** Integer crop [x1, y1, x2, y2) around `box`: grown by CROP_MARGIN of the shorter side, clamped. */
+export function cropBox(box: Box, width: number, height: number): Box {
+  const m = CROP_MARGIN * Math.min(width, height);
+  const x1 = Math.max(0, Math.trunc(box[0] - m));
+  const y1 = Math.max(0, Math.trunc(box[1] - m));
+  const x2 = Math.min(width, Math.trunc(box[2] + m + 0.999999));
+  const y2 = Math.min(height, Math.trunc(box[3] + m + 0.999999));
+  return [x1, y1, Math.max(x2, x1 + 1), Math.max(y2, y1 + 1)];
+}
+
+function cropRgb(image: { rgb: Uint8Array; width: number; height: number }, box: Box) {
+  const [x1, y1, x2, y2] = box;
+  const w = x2 - x1;
+  const h = y2 - y1;
+  const rgb = new Uint8Array(w * h * 3);
+  for (let y = 0; y < h; y++) {
+    const from = ((y1 + y) * image.width + x1) * 3;
+    rgb.set(image.rgb.subarray(from, from + w * 3), y * w * 3);
+  }
+  return { rgb, width: w, height: h };
 }
 
 /** Tight box [x1, y1, x2, y2) of the set pixels of a 0/1 bitmap, or null when empty. */

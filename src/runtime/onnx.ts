@@ -31,6 +31,10 @@ export interface SessionOptions {
 
 const ORDER: readonly ConcreteProvider[] = ["cuda", "webgpu", "cpu"];
 
+// onnxruntime logs a failed provider probe as an error of its own; every failure reaches the caller
+// as an exception and `auto` reports skipped providers through `log`, so only fatal logs are shown.
+ort.env.logLevel = "fatal";
+
 export function f32(data: Float32Array, dims: readonly number[]): HostTensor<Float32Array> {
   return { data, dims };
 }

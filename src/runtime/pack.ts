@@ -80,6 +80,8 @@ const manifestSchema = z.object({
     chat: z.string().includes("{question}").includes("<|image_pad|>"),
     ground: z.string().includes("{expression}"),
     describe: z.string(),
+    /** "box": the region's 0..1000 box in the prompt (Qwen3-VL); "crop": the model sees a crop. */
+    describe_mode: z.enum(["box", "crop"]).default("box"),
   }),
   tokenizer: z.object({ file: z.string(), config: z.string() }),
   graphs: z.object({
