@@ -1,0 +1,126 @@
+/**
+ * The TypeScript path of the evaluation: run the engine over a RefCOCO-style annotation file
+ * (docs/data-format.md) and write predictions in the modelkit's format, which
+ * `python -m modelkit score --data annotations.json --pred preds.json` scores exactly like the
+ * PyTorch path's predictions.
+ *
+ *   node dist/bench/eval.js --pack models/shapes --data DIR/annotations.json --mode ground|box|describe
+ *        --out preds.json [--limit N]
+ *
+ * ground: `segment` with the ref's expression (grounding + masks); box: `segment` with each target's
+ * ground-truth box (one call per target); describe: `describe_region` on each annotation's box.
+ */
+
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { parseArgs } from "node:util";
+import { LocalEngine } from "../src/runtime/local-engine.js";
+import { rleEncode } from "../src/runtime/mask-post.js";
+import { readMaskPng } from "../src/runtime/output.js";
+import type { Box, SegmentInstance } from "../src/runtime/types.js";
+
+interface RefData {
+  images: { id: number; file_name: string; width: number; height: number }[];
+  annotations: { id: number; image_id: number; bbox: [number, number, number, number] }[];
+  refs: { ref_id: number; image_id: number; expression: string; ann_ids: number[]; kind?: string }[];
+  descriptions?: { ann_id: number; text: string }[];
+}
+
+interface PredInstance {
+  box: Box;
+  score: number;
+  mask: { size: [number, number]; counts: number[] } | null;
+}
+
+const { values } = parseArgs({
+  options: {
+    pack: { type: "string" },
+    data: { type: "string" },
+    mode: { type: "string", default: "ground" },
+    out: { type: "string" },
+    limit: { type: "string" },
+    device: { type: "string", default: "cpu" },
+  },
+});
+
+function need(name: string, v: string | undefined): string {
+  if (!v) {
+    process.stderr.write(`INVALID_INPUT: --${name} is required\n`);
+    process.exit(2);
+  }
+  return v;
+}
+
+async function main(): Promise<void> {
+  const packDir = need("pack", values.pack);
+  const dataPath = need("data", values.data);
+  const outPath = need("out", values.out);
+  const mode = values.mode as "ground" | "box" | "describe";
+  if (!["ground", "box", "describe"].includes(mode)) need("mode (ground|box|describe)", undefined);
+  const data = JSON.parse(await readFile(dataPath, "utf8")) as RefData;
+  const root = path.dirname(path.resolve(dataPath));
+  const images = new Map(data.images.map((i) => [i.id, i]));
+  const anns = new Map(data.annotations.map((a) => [a.id, a]));
+  const limit = values.limit ? Number.parseInt(values.limit, 10) : Number.POSITIVE_INFINITY;
+  const engine = await LocalEngine.create({
+    packDir,
+    executionProvider: values.device as "cpu",
+  });
+  const tmp = await mkdtemp(path.join(os.tmpdir(), "qvs-eval-"));
+  const toBox = (b: [number, number, number, number]): Box => [b[0], b[1], b[0] + b[2], b[1] + b[3]];
+  const toPred = async (inst: SegmentInstance, width: number, height: number): Promise<PredInstance> => {
+    const bitmap = await readMaskPng(inst.mask.path, width, height);
+    return { box: inst.box, score: inst.score, mask: rleEncode(bitmap, height, width) };
+  };
+  const started = performance.now();
+  const refs: { ref_id: number; found: boolean; instances: PredInstance[] }[] = [];
+  const descriptions: { ann_id: number; text: string }[] = [];
+  try {
+    if (mode === "describe") {
+      for (const ann of data.annotations.slice(0, limit)) {
+        const img = images.get(ann.image_id);
+        if (!img) continue;
+        const res = await engine.describe({
+          image: { path: path.join(root, img.file_name) },
+          box: toBox(ann.bbox),
+        });
+        descriptions.push({ ann_id: ann.id, text: res.description });
+      }
+    } else {
+      for (const ref of data.refs.slice(0, limit)) {
+        const img = images.get(ref.image_id);
+        if (!img) continue;
+        const image = { path: path.join(root, img.file_name) };
+        const instances: PredInstance[] = [];
+        if (mode === "ground") {
+          const res = await engine.segment({ image, expression: ref.expression, outputDir: tmp });
+          for (const inst of res.instances) instances.push(await toPred(inst, img.width, img.height));
+        } else {
+          for (const id of ref.ann_ids) {
+            const ann = anns.get(id);
+            if (!ann) continue;
+            const res = await engine.segment({
+              image,
+              expression: ref.expression,
+              box: toBox(ann.bbox),
+              outputDir: tmp,
+            });
+            for (const inst of res.instances) instances.push(await toPred(inst, img.width, img.height));
+          }
+        }
+        refs.push({ ref_id: ref.ref_id, found: instances.length > 0, instances });
+      }
+    }
+  } finally {
+    await engine.dispose();
+    await rm(tmp, { recursive: true, force: true });
+  }
+  await writeFile(outPath, `${JSON.stringify({ path: "typescript", mode, refs, descriptions })}\n`);
+  const n = mode === "describe" ? descriptions.length : refs.length;
+  process.stderr.write(
+    `eval ${mode}: ${n} items in ${((performance.now() - started) / 1000).toFixed(1)} s -> ${outPath}\n`,
+  );
+}
+
+await main();
