@@ -89,7 +89,7 @@ export class OnnxSession {
     throw new SegError(
       "MODEL_LOAD_FAILED",
       `could not load ${file} on ${preference === "auto" ? "any execution provider" : preference}: ${failures.join("; ")}` +
-        (preference === "auto" ? "" : "; try --device auto or cpu"),
+        (preference === "auto" ? "" : "; try --ep auto or --ep cpu"),
     );
   }
 
