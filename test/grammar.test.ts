@@ -243,7 +243,7 @@ describe("BoxGrammar", () => {
     }
   });
 
-  it("picks in well under 5 ms per step over the full vocabulary", () => {
+  it("picks over the full vocabulary on long random walks", () => {
     const g = grammar({ maxBoxes: 5 });
     const next = rng(7);
     const logits = new Float32Array(VOCAB);
