@@ -74,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     from .synth import add_synth_commands
 
     add_synth_commands(sub)
+    from .train_decoder import add_train_decoder_commands
+
+    add_train_decoder_commands(sub)
+    from .evaluate import add_evaluate_commands
+
+    add_evaluate_commands(sub)
     return p
 
 
