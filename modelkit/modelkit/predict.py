@@ -246,26 +246,37 @@ class Predictor:
             decoder.to(base.device).eval()
 
     @torch.no_grad()
-    def greedy(self, enc: EncodedImage, ids: Sequence[int], max_new_tokens: int) -> list[int]:
-        """Greedy continuation of `ids` (HF generate), stop token removed."""
+    def greedy(
+        self, enc: EncodedImage, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    ) -> list[list[int]]:
+        """Greedy continuations (HF generate) of prompts on one image, batched with left padding;
+        each cut before its first stop token."""
         base = self.base
-        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=base.device)  # [1, S]
+        n, longest = len(prompts), max(len(p) for p in prompts)
+        pad = base.stop[-1]
+        input_ids = torch.full((n, longest), pad, dtype=torch.long)  # [n, S] left-padded
+        mask = torch.zeros(n, longest, dtype=torch.long)
+        for r, ids in enumerate(prompts):
+            input_ids[r, longest - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+            mask[r, longest - len(ids) :] = 1
+        input_ids, mask = input_ids.to(base.device), mask.to(base.device)
+        pixels = torch.from_numpy(enc.prep.pixel_values).to(base.device, base.model.dtype)  # [P, 1536]
         out = base.model.generate(
             input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
+            attention_mask=mask,
             mm_token_type_ids=(input_ids == base.image_pad).to(torch.int32),
-            pixel_values=torch.from_numpy(enc.prep.pixel_values).to(base.device, base.model.dtype),
-            image_grid_thw=enc.grid,
+            pixel_values=pixels.repeat(n, 1),  # one copy of the image per prompt
+            image_grid_thw=enc.grid.repeat(n, 1),
             do_sample=False,
             max_new_tokens=max_new_tokens,
             eos_token_id=base.stop,
-            pad_token_id=base.stop[-1],
+            pad_token_id=pad,
         )
-        gen = out[0, input_ids.shape[1] :].tolist()
-        for i, t in enumerate(gen):
-            if t in base.stop:
-                return gen[:i]
-        return gen
+        results = []
+        for row in out[:, longest:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in base.stop), len(row))
+            results.append(row[:cut])
+        return results
 
     @torch.no_grad()
     def masks(
@@ -300,28 +311,45 @@ class Predictor:
         ids = self.base.prompt_ids("", enc.num_merged)
         return torch.tensor([t == self.base.image_pad for t in ids])
 
-    def ground(self, enc: EncodedImage, ref: RefRecord, max_new_tokens: int) -> dict[str, Any]:
+    def ground(
+        self, enc: EncodedImage, refs: Sequence[RefRecord], max_new_tokens: int
+    ) -> list[dict[str, Any]]:
+        """Ground every ref of one image: batched greedy answers, then one batched pass for T_seg."""
         base = self.base
         h0, w0 = enc.prep.original_hw
-        prompt = base.prompt_ids(GROUND_TEMPLATE.replace("{expression}", ref.expression), enc.num_merged)
-        gen = self.greedy(enc, prompt, max_new_tokens)
-        text = base.tokenizer.decode(gen)
-        parsed = parse_boxes(text)
-        result: dict[str, Any] = {"ref_id": ref.ref_id, "found": bool(parsed), "instances": [], "text": text}
-        if not parsed:
-            return result
-        hidden = base.hidden_states(enc, [prompt + gen])[0]  # [S + G, H]
-        coord_tokens = last_coordinate_tokens(base.tokenizer, gen)
-        rows = [
-            len(prompt) + (coord_tokens[p.index] if p.index < len(coord_tokens) else len(gen) - 1)
-            for p in parsed
+        prompts = [
+            base.prompt_ids(GROUND_TEMPLATE.replace("{expression}", r.expression), enc.num_merged)
+            for r in refs
         ]
-        masks, scores = self.masks(enc, self._mm(enc, hidden), hidden[rows], [p.box1000 for p in parsed])
-        for p, mask, s in zip(parsed, masks, scores, strict=True):
-            x1, y1, x2, y2 = p.box1000
-            box = [x1 / 1000 * w0, y1 / 1000 * h0, x2 / 1000 * w0, y2 / 1000 * h0]
-            result["instances"].append({**instance_json(box, float(s), mask), "label": p.label})
-        return result
+        answers = self.greedy(enc, prompts, max_new_tokens)
+        results: list[dict[str, Any]] = []
+        pending: list[tuple[int, list[ParsedBox], list[int]]] = []  # (ref index, boxes, sequence rows)
+        for n, (ref, prompt, gen) in enumerate(zip(refs, prompts, answers, strict=True)):
+            text = base.tokenizer.decode(gen)
+            parsed = parse_boxes(text)
+            results.append({"ref_id": ref.ref_id, "found": bool(parsed), "instances": [], "text": text})
+            if parsed:
+                coord = last_coordinate_tokens(base.tokenizer, gen)
+                rows = [
+                    len(prompt) + (coord[p.index] if p.index < len(coord) else len(gen) - 1) for p in parsed
+                ]
+                pending.append((n, parsed, rows))
+        if not pending:
+            return results
+        hidden = base.hidden_states(enc, [prompts[n] + answers[n] for n, _, _ in pending])  # [S_i, H] each
+        query = torch.cat([h[rows] for h, (_, _, rows) in zip(hidden, pending, strict=True)])  # [Q, H]
+        boxes = [p.box1000 for _, parsed, _ in pending for p in parsed]
+        masks, scores = self.masks(enc, self._mm(enc, hidden[0]), query, boxes)
+        k = 0
+        for n, parsed, _ in pending:
+            for p in parsed:
+                x1, y1, x2, y2 = p.box1000
+                box = [x1 / 1000 * w0, y1 / 1000 * h0, x2 / 1000 * w0, y2 / 1000 * h0]
+                results[n]["instances"].append(
+                    {**instance_json(box, float(scores[k]), masks[k]), "label": p.label}
+                )
+                k += 1
+        return results
 
     def boxes(self, enc: EncodedImage, ds: RefDataset, refs: Sequence[RefRecord]) -> list[dict[str, Any]]:
         """Box-prompted segmentation of every target of `refs` (one batched pass per image)."""
@@ -353,7 +381,7 @@ class Predictor:
         crop = img.crop(crop_box((x, y, x + w, y + h), img.width, img.height))
         enc = self.base.encode_image(crop)
         ids = self.base.prompt_ids(DESCRIBE_CROP_TEMPLATE, enc.num_merged)
-        return self.base.tokenizer.decode(self.greedy(enc, ids, max_new_tokens)).strip()
+        return self.base.tokenizer.decode(self.greedy(enc, [ids], max_new_tokens)[0]).strip()
 
 
 def predict(
@@ -384,7 +412,7 @@ def predict(
             continue
         enc = predictor.base.encode_image(ds.load_image(image_id))
         if mode == "ground":
-            refs_out.extend(predictor.ground(enc, ref, max_new_tokens) for ref in refs)
+            refs_out.extend(predictor.ground(enc, refs, max_new_tokens))
         elif mode == "box":
             refs_out.extend(predictor.boxes(enc, ds, [r for r in refs if r.ann_ids]))
         else:

@@ -18,6 +18,7 @@ from modelkit.cli import main
 from modelkit.errors import ModelkitError
 from modelkit.hf import build_random_model, tiny_config
 from modelkit.mask_decoder import MaskDecoder, MaskDecoderConfig, load_decoder_checkpoint, mask_losses
+from modelkit.predict import Predictor
 from modelkit.refdata import load_refdata
 from modelkit.synth import generate_dataset
 from modelkit.train_decoder import (
@@ -25,6 +26,7 @@ from modelkit.train_decoder import (
     STATE_SUFFIX,
     FeatureCache,
     FrozenBase,
+    SparseRowsHead,
     TrainSettings,
     Validation,
     _xyxy,
@@ -34,6 +36,7 @@ from modelkit.train_decoder import (
     logits_to_masks,
     ref_label,
     run_decoder,
+    sparse_rows_head,
     stride4_targets,
     train,
 )
@@ -291,3 +294,30 @@ def test_cli_errors(world: dict[str, Path], tmp_path: Path, capsys) -> None:
     assert "Expected --size" in capsys.readouterr().err
     with pytest.raises(ModelkitError):
         FrozenBase(tmp_path, None, MIN_PIXELS, MAX_PIXELS, torch.device("cpu"))
+
+
+def test_sparse_rows_head_is_the_full_head() -> None:
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    with torch.no_grad():
+        head.weight[torch.arange(50) % 5 != 0] = 0  # 10 live rows
+    fast = sparse_rows_head(head)
+    assert isinstance(fast, SparseRowsHead) and fast.weight.shape == (10, 16)
+    x = torch.randn(3, 4, 16)
+    assert torch.allclose(fast(x), head(x), atol=1e-6, rtol=0)
+    assert bool((fast(x)[..., 1::5] == 0).all())
+    dense = torch.nn.Linear(16, 50, bias=False)
+    assert sparse_rows_head(dense) is dense
+
+
+def test_batched_greedy_equals_one_at_a_time(world: dict[str, Path], base: FrozenBase) -> None:
+    ds = load_refdata(world["data"])
+    enc = base.encode_image(ds.load_image(sorted(ds.images)[0]))
+    prompts = [
+        base.prompt_ids(GROUND_TEMPLATE.replace("{expression}", e), enc.num_merged)
+        for e in ("the red circle", "all shapes", "the small blue square on the left")
+    ]
+    p = Predictor(base, None)
+    batch = p.greedy(enc, prompts, 6)
+    assert batch == [p.greedy(enc, [q], 6)[0] for q in prompts]
+    assert all(len(b) <= 6 for b in batch)
