@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     from .evaluate import add_evaluate_commands
 
     add_evaluate_commands(sub)
+    from .train_vlm import add_train_vlm_commands
+
+    add_train_vlm_commands(sub)
     return p
 
 
