@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--min-pixels", type=int, default=EXPORT_MIN_PIXELS, help="smart_resize lower bound")
     e.add_argument("--max-pixels", type=int, default=EXPORT_MAX_PIXELS, help="smart_resize upper bound")
     e.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: --checkpoint)")
+    e.add_argument(
+        "--describe-mode",
+        choices=("box", "crop"),
+        default="box",
+        help="describe_region by the box in the prompt (Qwen3-VL) or by a crop around it (default box)",
+    )
     e.add_argument("--force", action="store_true", help="replace an existing pack folder")
 
     t = sub.add_parser("tiny", help="build the tiny random pack and record its golden fixtures")
@@ -160,6 +166,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
         stop_tokens=stop,
+        describe_mode=args.describe_mode,
     )
     _print_summary(args.out, manifest)
     return 0
