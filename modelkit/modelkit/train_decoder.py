@@ -57,7 +57,7 @@ SIZES: dict[str, dict[str, int]] = {
 }
 BOX_JITTER = 0.05  # std of each box edge's noise, as a fraction of the box's width / height
 STATE_SUFFIX = ".train.pt"  # optimizer state next to the checkpoint, for --resume
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,7 +310,8 @@ class RefSample:
     ref_id: int
     kind: str
     ann_ids: list[int]  # sorted left to right, the answer's box order
-    query_hidden: torch.Tensor  # [K, H] T_seg per box
+    query_hidden: torch.Tensor  # [K, H] T_seg per box of the teacher-forced answer (ground)
+    box_query_hidden: torch.Tensor  # [K, H] T_seg with each box given alone (segment with a box)
     boxes: torch.Tensor  # [K, 4] f32 GT boxes x1, y1, x2, y2 normalised by the original size
     targets: torch.Tensor  # [K, 4gh, 4gw] bool
 
@@ -342,6 +343,8 @@ def extract_image(base: FrozenBase, ds: RefDataset, image_id: int, refs: Sequenc
     sequences: list[list[int]] = []
     rows: list[list[int]] = []
     orders: list[list[int]] = []
+    box_seq: list[list[int]] = []  # per ref: indices into box_seq_extra of targets 2, 3, ...
+    box_seq_extra: list[list[int]] = []  # box-prompt prefixes of the targets after the first
     for ref in refs:
         order = sorted_targets(ds, ref)
         boxes1000 = [box_to_1000(_xyxy(ds.annotations[a].bbox), w0, h0) for a in order]
@@ -350,7 +353,16 @@ def extract_image(base: FrozenBase, ds: RefDataset, image_id: int, refs: Sequenc
         sequences.append(prompt + answer.ids)
         rows.append([len(prompt) + i for i in answer.last_coordinate])  # T_seg rows
         orders.append(order)
-    hidden = base.hidden_states(enc, sequences) if sequences else []
+        # `segment` with a box (local-engine.ts): the prefix up to that box's 4th coordinate as the
+        # first box. For the first target it is a prefix of the answer above (same causal states).
+        extra = []
+        for b in boxes1000[1:]:
+            prefix = grounding_answer_ids(base.tokenizer, [b], [ref.expression], close=False)
+            extra.append(len(box_seq_extra))
+            box_seq_extra.append(prompt + prefix.ids)
+        box_seq.append(extra)
+    first_rows = [r[0] for r in rows]
+    hidden = base.hidden_states(enc, sequences + box_seq_extra) if sequences else []
     prompt0 = base.prompt_ids("", enc.num_merged)
     pad_rows = [i for i, t in enumerate(prompt0) if t == base.image_pad]
     # Causal attention: the image rows do not depend on the question, so any sequence gives T_mm.
@@ -363,7 +375,10 @@ def extract_image(base: FrozenBase, ds: RefDataset, image_id: int, refs: Sequenc
         grid=(gh, gw),
         original_hw=(h0, w0),
     )
-    for ref, hid, r, order in zip(refs, hidden, rows, orders, strict=True):
+    for n, (ref, r, order) in enumerate(zip(refs, rows, orders, strict=True)):
+        hid = hidden[n]
+        # box-prompt T_seg: the first target's row of the answer, the last row of the other prefixes
+        box_query = [hid[first_rows[n]]] + [hidden[len(sequences) + i][-1] for i in box_seq[n]]
         masks = np.stack([ds.mask_for(a) for a in order])  # [K, H0, W0]
         boxes = np.asarray([ds.annotations[a].bbox for a in order], dtype=np.float64)  # x, y, w, h
         norm = np.stack(
@@ -381,6 +396,7 @@ def extract_image(base: FrozenBase, ds: RefDataset, image_id: int, refs: Sequenc
                 kind=ref.kind,
                 ann_ids=order,
                 query_hidden=_compact(hid[r]),
+                box_query_hidden=_compact(torch.stack(box_query)),
                 boxes=torch.from_numpy(norm.astype(np.float32)),
                 targets=stride4_targets(masks, (gh, gw)),
             )
@@ -485,14 +501,21 @@ def boxes_1000(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def run_decoder(
-    decoder: MaskDecoder, image: ImageSample, ref: RefSample, boxes: torch.Tensor, device: torch.device
+    decoder: MaskDecoder,
+    image: ImageSample,
+    ref: RefSample,
+    boxes: torch.Tensor,
+    device: torch.device,
+    box_prompt: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoder on one ref: T_seg of the ground answer, or (box_prompt) of each box given alone."""
     vit_ms, mm, hr = image.tensors(device)
     boxes = boxes.to(device)  # [K, 4]
+    query = ref.box_query_hidden if box_prompt else ref.query_hidden  # [K, H]
     return decoder(
         vit_ms,
         mm,
-        ref.query_hidden.to(device, torch.float32),
+        query.to(device, torch.float32),
         boxes,
         boxes[:, None, :],  # gate boxes [K, 1, 4]
         torch.ones(boxes.shape[0], 1, device=device),
@@ -504,14 +527,15 @@ def run_decoder(
 def validate(
     decoder: MaskDecoder, ds: RefDataset, cache: FeatureCache, image_ids: Sequence[int], device: torch.device
 ) -> dict[str, float]:
-    """Mean IoU per target at the original resolution, given the GT box (on the 0..1000 grid)."""
+    """Mean IoU per target at the original resolution as `segment` with the GT box computes it
+    (box on the 0..1000 grid, box-prompt T_seg, mask-post.ts resizing)."""
     decoder.eval()
     ious: list[float] = []
     for image_id in image_ids:
         image = cache.get(image_id)
         resized = (image.grid[0] * 16, image.grid[1] * 16)
         for ref in image.refs:
-            logits, _, _ = run_decoder(decoder, image, ref, boxes_1000(ref.boxes), device)
+            logits, _, _ = run_decoder(decoder, image, ref, boxes_1000(ref.boxes), device, box_prompt=True)
             pred = logits_to_masks(logits.cpu(), resized, image.original_hw).numpy()
             for k, a in enumerate(ref.ann_ids):
                 ious.append(mask_iou(pred[k], ds.mask_for(a)))
@@ -546,10 +570,13 @@ class TrainSettings:
     weight_decay: float = 0.01
     warmup: int = 200
     jitter: float = BOX_JITTER
-    val_every: int = 300
+    val_every: int = 500
     save_every_s: float = 120.0
     seed: int = 0
     grad_clip: float = 1.0
+    # Share of multi-target steps that use the box-prompt T_seg (segment with a box) instead of the
+    # ground answer's; for single-target refs the two are the same state.
+    box_prompt_share: float = 0.3
 
 
 def _lr_factor(step: int, progress: float, warmup: int) -> float:
@@ -636,7 +663,8 @@ def train(
         for g in opt.param_groups:
             g["lr"] = settings.lr * _lr_factor(step, progress(), settings.warmup)
         boxes = jitter_boxes(ref.boxes, settings.jitter, gen)
-        m2, m1, iou = run_decoder(decoder, image, ref, boxes, device)
+        box_prompt = rng.random() < settings.box_prompt_share and ref.box_query_hidden.shape[0] > 1
+        m2, m1, iou = run_decoder(decoder, image, ref, boxes, device, box_prompt=box_prompt)
         losses = mask_losses(m2, m1, iou, ref.targets.to(device, torch.float32))
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -695,7 +723,7 @@ def add_train_decoder_commands(subparsers: Any) -> None:
         t.add_argument(f"--{name}", type=int, help=f"override the preset's {name}")
     t.add_argument("--lr", type=float, default=3e-4)
     t.add_argument("--jitter", type=float, default=BOX_JITTER, help="box edge noise, fraction of the side")
-    t.add_argument("--val-every", type=int, default=300, help="steps between validations")
+    t.add_argument("--val-every", type=int, default=500, help="steps between validations")
     t.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
     t.add_argument("--min-pixels", type=int, default=DEMO_MIN_PIXELS, help="the pack's smart_resize minimum")
     t.add_argument("--max-pixels", type=int, default=DEMO_MAX_PIXELS, help="the pack's smart_resize maximum")

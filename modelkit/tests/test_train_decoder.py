@@ -61,7 +61,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     build_random_model(tiny_config(), 0, weight_scale=8.0).save_pretrained(ckpt)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER / name, ckpt / name)
-    generate_dataset(root / "data", 4, 3)
+    generate_dataset(root / "data", 4, 4)  # seed 4: absent and multi-target refs
     return {"root": root, "ckpt": ckpt, "data": root / "data"}
 
 
@@ -71,7 +71,8 @@ def base(world: dict[str, Path]) -> FrozenBase:
 
 
 def present_image(ds) -> int:
-    counts = {i: sum(1 for r in ds.refs_for_image(i) if r.ann_ids) for i in ds.images}
+    """The image with the most targets over its refs (so multi-target refs are included)."""
+    counts = {i: sum(len(r.ann_ids) for r in ds.refs_for_image(i)) for i in ds.images}
     return max(counts, key=lambda i: counts[i])
 
 
@@ -120,6 +121,22 @@ def test_features_match_the_unbatched_reference(world: dict[str, Path], base: Fr
         assert torch.allclose(rs.query_hidden.float(), hidden[rows], atol=2e-3 * scale, rtol=0)
         pads = (ids[0] == base.image_pad).nonzero().reshape(-1)
         assert torch.allclose(sample.mm_embeds.float(), hidden[pads], atol=2e-3 * scale, rtol=0)
+        # Box-prompt T_seg (segment with a box): each target's box alone, up to its 4th coordinate.
+        for k, a in enumerate(rs.ann_ids):
+            b1000 = box_to_1000(_xyxy(ds.annotations[a].bbox), w0, h0)
+            prefix = grounding_answer_ids(base.tokenizer, [b1000], [ref.expression], close=False)
+            ids = torch.tensor([prompt + prefix.ids])
+            with torch.no_grad():
+                out = model.model(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    mm_token_type_ids=(ids == base.image_pad).to(torch.int32),
+                    pixel_values=torch.from_numpy(enc.prep.pixel_values),
+                    image_grid_thw=enc.grid,
+                )
+            want = out.last_hidden_state[0, -1]
+            assert torch.allclose(rs.box_query_hidden[k].float(), want, atol=2e-3 * scale, rtol=0)
+    assert any(len(rs.ann_ids) > 1 for rs in sample.refs)  # the multi-target path was exercised
     with torch.no_grad():
         last = model.model.visual(
             torch.from_numpy(enc.prep.pixel_values), grid_thw=enc.grid
