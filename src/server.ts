@@ -59,6 +59,7 @@ export function createServer(
   config: Config,
   engine: Engine,
   shared = createSharedState(config, engine),
+  options: { trustRoots: boolean } = { trustRoots: true },
 ): McpServer {
   const server = new McpServer(
     { name: PACKAGE_NAME, title: "Qwen3-VL-Seg", version: SERVER_VERSION },
@@ -66,13 +67,15 @@ export function createServer(
   );
   const { logger } = shared;
 
-  // MCP roots widen the allow-list for clients that offer them; refreshed when they change.
+  // MCP roots widen the allow-list for clients that offer them; refreshed when they change. Only a
+  // local (stdio) client's roots name this machine's folders: over HTTP they are ignored, or a client
+  // declaring file:/// would lift --allow-dir.
   let roots: Promise<string[]> | undefined;
   server.server.setNotificationHandler(RootsListChangedNotificationSchema, async () => {
     roots = undefined;
   });
   const allowDirs = async (extra?: ToolExtra): Promise<readonly string[]> => {
-    if (!server.server.getClientCapabilities()?.roots) return config.allowDirs;
+    if (!options.trustRoots || !server.server.getClientCapabilities()?.roots) return config.allowDirs;
     const request = { method: "roots/list" as const };
     roots ??= (
       extra
@@ -269,7 +272,7 @@ export async function serveHttp(
         transport.onclose = () => {
           if (transport.sessionId) sessions.delete(transport.sessionId);
         };
-        await createServer(config, engine, shared).connect(transport);
+        await createServer(config, engine, shared, { trustRoots: false }).connect(transport);
         return transport.handleRequest(req, res, body);
       }
       return refuse(res, 400, "bad request: no valid mcp-session-id (initialize first)");

@@ -6,7 +6,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
-import type { CallToolResult } from "@modelcontextprotocol/sdk/types.js";
+import { type CallToolResult, ListRootsRequestSchema } from "@modelcontextprotocol/sdk/types.js";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createConfig, isLoopbackHost, parseListenAddress } from "../src/config.js";
@@ -75,6 +75,33 @@ describe("Streamable HTTP", () => {
     expect([meta.width, meta.height]).toEqual([40, 30]);
     await transport.terminateSession();
     await client.close();
+  });
+
+  it("ignores a remote client's MCP roots: they cannot widen --allow-dir", async () => {
+    const outside = await mkdtemp(path.join(tmpdir(), "seg-http-outside-"));
+    try {
+      await sharp({ create: { width: 8, height: 8, channels: 3, background: "#000" } })
+        .png()
+        .toFile(path.join(outside, "secret.png"));
+      const client = new Client({ name: "http-roots", version: "1" }, { capabilities: { roots: {} } });
+      client.setRequestHandler(ListRootsRequestSchema, async () => ({
+        roots: [{ uri: "file:///", name: "everything" }],
+      }));
+      const transport = new StreamableHTTPClientTransport(new URL(handle.url), {
+        requestInit: { headers: { authorization: `Bearer ${TOKEN}` } },
+      });
+      await client.connect(transport);
+      const result = (await client.callTool({
+        name: "ground",
+        arguments: { image: path.join(outside, "secret.png"), expression: "x" },
+      })) as CallToolResult;
+      expect(result.isError).toBe(true);
+      expect(JSON.stringify(result.content)).toContain("PATH_NOT_ALLOWED");
+      await transport.terminateSession();
+      await client.close();
+    } finally {
+      await rm(outside, { recursive: true, force: true });
+    }
   });
 
   it("refuses requests without the token", async () => {
