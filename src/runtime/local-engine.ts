@@ -5,7 +5,6 @@
  */
 
 import { createHash } from "node:crypto";
-import { readFile } from "node:fs/promises";
 import { SegError } from "../errors.js";
 import { ByteLru, byteSize } from "./cache.js";
 import { argmax, generate, type KvCache, LanguageModel } from "./generate.js";
@@ -15,7 +14,7 @@ import { maskFromLogits, rleEncode } from "./mask-post.js";
 import { type ExecutionProvider, f32, i64, type Logger, OnnxSession } from "./onnx.js";
 import { newOutputName, readMaskPng, writeMaskPng, writeOverlayPng } from "./output.js";
 import { type LoadedPack, loadPack, type VerifyMode } from "./pack.js";
-import { decodeImage, preprocess } from "./preprocess.js";
+import { decodeImage, preprocess, readImageFile } from "./preprocess.js";
 import {
   boxPrefixText,
   boxTo1000,
@@ -437,7 +436,7 @@ export class LocalEngine implements Engine {
   ): Promise<{ image: EncodedImage; cached: boolean }> {
     timer.progress("decode", 0);
     const bytes =
-      "bytes" in source ? source.bytes : await readImageBytes(source.path, this.#config.maxImageBytes);
+      "bytes" in source ? source.bytes : await readImageFile(source.path, this.#config.maxImageBytes);
     const pre = this.#pack.manifest.preprocess;
     const hash = createHash("sha256")
       .update(bytes)
@@ -651,28 +650,6 @@ function boxScores(probs: readonly number[], ends: readonly number[]): number[] 
     start = end + 1;
   }
   return scores;
-}
-
-async function readImageBytes(file: string, maxBytes: number): Promise<Uint8Array> {
-  try {
-    const bytes = await readFile(file);
-    if (bytes.byteLength > maxBytes) {
-      throw new SegError(
-        "IMAGE_TOO_LARGE",
-        `${file} has ${bytes.byteLength} bytes, over the limit of ${maxBytes}; downscale or recompress it`,
-      );
-    }
-    return bytes;
-  } catch (cause) {
-    if (cause instanceof SegError) throw cause;
-    const code = (cause as NodeJS.ErrnoException).code;
-    if (code === "ENOENT") throw new SegError("IMAGE_NOT_FOUND", `image ${file} does not exist`, { cause });
-    if (code === "EISDIR")
-      throw new SegError("INVALID_INPUT", `${file} is a directory, not an image file`, { cause });
-    throw new SegError("IMAGE_DECODE_FAILED", `could not read ${file}: ${(cause as Error).message}`, {
-      cause,
-    });
-  }
 }
 
 /** Margin of describe_mode "crop", as a fraction of the image's shorter side (modelkit answers.py). */

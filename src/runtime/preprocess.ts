@@ -14,7 +14,8 @@
  * parity test), which would be a systematic input shift for the ViT and the mask decoder.
  */
 
-import { readFile, stat } from "node:fs/promises";
+import { constants } from "node:fs";
+import { type FileHandle, open } from "node:fs/promises";
 import sharp, { type Metadata, type SharpOptions } from "sharp";
 import { SegError } from "../errors.js";
 import type { ImageSource } from "./types.js";
@@ -72,37 +73,61 @@ async function readSource(source: ImageSource, maxBytes: number): Promise<{ byte
     checkByteSize(b.byteLength, maxBytes, "the image bytes");
     return { bytes: Buffer.from(b.buffer, b.byteOffset, b.byteLength), label: "the image bytes" };
   }
-  const path = source.path;
-  let size: number;
+  return { bytes: await readImageFile(source.path, maxBytes), label: source.path };
+}
+
+/**
+ * Read an image file through one handle: fstat (regular file, size limit) and read the same open
+ * file, so nothing swapped in after the check is read. O_NONBLOCK keeps a FIFO from blocking the
+ * open; `noFollow` refuses a symlink as the last component (for paths already resolved to real ones).
+ * Errors: IMAGE_NOT_FOUND (missing, not a regular file, unreadable), IMAGE_TOO_LARGE, and
+ * IMAGE_DECODE_FAILED for an empty file.
+ */
+export async function readImageFile(path: string, maxBytes: number, options: { noFollow?: boolean } = {}) {
+  const flags = constants.O_RDONLY | constants.O_NONBLOCK | (options.noFollow ? constants.O_NOFOLLOW : 0);
+  let handle: FileHandle;
   try {
-    const st = await stat(path);
-    if (!st.isFile())
+    handle = await open(path, flags);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    const what =
+      code === "ENOENT" || code === "ENOTDIR"
+        ? `image file not found: ${path}`
+        : code === "ELOOP"
+          ? `${path} became a symbolic link after it was checked; pass the file itself`
+          : `cannot open image file ${path}: ${(e as Error).message}`;
+    throw new SegError("IMAGE_NOT_FOUND", what, { cause: e, details: { path } });
+  }
+  try {
+    const st = await handle.stat();
+    if (!st.isFile()) {
       throw new SegError("IMAGE_NOT_FOUND", `${path} is not a regular file`, { details: { path } });
-    size = st.size;
+    }
+    checkByteSize(st.size, maxBytes, path);
+    // One byte more than stat said, to notice a file that grew since.
+    const buf = Buffer.alloc(st.size + 1);
+    let n = 0;
+    for (;;) {
+      const { bytesRead } = await handle.read(buf, n, buf.length - n, n);
+      if (bytesRead === 0) break;
+      n += bytesRead;
+      if (n === buf.length) break;
+    }
+    if (n !== st.size) {
+      throw new SegError("IMAGE_DECODE_FAILED", `${path} changed while it was being read; try again`, {
+        details: { path },
+      });
+    }
+    return buf.subarray(0, n);
   } catch (e) {
     if (e instanceof SegError) throw e;
-    const code = (e as NodeJS.ErrnoException).code;
-    if (code === "ENOENT" || code === "ENOTDIR") {
-      throw new SegError("IMAGE_NOT_FOUND", `image file not found: ${path}`, { cause: e, details: { path } });
-    }
-    throw new SegError("IMAGE_NOT_FOUND", `cannot access image file ${path}: ${(e as Error).message}`, {
-      cause: e,
-      details: { path },
-    });
-  }
-  checkByteSize(size, maxBytes, path);
-  let bytes: Buffer;
-  try {
-    bytes = await readFile(path);
-  } catch (e) {
     throw new SegError("IMAGE_NOT_FOUND", `cannot read image file ${path}: ${(e as Error).message}`, {
       cause: e,
       details: { path },
     });
+  } finally {
+    await handle.close();
   }
-  // The file may have grown between stat and read.
-  checkByteSize(bytes.byteLength, maxBytes, path);
-  return { bytes, label: path };
 }
 
 function checkByteSize(size: number, maxBytes: number, label: string): void {

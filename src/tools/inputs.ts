@@ -9,6 +9,7 @@ import sharp, { type Metadata } from "sharp";
 import type { Config } from "../config.js";
 import { SegError } from "../errors.js";
 import { OUTPUT_URI_PREFIX, parseImageRef, resolveAllowedFile, resolveOutputFile } from "../paths.js";
+import { readImageFile } from "../runtime/preprocess.js";
 import type { Box, ImageInfo, ImageSource } from "../runtime/types.js";
 
 export const SUPPORTED_FORMATS = ["png", "jpeg", "webp", "gif", "tiff"] as const;
@@ -74,9 +75,12 @@ export async function prepareImage(ref: string, ctx: InputContext, field = "imag
       maxBytes: ctx.config.maxImageBytes,
       field,
     });
-    source = { path: file.path };
+    // The checked real path is read once, here, through one handle (no symlink followed): the engine
+    // gets bytes, so nothing swapped in after the check is ever read.
+    const bytes = await readImageFile(file.path, ctx.config.maxImageBytes, { noFollow: true });
+    source = { bytes };
     label = file.path;
-    head = await readHead(file.path);
+    head = bytes.subarray(0, 512);
   } else {
     source = { bytes: parsed.bytes };
     label = "data: URI";
