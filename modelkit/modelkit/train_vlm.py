@@ -169,6 +169,9 @@ class Sample:
     kind: str  # ground kinds, "every", "describe"
     targets: list[Target] = field(default_factory=list)  # grounding referents, answer order
     box_first_digit: list[int] = field(default_factory=list)  # answer index of each box's first digit
+    # Per box, the answer positions [start, end] (inclusive) that write it: from the one before its
+    # first digit through its label. Their attention is pointed at the box's visual token.
+    box_spans: list[tuple[int, int]] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)  # per answer token
     n_objects: int = 0
     text: str = ""  # description text (eval)
@@ -186,6 +189,7 @@ class SampleBuilder:
         self.im_end = tok.special("<|im_end|>")
         self.digit_ids = {tok.encode(d)[0] for d in DIGITS}
         self.decision_ids = {tok.encode(c)[0] for c in ("{", "]", ",")}
+        self.n_label_prefix = len(tok.encode(', "label": "'))
 
     def ground(
         self, ds: RefDataset, image_id: int, expression: str, ann_ids: Sequence[int], kind: str
@@ -199,13 +203,16 @@ class SampleBuilder:
         ans = answers.grounding_answer_ids(self.tok, b1000, labels)
         ids = ans.ids + [self.im_end]
         first: list[int] = []
+        spans: list[tuple[int, int]] = []
         start = 0
-        for last in ans.last_coordinate:
+        for k, last in enumerate(ans.last_coordinate):
             j = start
             while ids[j] not in self.digit_ids:
                 j += 1
             first.append(j)
             start = last + 1
+            label_last = last + 1 + self.n_label_prefix + len(self.tok.encode(labels[k]))
+            spans.append((j - 1, min(label_last, len(ids) - 1)))
         # Digits and the choices that decide how many boxes follow count x3.
         weights = [3.0 if (t in self.digit_ids or t in self.decision_ids) else 1.0 for t in ids]
         return Sample(
@@ -216,6 +223,7 @@ class SampleBuilder:
             kind=kind,
             targets=[Target(boxes[i], anns[i].attributes) for i in order],
             box_first_digit=first,
+            box_spans=spans,
             weights=weights,
             n_objects=len(ds.annotations_for_image(image_id)),
         )
@@ -290,6 +298,14 @@ class WorldModel(nn.Module):
         self.small_config = small
         self.full_config = config
         self.lm = Qwen3VLForConditionalGeneration(small)
+        # Eager text attention returns its probabilities, which the pointer loss supervises; the
+        # vision tower keeps SDPA (one shared config object per tower).
+        self.lm.config.text_config._attn_implementation = "eager"
+        self.captured: dict[str, torch.Tensor] = {}
+        layers = self.lm.model.language_model.layers
+        for i in (-1, -2):
+            layers[i].self_attn.register_forward_hook(self._keep(f"attn{i}", 1))
+        layers[-2].register_forward_hook(self._keep("mid", None))
         d = int(config.text_config.hidden_size)
         self.heads = nn.ModuleDict(
             {
@@ -302,6 +318,13 @@ class WorldModel(nn.Module):
             }
         )
         self.other_logit = math.log(self.full_vocab - len(self.world))
+
+    def _keep(self, name: str, index: int | None) -> Any:
+        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+            v = out if index is None else out[index]
+            self.captured[name] = v[0] if isinstance(v, tuple) else v
+
+        return hook
 
     def map_ids(self, ids: Sequence[int]) -> list[int]:
         return [self.index[t] for t in ids]
@@ -486,24 +509,28 @@ def compute_loss(
     if aux_weight == 0.0:
         return lm_loss, logs
 
-    cell_obj, cell_box, ptr, pres = [], [], [], []
+    mid = wm.captured["mid"]  # [B, L, D], input of the last decoder layer
+    attns = [wm.captured["attn-1"], wm.captured["attn-2"]]  # [B, H, L, L] each
+    cell_obj, cell_box, ptr, pres, att = [], [], [], [], []
     attr_losses: dict[str, list[torch.Tensor]] = {k: [] for k in data.attr_values}
     for b, (s, ex) in enumerate(zip(batch_samples, batch["extras"], strict=True)):
         gh, gw = ex["grid"]
         n = gh * gw // (MERGE_SIZE * MERGE_SIZE)
         pads = h[b, ex["pad_start"] : ex["pad_start"] + n]  # [n, D]
+        # Cell heads read the values the last layer attends to.
+        mpads = mid[b, ex["pad_start"] : ex["pad_start"] + n]  # [n, D]
         tg = data.cell_targets(s, (gh, gw))
         if s.crop is None:
             cell_obj.append(
-                F.binary_cross_entropy_with_logits(wm.heads["obj"](pads)[:, 0], torch.from_numpy(tg["obj"]))
+                F.binary_cross_entropy_with_logits(wm.heads["obj"](mpads)[:, 0], torch.from_numpy(tg["obj"]))
             )
             has = torch.from_numpy(tg["obj"] > 0)
             if bool(has.any()):
                 cell_box.append(
-                    F.l1_loss(wm.heads["box"](pads[has]).sigmoid(), torch.from_numpy(tg["box"][has.numpy()]))
+                    F.l1_loss(wm.heads["box"](mpads[has]).sigmoid(), torch.from_numpy(tg["box"][has.numpy()]))
                 )
                 for k in data.attr_values:
-                    attr_losses[k].append(F.cross_entropy(wm.heads[k](pads), torch.from_numpy(tg[k])))
+                    attr_losses[k].append(F.cross_entropy(wm.heads[k](mpads), torch.from_numpy(tg[k])))
         if s.kind == "describe":
             continue
         pl = ex["prompt_len"]
@@ -520,8 +547,15 @@ def compute_loss(
                 scores = keys @ q / math.sqrt(q.shape[0])  # [n]
                 cell = data.target_cell(s, t, (gh, gw))
                 ptr.append(F.cross_entropy(scores[None], torch.tensor([cell])))
+            # Head 0 of the last two layers: every position writing box k attends its visual token.
+            for t, (a0, a1) in zip(s.targets, s.box_spans, strict=True):
+                cell = data.target_cell(s, t, (gh, gw))
+                rows = torch.arange(pl + a0, pl + a1 + 1)
+                for a in attns:
+                    p = a[b, 0, rows, ex["pad_start"] + cell]  # [span]
+                    att.append(-torch.log(p + 1e-6).mean())
     aux = torch.zeros(())
-    for name, items in (("obj", cell_obj), ("cbox", cell_box), ("ptr", ptr), ("pres", pres)):
+    for name, items in (("obj", cell_obj), ("cbox", cell_box), ("ptr", ptr), ("pres", pres), ("att", att)):
         if items:
             v = torch.stack(items).mean()
             aux = aux + (5.0 * v if name == "cbox" else v)

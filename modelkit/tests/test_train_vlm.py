@@ -82,6 +82,8 @@ def test_restricted_softmax_is_full_vocab_ce(world: dict) -> None:
         restricted = F.cross_entropy(wm.logits(h[sel]), batch["labels"][sel], reduction="none")
 
         full = tv.export_full_model(wm).double()
+        # the same attention code as the training model (HF's eager softmax runs in float32)
+        full.config.text_config._attn_implementation = "eager"
         world_ids = torch.tensor(wm.world)
         full_ids = world_ids[batch["input_ids"]]
         logits = full(
