@@ -4,7 +4,7 @@
  * errors), while parity.test.ts checks the numbers.
  */
 
-import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { cp, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import sharp from "sharp";
@@ -165,6 +165,32 @@ describe("LocalEngine on the tiny pack", () => {
     expect((await rejection(engine.segment({ image: { path: imagePath }, outputDir: out }))).message).toBe(
       "segment needs an expression or a box",
     );
+  });
+});
+
+describe("describe_mode crop", () => {
+  it("describes from a crop: the result speaks of the whole image, the crop is cached", async () => {
+    const dir = path.join(out, "crop-pack");
+    await cp(packDir, dir, { recursive: true });
+    const manifestPath = path.join(dir, "pack.json");
+    const manifest = JSON.parse(await readFile(manifestPath, "utf8"));
+    manifest.prompts.describe = "Describe the object in the middle of the image in a short phrase.";
+    manifest.prompts.describe_mode = "crop";
+    await writeFile(manifestPath, JSON.stringify(manifest));
+    const cropEngine = await LocalEngine.create({ packDir: dir, executionProvider: "cpu" });
+    try {
+      const first = await cropEngine.describe({ image: { path: imagePath }, box: [40, 30, 200, 180] });
+      expect(first.image).toEqual({ width: 400, height: 208 });
+      expect(first.box).toEqual([40, 30, 200, 180]);
+      expect(first.cached).toBe(false);
+      const again = await cropEngine.describe({ image: { path: imagePath }, box: [40, 30, 200, 180] });
+      expect(again.cached).toBe(true);
+      expect(again.description).toBe(first.description);
+      const other = await cropEngine.describe({ image: { path: imagePath }, box: [0, 0, 50, 50] });
+      expect(other.cached).toBe(false);
+    } finally {
+      await cropEngine.dispose();
+    }
   });
 });
 

@@ -360,33 +360,38 @@ export class LocalEngine implements Engine {
   describe(req: DescribeRequest): Promise<DescribeResult> {
     return this.#serial(async () => {
       const timer = new Timer(req.onProgress);
-      const { image, cached } = await this.#encode(req.image, timer, req.signal);
+      // The region: the given box, else the tight box of the given mask (checked against the image).
+      let size = { width: 0, height: 0 };
       let box = req.box;
-      if (req.maskPath !== undefined) {
-        const bitmap = await readMaskPng(req.maskPath, image.width, image.height);
-        const tight = tightBox(bitmap, image.width, image.height);
-        if (!tight) {
-          throw new SegError(
-            "INVALID_INPUT",
-            `mask ${req.maskPath} is empty: it selects no pixel to describe`,
-          );
+      const resolveRegion = async (width: number, height: number): Promise<Box> => {
+        size = { width, height };
+        if (req.maskPath !== undefined) {
+          const bitmap = await readMaskPng(req.maskPath, width, height);
+          const tight = tightBox(bitmap, width, height);
+          if (!tight) {
+            throw new SegError(
+              "INVALID_INPUT",
+              `mask ${req.maskPath} is empty: it selects no pixel to describe`,
+            );
+          }
+          box ??= tight;
         }
-        box ??= tight;
-      }
-      if (!box) throw new SegError("INVALID_INPUT", "describe_region needs a box or a mask");
-      const region = box;
-      let target = image;
-      let targetCached = cached;
-      if (this.#pack.manifest.prompts.describe_mode === "crop") {
-        // The model looks at a crop around the region (modelkit answers.crop_box) instead of reading
-        // the box's coordinates.
-        const encoded = await this.#encode(req.image, timer, req.signal, (w, h) => cropBox(region, w, h));
-        target = encoded.image;
-        targetCached = encoded.cached;
-      }
+        if (!box) throw new SegError("INVALID_INPUT", "describe_region needs a box or a mask");
+        return box;
+      };
+      // describe_mode "crop": the model looks at a crop around the region (modelkit answers.crop_box)
+      // instead of reading the box's coordinates; only the crop is encoded.
+      const { image: target, cached } =
+        this.#pack.manifest.prompts.describe_mode === "crop"
+          ? await this.#encode(req.image, timer, req.signal, async (w, h) =>
+              cropBox(await resolveRegion(w, h), w, h),
+            )
+          : await this.#encode(req.image, timer, req.signal);
+      // In crop mode the callback above already resolved the region.
+      const region = box && size.width > 0 ? box : await resolveRegion(target.width, target.height);
       const question = describeQuestion(
         this.#pack.manifest.prompts,
-        boxTo1000(box, image.width, image.height),
+        boxTo1000(region, size.width, size.height),
       );
       const prefill = await this.#prefill(target, question, [], timer, req.signal);
       timer.progress("generate", 0);
@@ -407,12 +412,12 @@ export class LocalEngine implements Engine {
         )
         .trim();
       return {
-        image: { width: image.width, height: image.height },
-        box,
+        image: size,
+        box: region,
         description,
         label: shortLabel(description),
         timings: timer.finish(),
-        cached: targetCached,
+        cached,
       };
     });
   }
@@ -432,7 +437,7 @@ export class LocalEngine implements Engine {
     source: ImageSource,
     timer: Timer,
     signal: AbortSignal | undefined,
-    crop?: (width: number, height: number) => Box,
+    crop?: (width: number, height: number) => Promise<Box>,
   ): Promise<{ image: EncodedImage; cached: boolean }> {
     timer.progress("decode", 0);
     const bytes =
@@ -451,7 +456,7 @@ export class LocalEngine implements Engine {
     }
     let decoded = await decodeImage({ bytes }, this.#limits());
     if (crop) {
-      const region = crop(decoded.width, decoded.height);
+      const region = await crop(decoded.width, decoded.height);
       hash.update(`|crop:${region.join(",")}`);
       const hit = this.#cache.get(hash.copy().digest("hex"));
       if (hit) {
