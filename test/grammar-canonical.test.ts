@@ -50,6 +50,7 @@ describe.each(cases.map((c) => [c.text, c] as const))("canonical answer %s", (_,
     const g = new BoxGrammar(texts, EOS, { encode: (t: string) => tok.encodePlain(t) });
     let i = 0;
     const closedAt: number[] = [];
+    let coordinateTokens = 0;
     while (i < c.ids.length) {
       const forced = g.forced();
       if (forced.length > 0) {
@@ -60,13 +61,17 @@ describe.each(cases.map((c) => [c.text, c] as const))("canonical answer %s", (_,
       }
       const id = c.ids[i] as number;
       expect(g.accepts(id), `token ${id} (${JSON.stringify(texts[id])}) at ${i}`).toBe(true);
-      if (g.advance(id).boxClosed) closedAt.push(i - 1);
+      const event = g.advance(id);
+      if (event.boxClosed) closedAt.push(i - 1);
+      if (event.coordinate) coordinateTokens++;
       i++;
     }
     expect(g.forced()).toEqual([]);
     expect(g.accepts(EOS[0] as number)).toBe(true);
     // The grammar's box-close events point at the last coordinate tokens (T_seg rows).
     expect(closedAt).toEqual(c.last_coordinate);
+    // Box scores are taken over exactly the coordinate digits (one token per digit in Qwen's vocabulary).
+    expect(coordinateTokens).toBe(c.boxes.flat().join("").length);
     expect(parseBoxes(c.text, 1000, 1000).instances.map((x) => x.box1000)).toEqual(c.boxes);
   });
 });

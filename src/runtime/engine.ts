@@ -124,19 +124,28 @@ class WorkerEngine implements Engine {
     const { signal, onProgress, ...args } = (req ?? {}) as RequestOptions & Record<string, unknown>;
     if (signal?.aborted) throw new SegError("CANCELLED", "the request was cancelled");
     await this.start();
+    // Cancelled while the worker was (re)starting: the listener below would never fire.
+    if (signal?.aborted) throw new SegError("CANCELLED", "the request was cancelled");
     const worker = this.#worker;
     if (!worker) throw new SegError("INFERENCE_FAILED", "the inference worker is not running");
     const id = this.#nextId++;
     return new Promise<T>((resolve, reject) => {
       const onAbort = () => worker.postMessage({ kind: "cancel", id } satisfies WorkerRequest);
+      const cleanup = () => signal?.removeEventListener("abort", onAbort);
       signal?.addEventListener("abort", onAbort, { once: true });
-      this.#pending.set(id, {
-        resolve: resolve as (v: unknown) => void,
-        reject,
-        onProgress,
-        cleanup: () => signal?.removeEventListener("abort", onAbort),
-      });
-      worker.postMessage({ kind: "call", id, method, args } satisfies WorkerRequest);
+      this.#pending.set(id, { resolve: resolve as (v: unknown) => void, reject, onProgress, cleanup });
+      try {
+        worker.postMessage({ kind: "call", id, method, args } satisfies WorkerRequest);
+      } catch (cause) {
+        this.#pending.delete(id);
+        cleanup();
+        reject(
+          new SegError(
+            "INVALID_INPUT",
+            `the request cannot be sent to the engine: ${(cause as Error).message}`,
+          ),
+        );
+      }
     });
   }
 

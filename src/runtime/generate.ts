@@ -155,8 +155,12 @@ export interface TokenConstraint {
   forced(): number[];
   /** Best allowed token under `logits`. */
   pick(logits: Float32Array): number;
-  /** Accept a token; returns true when it closed a box's coordinate list (for T_seg capture). */
-  advance(token: number): { boxClosed: boolean };
+  /**
+   * Accept a token. `boxClosed`: it closed a box's coordinate list (T_seg capture); `coordinate`: it
+   * holds coordinate digits (box scores); `lastCoordinateInToken`: the closing token also holds the
+   * last digit, which would make T_seg the next step's row (no Qwen token does this).
+   */
+  advance(token: number): { boxClosed: boolean; coordinate: boolean; lastCoordinateInToken: boolean };
   isDone(): boolean;
 }
 
@@ -175,8 +179,8 @@ export interface GenerateResult {
   probs: number[];
   /** Final-norm hidden state [H] that predicted each box-closing token (T_seg per box). */
   boxHidden: Float32Array[];
-  /** Index into `tokens` of the token that closed each box's coordinate list. */
-  boxTokenEnds: number[];
+  /** Per box: geometric-mean probability of its coordinate tokens (the model's confidence in it). */
+  boxScores: number[];
   /** Decoder calls made (one per sampled token or forced chunk). */
   steps: number;
   stoppedBy: "stop" | "budget" | "grammar";
@@ -200,47 +204,56 @@ export async function generate(
   const tokens: number[] = [];
   const probs: number[] = [];
   const boxHidden: Float32Array[] = [];
-  const boxTokenEnds: number[] = [];
+  const boxScores: number[] = [];
+  let coordLogProb = 0;
+  let coordCount = 0;
   let steps = 0;
   let { logits, lastHidden, cache } = start;
   while (tokens.length < options.maxNewTokens) {
     throwIfAborted(signal);
-    if (constraint?.isDone()) return { tokens, probs, boxHidden, boxTokenEnds, steps, stoppedBy: "grammar" };
+    if (constraint?.isDone()) return { tokens, probs, boxHidden, boxScores, steps, stoppedBy: "grammar" };
     const forced = constraint ? constraint.forced() : [];
     let chunk: number[];
-    // Boxes closed by the j-th token of a forced chunk (j > 0) take the chunk's row j - 1 after the step.
-    const pendingRows: number[] = [];
     if (forced.length > 0) {
       chunk = forced.slice(0, options.maxNewTokens - tokens.length);
-      chunk.forEach((t, j) => {
-        if (constraint?.advance(t).boxClosed) {
-          boxTokenEnds.push(tokens.length);
-          if (j === 0) boxHidden.push(lastHidden.slice());
-          else pendingRows.push(j - 1);
-        }
+      for (const t of chunk) {
+        // The token closing a box follows a number, which the grammar never forces.
+        if (constraint?.advance(t).boxClosed)
+          throw new SegError("INFERENCE_FAILED", "a forced token closed a box");
         tokens.push(t);
         probs.push(1);
-      });
+      }
     } else {
       const token = constraint ? constraint.pick(logits) : argmax(logits);
-      if (constraint?.advance(token).boxClosed) {
-        boxTokenEnds.push(tokens.length);
+      const p = tokenProbability(logits, token);
+      const event = constraint?.advance(token);
+      if (event?.lastCoordinateInToken) {
+        throw new SegError("INFERENCE_FAILED", "this vocabulary merges a coordinate digit with `]`");
+      }
+      if (event?.coordinate) {
+        coordLogProb += Math.log(Math.max(p, 1e-12));
+        coordCount++;
+      }
+      if (event?.boxClosed) {
+        // T_seg: the state that predicted the closing token, i.e. the one at the last digit.
         boxHidden.push(lastHidden.slice());
+        boxScores.push(coordCount > 0 ? Math.exp(coordLogProb / coordCount) : 0);
+        coordLogProb = 0;
+        coordCount = 0;
       }
       tokens.push(token);
-      probs.push(tokenProbability(logits, token));
-      if (stopTokens.has(token)) return { tokens, probs, boxHidden, boxTokenEnds, steps, stoppedBy: "stop" };
+      probs.push(p);
+      if (stopTokens.has(token)) return { tokens, probs, boxHidden, boxScores, steps, stoppedBy: "stop" };
       chunk = [token];
     }
     options.onToken?.(tokens.length);
-    if (constraint?.isDone()) return { tokens, probs, boxHidden, boxTokenEnds, steps, stoppedBy: "grammar" };
+    if (constraint?.isDone()) return { tokens, probs, boxHidden, boxScores, steps, stoppedBy: "grammar" };
     if (tokens.length >= options.maxNewTokens) break;
     const result = await lm.step(chunk, appendPositions(cache.length, chunk.length, ropeDelta), cache);
     steps++;
-    for (const row of pendingRows) boxHidden.push(result.hidden.slice(row * h, (row + 1) * h));
     logits = result.logits;
     lastHidden = result.hidden.subarray((chunk.length - 1) * h, chunk.length * h);
     cache = result.cache;
   }
-  return { tokens, probs, boxHidden, boxTokenEnds, steps, stoppedBy: "budget" };
+  return { tokens, probs, boxHidden, boxScores, steps, stoppedBy: "budget" };
 }

@@ -41,6 +41,8 @@ export interface BoxGrammarOptions {
 export interface AdvanceEvent {
   /** This token ended a box's fourth coordinate (its text starts the `], "label"` part). */
   boxClosed: boolean;
+  /** This token holds digits of a box coordinate (the tokens a box's score is taken over). */
+  coordinate: boolean;
   /** The 4th coordinate's last digit is inside this token (never for Qwen's vocabulary). */
   lastCoordinateInToken: boolean;
 }
@@ -255,7 +257,7 @@ export class BoxGrammar {
     if (this.#eosSet.has(tokenId)) {
       if (s.phase !== Phase.End) throw this.#rejected(tokenId);
       s.phase = Phase.Done;
-      return { boxClosed: false, lastCoordinateInToken: false };
+      return { boxClosed: false, coordinate: false, lastCoordinateInToken: false };
     }
     const text = this.#texts[tokenId];
     if (text === undefined || text.length === 0) throw this.#rejected(tokenId);
@@ -263,8 +265,10 @@ export class BoxGrammar {
     Object.assign(next, s);
     let boxClosed = false;
     let digitBeforeClose = false;
+    let coordinate = false;
     for (let i = 0; i < text.length; i++) {
       const c = text.charCodeAt(i);
+      if (next.phase === Phase.Number && c >= DIGIT_0 && c <= DIGIT_0 + 9) coordinate = true;
       const closes = next.phase === Phase.Number && next.k === 3 && c === CLOSE_BRACKET;
       if (!step(next, c, this.#maxBoxes, this.#maxLabel)) throw this.#rejected(tokenId);
       if (closes) {
@@ -273,7 +277,7 @@ export class BoxGrammar {
       }
     }
     Object.assign(s, next);
-    return { boxClosed, lastCoordinateInToken: digitBeforeClose };
+    return { boxClosed, coordinate, lastCoordinateInToken: digitBeforeClose };
   }
 
   #rejected(tokenId: number): SegError {

@@ -321,6 +321,7 @@ export class LocalEngine implements Engine {
           bitmaps.push(r.bitmap);
           return { item, r, score: Math.min(1, Math.max(0, iou[i] ?? 0)) };
         });
+        outputs.sort((a, b) => b.score - a.score); // highest predicted IoU first
         timer.lap("postprocess", "write");
         for (const [i, { item, r, score }] of outputs.entries()) {
           const file = newOutputName(req.outputDir, "mask", i);
@@ -622,39 +623,24 @@ export class LocalEngine implements Engine {
       { skipSpecial: true },
     );
     const parsed = parseBoxes(text, image.width, image.height);
-    // Box k's score: geometric mean probability of the tokens the model chose (forced ones excluded)
-    // in its answer span.
-    const scores = boxScores(gen.probs, gen.boxTokenEnds);
     // `index` counts every box in the text, so dropped (degenerate, duplicate) boxes keep the pairing
-    // with the grammar's per-box hidden states and scores.
-    const instances = parsed.instances.slice(0, limit).map((inst) => ({
-      label: inst.label,
-      box: inst.box,
-      box1000: inst.box1000,
-      score: scores[inst.index] ?? 0,
-      hidden: gen.boxHidden[inst.index] ?? prefill.lastHidden,
-    }));
+    // with the per-box hidden states and scores that generation recorded.
+    const instances = parsed.instances.slice(0, limit).map((inst) => {
+      const hidden = gen.boxHidden[inst.index];
+      if (!hidden) {
+        throw new SegError("INFERENCE_FAILED", `box ${inst.index} of the answer has no hidden state`);
+      }
+      return {
+        label: inst.label,
+        box: inst.box,
+        box1000: inst.box1000,
+        score: gen.boxScores[inst.index] ?? 0,
+        hidden,
+      };
+    });
+    instances.sort((a, b) => b.score - a.score);
     return { instances, text };
   }
-}
-
-function boxScores(probs: readonly number[], ends: readonly number[]): number[] {
-  const scores: number[] = [];
-  let start = 0;
-  for (const end of ends) {
-    let logSum = 0;
-    let n = 0;
-    for (let i = start; i <= end && i < probs.length; i++) {
-      const p = probs[i] as number;
-      if (p < 1) {
-        logSum += Math.log(Math.max(p, 1e-12));
-        n++;
-      }
-    }
-    scores.push(n === 0 ? 1 : Math.exp(logSum / n));
-    start = end + 1;
-  }
-  return scores;
 }
 
 /** Margin of describe_mode "crop", as a fraction of the image's shorter side (modelkit answers.py). */
