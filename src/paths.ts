@@ -25,7 +25,7 @@ export interface ResolvedFile {
 /** True when `child` is `parent` or lies below it (both absolute, normalised). */
 export function isInside(child: string, parent: string): boolean {
   const rel = path.relative(parent, child);
-  return rel === "" || (!rel.startsWith("..") && !path.isAbsolute(rel));
+  return rel === "" || (rel !== ".." && !rel.startsWith(`..${path.sep}`) && !path.isAbsolute(rel));
 }
 
 function describeDirs(dirs: readonly string[]): string {
@@ -224,7 +224,7 @@ export async function ensureOutputDir(outDir: string): Promise<string> {
 /** The resource URI of a file the engine wrote inside the output directory. */
 export function outputUri(outDirReal: string, file: string): string {
   const rel = path.relative(outDirReal, file);
-  if (rel === "" || rel.startsWith("..") || path.isAbsolute(rel)) {
+  if (rel === "" || rel === ".." || rel.startsWith(`..${path.sep}`) || path.isAbsolute(rel)) {
     throw new SegError(
       "OUTPUT_WRITE_FAILED",
       `output file "${file}" is outside the output directory "${outDirReal}"`,

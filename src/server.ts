@@ -223,12 +223,12 @@ export async function serveHttp(
   const bodyLimit = Math.ceil((config.maxDataUriBytes * 4) / 3) + 256 * 1024;
   let port = http.port;
 
-  const allowedHosts = () => new Set(["127.0.0.1", "localhost", "[::1]"].map((h) => `${h}:${port}`));
+  // The loopback names, plus the address the server is bound to (e.g. 127.0.0.2).
+  const boundHost = http.host.includes(":") ? `[${http.host}]` : http.host;
+  const hostNames = [...new Set(["127.0.0.1", "localhost", "[::1]", boundHost.toLowerCase()])];
+  const allowedHosts = () => new Set(hostNames.map((h) => `${h}:${port}`));
   const allowedOrigins = () =>
-    new Set([
-      ...["127.0.0.1", "localhost", "[::1]"].map((h) => `http://${h}:${port}`),
-      ...http.allowedOrigins,
-    ]);
+    new Set([...hostNames.map((h) => `http://${h}:${port}`), ...http.allowedOrigins]);
 
   const handle = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
     const url = new URL(req.url ?? "/", "http://localhost");

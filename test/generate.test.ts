@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { appendPositions, argmax, tokenProbability } from "../src/runtime/generate.js";
+import { argmax, tokenProbability } from "../src/runtime/generate.js";
 
 describe("generation helpers", () => {
   it("tokenProbability equals the full softmax", () => {
@@ -15,9 +15,5 @@ describe("generation helpers", () => {
 
   it("argmax takes the first maximum", () => {
     expect(argmax(new Float32Array([1, 3, 3, -1]))).toBe(1);
-  });
-
-  it("appendPositions gives n + ropeDelta on all three axes", () => {
-    expect(Array.from(appendPositions(18, 2, -3), Number)).toEqual([15, 16, 15, 16, 15, 16]);
   });
 });

@@ -8,10 +8,10 @@
 
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { appendPositions, argmax, generate, LanguageModel } from "../src/runtime/generate.js";
+import { argmax, generate, LanguageModel } from "../src/runtime/generate.js";
 import { f32, i64, OnnxSession } from "../src/runtime/onnx.js";
 import { type LoadedPack, loadPack } from "../src/runtime/pack.js";
-import { ropeIndex } from "../src/runtime/rope.js";
+import { decodePositions, ropeIndex } from "../src/runtime/rope.js";
 import { visionHostInputs } from "../src/runtime/vision-inputs.js";
 import { diffStats, type FixtureCase, fixtureCases, loadCase } from "./helpers/fixtures.js";
 
@@ -160,7 +160,7 @@ describe.each(cases)("parity with PyTorch: %s", (name) => {
     let cache = pre.cache;
     const hidden = new Float32Array(expected.length * h);
     for (const [k, token] of expected.entries()) {
-      const step = await lm.step([token], appendPositions(cache.length, 1, rope.ropeDelta), cache);
+      const step = await lm.step([token], decodePositions(cache.length, 1, rope.ropeDelta), cache);
       hidden.set(step.hidden, k * h);
       cache = step.cache;
       if (k + 1 < expected.length) expect(argmax(step.logits)).toBe(expected[k + 1]);

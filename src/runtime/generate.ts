@@ -5,6 +5,7 @@
 
 import { SegError } from "../errors.js";
 import { f32, type HostTensor, i64, type OnnxSession } from "./onnx.js";
+import { decodePositions } from "./rope.js";
 
 export interface LmDims {
   layers: number;
@@ -105,18 +106,6 @@ export class LanguageModel {
     });
     return { logits, hidden, cache: { length: total, tensors } };
   }
-}
-
-/** Positions for tokens appended after a cache of `cacheLength` entries: n + ropeDelta on all 3 axes. */
-export function appendPositions(cacheLength: number, count: number, ropeDelta: number): BigInt64Array {
-  const out = new BigInt64Array(3 * count);
-  for (let i = 0; i < count; i++) {
-    const p = BigInt(cacheLength + i + ropeDelta);
-    out[i] = p;
-    out[count + i] = p;
-    out[2 * count + i] = p;
-  }
-  return out;
 }
 
 export function argmax(logits: Float32Array): number {
@@ -249,7 +238,7 @@ export async function generate(
     options.onToken?.(tokens.length);
     if (constraint?.isDone()) return { tokens, probs, boxHidden, boxScores, steps, stoppedBy: "grammar" };
     if (tokens.length >= options.maxNewTokens) break;
-    const result = await lm.step(chunk, appendPositions(cache.length, chunk.length, ropeDelta), cache);
+    const result = await lm.step(chunk, decodePositions(cache.length, chunk.length, ropeDelta), cache);
     steps++;
     logits = result.logits;
     lastHidden = result.hidden.subarray((chunk.length - 1) * h, chunk.length * h);

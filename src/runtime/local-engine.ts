@@ -7,10 +7,10 @@
 import { createHash } from "node:crypto";
 import { SegError } from "../errors.js";
 import { ByteLru, byteSize } from "./cache.js";
-import { argmax, generate, type KvCache, LanguageModel } from "./generate.js";
+import { generate, type KvCache, LanguageModel } from "./generate.js";
 import { BoxGrammar } from "./grammar.js";
 import { parseBoxes } from "./grounding.js";
-import { maskFromLogits, rleEncode } from "./mask-post.js";
+import { maskFromLogits, rleEncode, tightBox } from "./mask-post.js";
 import { type ExecutionProvider, f32, i64, type Logger, OnnxSession } from "./onnx.js";
 import { newOutputName, readMaskPng, writeMaskPng, writeOverlayPng } from "./output.js";
 import { type LoadedPack, loadPack, type VerifyMode } from "./pack.js";
@@ -71,7 +71,6 @@ const TOKENS_PER_BOX = 96;
 
 /** Everything derived from one image that later questions reuse. */
 interface EncodedImage {
-  key: string;
   width: number;
   height: number;
   grid: [number, number, number];
@@ -88,11 +87,9 @@ interface EncodedImage {
 }
 
 interface Prefilled {
-  image: EncodedImage;
   logits: Float32Array;
+  /** [H] final-norm hidden state of the last fed token. */
   lastHidden: Float32Array;
-  /** [S_suffix, H] hidden states of the fed suffix. */
-  suffixHidden: Float32Array;
   cache: KvCache;
   ropeDelta: number;
 }
@@ -518,7 +515,6 @@ export class LocalEngine implements Engine {
     );
     const out = await this.#lm.step(prefixIds, rope.positions, this.#lm.emptyCache(), visual);
     const image: EncodedImage = {
-      key,
       width: decoded.width,
       height: decoded.height,
       grid: prep.grid,
@@ -578,10 +574,8 @@ export class LocalEngine implements Engine {
     const h = this.#lm.dims.hidden;
     timer.lap("prefill");
     return {
-      image,
       logits: out.logits,
       lastHidden: out.hidden.slice((suffix.length - 1) * h),
-      suffixHidden: out.hidden,
       cache: out.cache,
       ropeDelta: rope.ropeDelta,
     };
@@ -668,26 +662,6 @@ function cropRgb(image: { rgb: Uint8Array; width: number; height: number }, box:
   return { rgb, width: w, height: h };
 }
 
-/** Tight box [x1, y1, x2, y2) of the set pixels of a 0/1 bitmap, or null when empty. */
-export function tightBox(bitmap: Uint8Array, width: number, height: number): Box | null {
-  let x1 = width;
-  let y1 = height;
-  let x2 = -1;
-  let y2 = -1;
-  for (let y = 0; y < height; y++) {
-    const row = y * width;
-    for (let x = 0; x < width; x++) {
-      if (bitmap[row + x]) {
-        if (x < x1) x1 = x;
-        if (x > x2) x2 = x;
-        if (y < y1) y1 = y;
-        y2 = y;
-      }
-    }
-  }
-  return x2 < 0 ? null : [x1, y1, x2 + 1, y2 + 1];
-}
-
 /** A short label from a description: drop a leading article, keep up to 4 words before punctuation. */
 export function shortLabel(description: string): string {
   const first = description.split(/[.,;:!?\n]/)[0] ?? "";
@@ -698,5 +672,3 @@ export function shortLabel(description: string): string {
   if (words.length > 1 && /^(a|an|the)$/i.test(words[0] as string)) words.shift();
   return words.slice(0, 4).join(" ").toLowerCase();
 }
-
-export { argmax };

@@ -252,3 +252,23 @@ export function rleDecode(rle: Rle): Uint8Array {
   }
   return out;
 }
+
+/** Tight box [x1, y1, x2, y2) of the set pixels of a 0/1 bitmap, or null when empty. */
+export function tightBox(bitmap: Uint8Array, width: number, height: number): Box | null {
+  let x1 = width;
+  let y1 = height;
+  let x2 = -1;
+  let y2 = -1;
+  for (let y = 0; y < height; y++) {
+    const row = y * width;
+    for (let x = 0; x < width; x++) {
+      if (bitmap[row + x]) {
+        if (x < x1) x1 = x;
+        if (x > x2) x2 = x;
+        if (y < y1) y1 = y;
+        y2 = y;
+      }
+    }
+  }
+  return x2 < 0 ? null : [x1, y1, x2 + 1, y2 + 1];
+}

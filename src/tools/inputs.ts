@@ -9,11 +9,10 @@ import sharp, { type Metadata } from "sharp";
 import type { Config } from "../config.js";
 import { SegError } from "../errors.js";
 import { OUTPUT_URI_PREFIX, parseImageRef, resolveAllowedFile, resolveOutputFile } from "../paths.js";
-import { readImageFile } from "../runtime/preprocess.js";
+import { readImageFile, type SUPPORTED_FORMATS } from "../runtime/preprocess.js";
 import type { Box, ImageInfo, ImageSource } from "../runtime/types.js";
 
-export const SUPPORTED_FORMATS = ["png", "jpeg", "webp", "gif", "tiff"] as const;
-export type SupportedFormat = (typeof SUPPORTED_FORMATS)[number];
+type SupportedFormat = (typeof SUPPORTED_FORMATS)[number];
 
 const FORMAT_LIST = "PNG, JPEG, WebP, GIF or TIFF";
 
@@ -141,6 +140,12 @@ export async function prepareMask(ref: string, image: ImageInfo, ctx: InputConte
   if (ref.startsWith(OUTPUT_URI_PREFIX)) {
     file = await resolveOutputFile(ctx.config.outDir, ref);
   } else {
+    if (/^data:/i.test(ref)) {
+      throw new SegError(
+        "INVALID_INPUT",
+        "mask must be a file path or a qwen3-vl-seg://masks/ URI returned by segment, not a data: URI",
+      );
+    }
     const parsed = parseImageRef(ref, { cwd: ctx.config.cwd, maxDataUriBytes: 0, field: "mask" });
     if (parsed.kind !== "path") {
       throw new SegError(

@@ -76,6 +76,8 @@ export class EngineQueue {
   /** Run `fn` when it is its turn; resolves with its result and the milliseconds spent waiting. */
   async run<T>(fn: () => Promise<T>, signal?: AbortSignal): Promise<{ value: T; waitedMs: number }> {
     const start = performance.now();
+    // A finished call hands its turn straight to the next waiter (`running` stays true), so a call
+    // arriving in between cannot slip past the queue.
     if (this.running) {
       if (this.waiting.length >= this.maxWaiting) {
         throw new SegError(
@@ -104,8 +106,9 @@ export class EngineQueue {
       if (signal?.aborted) throw new SegError("CANCELLED", "the request was cancelled");
       return { value: await fn(), waitedMs };
     } finally {
-      this.running = false;
-      this.waiting.shift()?.();
+      const next = this.waiting.shift();
+      if (next) next();
+      else this.running = false;
     }
   }
 }
