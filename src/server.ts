@@ -252,6 +252,11 @@ export async function serveHttp(
     const existing = typeof sessionId === "string" ? sessions.get(sessionId) : undefined;
     if (req.method === "POST") {
       let body: unknown;
+      const declared = Number(req.headers["content-length"] ?? 0);
+      if (declared > bodyLimit) {
+        res.setHeader("connection", "close");
+        return refuse(res, 413, `request body of ${declared} bytes is over the limit of ${bodyLimit}`);
+      }
       try {
         body = await readJsonBody(req, bodyLimit);
       } catch (error) {
@@ -275,10 +280,16 @@ export async function serveHttp(
         await createServer(config, engine, shared, { trustRoots: false }).connect(transport);
         return transport.handleRequest(req, res, body);
       }
+      // An unknown (expired) session id is 404, which tells a client to initialize again (MCP spec).
+      if (sessionId !== undefined)
+        return refuse(res, 404, "unknown or expired mcp-session-id: initialize again");
       return refuse(res, 400, "bad request: no valid mcp-session-id (initialize first)");
     }
     if (existing && (req.method === "GET" || req.method === "DELETE"))
       return existing.handleRequest(req, res);
+    if (sessionId !== undefined && !existing) {
+      return refuse(res, 404, "unknown or expired mcp-session-id: initialize again");
+    }
     return refuse(res, existing ? 405 : 400, "bad request: unknown session or method");
   };
 

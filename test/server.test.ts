@@ -145,7 +145,23 @@ describe("Streamable HTTP", () => {
       { ...auth, "mcp-session-id": "nope" },
       { jsonrpc: "2.0", id: 2, method: "tools/list" },
     );
-    expect(res.status).toBe(400);
+    // 404 for an unknown session id tells the client to initialize again (MCP spec).
+    expect(res.status).toBe(404);
+    const noSession = await post(handle.url, auth, { jsonrpc: "2.0", id: 3, method: "tools/list" });
+    expect(noSession.status).toBe(400);
+  });
+
+  it("refuses a body over the limit from its content-length, before reading it", async () => {
+    const res = await fetch(handle.url, {
+      method: "POST",
+      headers: {
+        authorization: `Bearer ${TOKEN}`,
+        "content-type": "application/json",
+        accept: "application/json, text/event-stream",
+      },
+      body: "x".repeat(20 * 1024 * 1024),
+    });
+    expect(res.status).toBe(413);
   });
 
   it("refuses a non-loopback address without a token", async () => {
