@@ -57,6 +57,8 @@ SPECIAL_TOKENS = (
 )
 EVERY_SHAPE = "every shape"
 DIGITS = tuple("0123456789")
+# Per coordinate, the first three characters of str(value in 0..1000): a digit or 10 = "none".
+DIGIT_SLOTS = 3
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,6 +316,8 @@ class WorldModel(nn.Module):
                 "q": nn.Linear(d, d),
                 "k": nn.Linear(d, d),
                 "present": nn.Linear(d, 1),
+                "digits": nn.Linear(d, 4 * DIGIT_SLOTS * 11),
+                "cellpos": nn.Linear(d, 2),
                 **{k: nn.Linear(d, n) for k, n in n_attr.items()},
             }
         )
@@ -404,6 +408,10 @@ class Data:
         out = {"obj": np.zeros(n, np.float32), "box": np.full((n, 4), np.nan, np.float32)}
         for k in self.attr_values:
             out[k] = np.full(n, -100, np.int64)
+        out["digits"] = np.full((n, 4 * DIGIT_SLOTS), -100, np.int64)
+        # Each cell's own centre: absolute position in the token's content, which boxes are made of.
+        rows, cols = np.divmod(np.arange(n), mw)
+        out["cellpos"] = np.stack([(cols + 0.5) / mw, (rows + 0.5) / mh], axis=1).astype(np.float32)
         if s.crop is not None:
             return {"obj": np.full(n, np.nan, np.float32), **{k: v for k, v in out.items() if k != "obj"}}
         rec = self.ds.images[s.image_id]
@@ -414,6 +422,11 @@ class Data:
             c = min(mh - 1, int(cy * mh)) * mw + min(mw - 1, int(cx * mw))
             out["obj"][c] = 1.0
             out["box"][c] = [x / rec.width, y / rec.height, (x + w) / rec.width, (y + h) / rec.height]
+            b1000 = answers.box_to_1000((x, y, x + w, y + h), rec.width, rec.height)
+            for ci, v in enumerate(b1000):
+                sv = str(v)
+                for k in range(DIGIT_SLOTS):
+                    out["digits"][c, ci * DIGIT_SLOTS + k] = int(sv[k]) if k < len(sv) else 10
             for k, values in self.attr_values.items():
                 v = a.attributes.get(k)
                 out[k][c] = values.index(v) if v in values else -100
@@ -511,7 +524,7 @@ def compute_loss(
 
     mid = wm.captured["mid"]  # [B, L, D], input of the last decoder layer
     attns = [wm.captured["attn-1"], wm.captured["attn-2"]]  # [B, H, L, L] each
-    cell_obj, cell_box, ptr, pres, att = [], [], [], [], []
+    cell_obj, cell_box, ptr, pres, att, digits, cellpos = [], [], [], [], [], [], []
     attr_losses: dict[str, list[torch.Tensor]] = {k: [] for k in data.attr_values}
     for b, (s, ex) in enumerate(zip(batch_samples, batch["extras"], strict=True)):
         gh, gw = ex["grid"]
@@ -520,6 +533,7 @@ def compute_loss(
         # Cell heads read the values the last layer attends to.
         mpads = mid[b, ex["pad_start"] : ex["pad_start"] + n]  # [n, D]
         tg = data.cell_targets(s, (gh, gw))
+        cellpos.append(F.l1_loss(wm.heads["cellpos"](mpads).sigmoid(), torch.from_numpy(tg["cellpos"])))
         if s.crop is None:
             cell_obj.append(
                 F.binary_cross_entropy_with_logits(wm.heads["obj"](mpads)[:, 0], torch.from_numpy(tg["obj"]))
@@ -531,6 +545,8 @@ def compute_loss(
                 )
                 for k in data.attr_values:
                     attr_losses[k].append(F.cross_entropy(wm.heads[k](mpads), torch.from_numpy(tg[k])))
+                dg = wm.heads["digits"](mpads[has]).view(-1, 11)  # [objects * 12, 11]
+                digits.append(F.cross_entropy(dg, torch.from_numpy(tg["digits"][has.numpy()]).view(-1)))
         if s.kind == "describe":
             continue
         pl = ex["prompt_len"]
@@ -555,10 +571,19 @@ def compute_loss(
                     p = a[b, 0, rows, ex["pad_start"] + cell]  # [span]
                     att.append(-torch.log(p + 1e-6).mean())
     aux = torch.zeros(())
-    for name, items in (("obj", cell_obj), ("cbox", cell_box), ("ptr", ptr), ("pres", pres), ("att", att)):
+    named = (
+        ("obj", cell_obj),
+        ("cbox", cell_box),
+        ("ptr", ptr),
+        ("pres", pres),
+        ("att", att),
+        ("digits", digits),
+        ("cpos", cellpos),
+    )
+    for name, items in named:
         if items:
             v = torch.stack(items).mean()
-            aux = aux + (5.0 * v if name == "cbox" else v)
+            aux = aux + (5.0 * v if name in ("cbox", "cpos") else v)
             logs[name] = float(v.detach())
     for k, items in attr_losses.items():
         if items:
@@ -753,8 +778,13 @@ def train(a: TrainArgs) -> dict[str, Any]:
     step, elapsed0 = 0, 0.0
     history: list[dict[str, Any]] = []
     if state is not None:
-        wm.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        missing, unexpected = wm.load_state_dict(state["model"], strict=False)
+        if unexpected or any(not m.startswith("heads.") for m in missing):
+            raise RuntimeError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
+        if missing:  # new training-only heads: their optimizer state starts fresh
+            print(f"new heads {missing}; optimizer state reset", flush=True)
+        else:
+            opt.load_state_dict(state["opt"])
         step, elapsed0, history = state["step"], state["elapsed"], state["history"]
         print(f"resumed at step {step}, {elapsed0 / 60:.1f} min", flush=True)
     n_params = sum(p.numel() for p in wm.lm.parameters())
