@@ -371,8 +371,8 @@ COLUMNS = (
 def format_report(result: Mapping[str, Any]) -> str:
     rows = [("overall", result["overall"]), *result["by_kind"].items()]
     header = f"{'kind':<10}" + "".join(f"{title:>8}" for _, title, _ in COLUMNS)
-    lines = [header]
-    for name, r in rows:
+    lines = [header] if result["overall"]["refs"] else []
+    for name, r in rows if lines else []:
         cells = "".join(f"{fmt.format(r[key]) if key in r else '-':>8}" for key, _, fmt in COLUMNS)
         lines.append(f"{name:<10}" + cells)
     d = result.get("descriptions")

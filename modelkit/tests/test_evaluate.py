@@ -227,6 +227,9 @@ def test_score_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "overall" in table
     assert main(["score", "--data", str(data), "--pred", str(pred), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["overall"]["miou"] == 1.0
+    write_predictions(pred, [], [{"ann_id": 1, "text": "a red square"}], mode="describe")
+    assert main(["score", "--data", str(data), "--pred", str(pred)]) == 0
+    assert capsys.readouterr().out.startswith("descriptions (1/2 predicted): colour 0.500 (n=2)")
     pred.write_text("{")
     assert main(["score", "--data", str(data), "--pred", str(pred)]) == 2
     assert "DATA_INVALID" in capsys.readouterr().err
