@@ -105,6 +105,9 @@ def grounding_answer_ids(
     """
     if len(boxes1000) != len(labels):
         raise ValueError("one label per box")
+    if close:  # labels are not part of the open prefix
+        for label in labels:
+            check_label(label)
     ids: list[int] = []
     last: list[int] = []
 
@@ -126,8 +129,8 @@ def grounding_answer_ids(
             choose(",")
             forced(' {"bbox_2d": [')
         for k, v in enumerate(box):
-            if not 0 <= int(v) <= 1000:
-                raise ValueError(f"coordinate {v} outside 0..1000")
+            if isinstance(v, bool) or int(v) != v or not 0 <= int(v) <= 1000:
+                raise ValueError(f"coordinates must be integers in 0..1000, got {list(box)}")
             for d in str(int(v)):
                 choose(d)
             if k < 3:
@@ -143,6 +146,17 @@ def grounding_answer_ids(
         forced("}")
     choose("]")
     return AnswerIds(ids, last)
+
+
+MAX_LABEL_CHARS = 64
+
+
+def check_label(label: str) -> None:
+    """A label the runtime's grammar can emit: 1..64 printable characters, no `"` or backslash."""
+    if not 1 <= len(label) <= MAX_LABEL_CHARS:
+        raise ValueError(f"label must have 1..{MAX_LABEL_CHARS} characters, got {label!r}")
+    if any(c in '"\\' or ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in label):
+        raise ValueError(f"label {label!r} has a quote, backslash or control character")
 
 
 def answer_text(boxes1000: Sequence[Sequence[int]], labels: Sequence[str]) -> str:

@@ -201,7 +201,11 @@ export function groundingAnswerIds(
     if (!close) return { ids, lastCoordinate };
     choose("]");
     forced(', "label": "');
-    ids.push(...tokenizer.encodePlain(labels[i] ?? ""));
+    const label = labels[i];
+    if (label === undefined || label.length === 0) {
+      throw new SegError("INVALID_INPUT", `box ${i} has no label: pass one label per box`);
+    }
+    ids.push(...tokenizer.encodePlain(label));
     choose('"');
     forced("}");
   }
