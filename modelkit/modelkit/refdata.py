@@ -361,6 +361,17 @@ class RefDataset:
         return None
 
 
+class MemoryRefDataset(RefDataset):
+    """A RefDataset whose images are held in memory (scenes generated while training)."""
+
+    def __init__(self, data: Mapping[str, Any], images: Mapping[int, Image.Image]) -> None:
+        super().__init__(Path("."), data)
+        self._images = dict(images)
+
+    def load_image(self, image_id: int) -> Image.Image:
+        return self._images[image_id]
+
+
 def _int(r: Any, key: str, where: str, minimum: int | None = None) -> int:
     if not isinstance(r, Mapping):
         raise ModelkitError("DATA_INVALID", f"{where}: Expected an object but received {type(r).__name__}")

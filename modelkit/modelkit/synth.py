@@ -21,12 +21,15 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from .errors import ModelkitError
+
+if TYPE_CHECKING:
+    from .refdata import RefDataset
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -602,6 +605,31 @@ def generate_dataset(
     tmp.write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
     tmp.replace(ann_path)
     return ann_path
+
+
+def memory_dataset(seed: int, first: int, n_images: int, *, refs_per_image: int = 6) -> RefDataset:
+    """Scenes `first .. first + n_images - 1` of `seed` (the same scenes `generate_dataset` writes for
+    those indices) as an in-memory RefDataset, for training on a stream of fresh scenes."""
+    from .refdata import MemoryRefDataset
+
+    data: dict[str, list[dict[str, Any]]] = {"images": [], "annotations": [], "refs": [], "descriptions": []}
+    images: dict[int, Image.Image] = {}
+    for i in range(first, first + n_images):
+        rng = np.random.default_rng([seed, i])
+        scene = render_scene(rng)
+        refs = make_expressions(scene, rng, n=refs_per_image)
+        rec = scene_records(
+            scene,
+            refs,
+            image_id=i + 1,
+            file_name=f"images/{i:06d}.png",
+            first_ann_id=len(data["annotations"]) + 1,
+            first_ref_id=len(data["refs"]) + 1,
+        )
+        for key, rows in rec.items():
+            data[key].extend(rows)
+        images[i + 1] = scene.image
+    return MemoryRefDataset(data, images)
 
 
 # The repository's examples/ folder: (file name, seed, width, height, background). Regenerate with

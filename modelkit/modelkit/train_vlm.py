@@ -20,6 +20,7 @@ and a present/absent classifier at the answer's first decision.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -65,14 +66,15 @@ DIGIT_SLOTS = 3
 # Config and tokenizer
 
 
-def shapes_config(text_hidden: int = 128, vision_hidden: int = 128) -> Qwen3VLConfig:
-    """The demo model: 4 ViT blocks (DeepStack taps after 1, 2, 3), 4 text layers, GQA 4/2 x 32."""
+def shapes_config(text_hidden: int = 128, vision_hidden: int = 128, text_layers: int = 4) -> Qwen3VLConfig:
+    """The demo model: 4 ViT blocks (DeepStack taps after 1, 2, 3), `text_layers` text layers,
+    GQA 4/2 x 32."""
     return Qwen3VLConfig(
         text_config=dict(
             vocab_size=VOCAB_SIZE,
             hidden_size=text_hidden,
             intermediate_size=3 * text_hidden,
-            num_hidden_layers=4,
+            num_hidden_layers=text_layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=32,
@@ -139,17 +141,28 @@ def resize_for_model(img: Image.Image, min_pixels: int, max_pixels: int) -> Pixe
     return Pixels(arr, (hr // PATCH_SIZE, wr // PATCH_SIZE))
 
 
+def patch_bytes(px: Pixels) -> np.ndarray:
+    """[Hr, Wr, 3] uint8 -> [gh*gw, 3, 16, 16] uint8 patches in merge-window order (as the processor).
+
+    Data workers ship these (1/8 of the float pixel values) and the model's device normalises them."""
+    gh, gw = px.grid
+    p, m = PATCH_SIZE, MERGE_SIZE
+    x = px.resized.transpose(2, 0, 1).reshape(3, gh // m, m, p, gw // m, m, p)  # (C, bh, mh, py, bw, mw, px)
+    x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (bh, bw, mh, mw, C, py, px)
+    return np.ascontiguousarray(x.reshape(gh * gw, 3, p, p))
+
+
+def values_from_bytes(u8: torch.Tensor) -> torch.Tensor:
+    """[P, 3, 16, 16] uint8 -> pixel_values [P, 1536] f32: normalised, the frame repeated in time."""
+    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32, device=u8.device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(IMAGE_STD, dtype=torch.float32, device=u8.device).view(1, 3, 1, 1, 1)
+    x = ((u8.to(torch.float32) / 255.0)[:, :, None] - mean) / std  # [P, C, 1, py, px]
+    return x.expand(-1, -1, TEMPORAL_PATCH_SIZE, -1, -1).reshape(u8.shape[0], -1)
+
+
 def patchify(px: Pixels) -> np.ndarray:
     """[Hr, Wr, 3] uint8 -> pixel_values [gh*gw, 1536] f32 in merge-window order (as the processor)."""
-    gh, gw = px.grid
-    p, m, t = PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH_SIZE
-    mean = np.asarray(IMAGE_MEAN, dtype=np.float32)
-    std = np.asarray(IMAGE_STD, dtype=np.float32)
-    x = ((px.resized.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)  # [3, Hr, Wr]
-    x = x.reshape(3, gh // m, m, p, gw // m, m, p)  # (C, bh, mh, py, bw, mw, px)
-    x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (bh, bw, mh, mw, C, py, px)
-    x = np.repeat(x[:, :, :, :, :, None], t, axis=5)  # (bh, bw, mh, mw, C, T, py, px)
-    return np.ascontiguousarray(x.reshape(gh * gw, 3 * t * p * p))
+    return values_from_bytes(torch.from_numpy(patch_bytes(px))).numpy()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,6 +192,12 @@ class Sample:
     text: str = ""  # description text (eval)
 
 
+def quantise(b1000: Sequence[int], step: int) -> list[int]:
+    """Coordinates rounded to multiples of `step` (training answers: step 10 spares the model an
+    unpredictable last digit at a cost of <= 0.5% of the image side per edge)."""
+    return [min(1000, step * answers.round_half_up(v / step)) for v in b1000]
+
+
 def _label(attrs: dict[str, str], category: str) -> str:
     if "colour" in attrs and "shape" in attrs:
         return f"{attrs['colour']} {attrs['shape']}"
@@ -186,8 +205,9 @@ def _label(attrs: dict[str, str], category: str) -> str:
 
 
 class SampleBuilder:
-    def __init__(self, tok: Tok) -> None:
+    def __init__(self, tok: Tok, coord_step: int = 1) -> None:
         self.tok = tok
+        self.coord_step = coord_step
         self.im_end = tok.special("<|im_end|>")
         self.digit_ids = {tok.encode(d)[0] for d in DIGITS}
         self.decision_ids = {tok.encode(c)[0] for c in ("{", "]", ",")}
@@ -200,7 +220,9 @@ class SampleBuilder:
         anns = [ds.annotations[a] for a in ann_ids]
         boxes = [(a.bbox[0], a.bbox[1], a.bbox[0] + a.bbox[2], a.bbox[1] + a.bbox[3]) for a in anns]
         order = sorted(range(len(anns)), key=lambda i: (boxes[i][0], boxes[i][1]))
-        b1000 = [answers.box_to_1000(boxes[i], img.width, img.height) for i in order]
+        b1000 = [
+            quantise(answers.box_to_1000(boxes[i], img.width, img.height), self.coord_step) for i in order
+        ]
         labels = [_label(anns[i].attributes, anns[i].category) for i in order]
         ans = answers.grounding_answer_ids(self.tok, b1000, labels)
         ids = ans.ids + [self.im_end]
@@ -285,14 +307,50 @@ def world_ids(tok: Tok, samples: Sequence[Sample], extra_texts: Sequence[str] = 
     return sorted(ids)
 
 
+@dataclass(frozen=True)
+class Vocab:
+    """World token ids -> rows of the K-row training embedding (picklable for data workers)."""
+
+    world: tuple[int, ...]
+    image_token: int  # the row of <|image_pad|>
+
+    @staticmethod
+    def of(world: Sequence[int], tok: Tok) -> Vocab:
+        return Vocab(tuple(world), list(world).index(tok.special("<|image_pad|>")))
+
+    @property
+    def index(self) -> dict[int, int]:
+        return _index(self.world)
+
+    def covers(self, ids: Sequence[int]) -> bool:
+        idx = self.index
+        return all(t in idx for t in ids)
+
+    def map_ids(self, ids: Sequence[int]) -> list[int]:
+        idx = self.index
+        return [idx[t] for t in ids]
+
+
+_INDEX_CACHE: dict[tuple[int, ...], dict[int, int]] = {}
+
+
+def _index(world: tuple[int, ...]) -> dict[int, int]:
+    idx = _INDEX_CACHE.get(world)
+    if idx is None:
+        idx = _INDEX_CACHE[world] = {t: i for i, t in enumerate(world)}
+    return idx
+
+
 class WorldModel(nn.Module):
     """A Qwen3-VL over the K world tokens, plus the training-only heads."""
 
     def __init__(self, config: Qwen3VLConfig, world: Sequence[int], tok: Tok, n_attr: dict[str, int]) -> None:
         super().__init__()
         self.world = list(world)
+        self.vocab = Vocab.of(world, tok)
+        self.attr_names = sorted(n_attr)
         self.full_vocab = int(config.text_config.vocab_size)
-        self.index = {t: i for i, t in enumerate(self.world)}
+        self.index = self.vocab.index
         small = Qwen3VLConfig.from_dict(config.to_dict())
         small.text_config.vocab_size = len(self.world)
         for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
@@ -330,20 +388,17 @@ class WorldModel(nn.Module):
 
         return hook
 
-    def map_ids(self, ids: Sequence[int]) -> list[int]:
-        return [self.index[t] for t in ids]
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., K + 1]: world logits and the constant logit of all other tokens."""
         w = self.lm.lm_head.weight  # [K, D], tied with the embedding
         lg = hidden @ w.t()
-        other = torch.full((*lg.shape[:-1], 1), self.other_logit, dtype=lg.dtype)
+        other = torch.full((*lg.shape[:-1], 1), self.other_logit, dtype=lg.dtype, device=lg.device)
         return torch.cat([lg, other], dim=-1)
 
 
 def export_full_model(wm: WorldModel) -> Qwen3VLForConditionalGeneration:
     """The full-vocabulary model: world rows in place, every other embedding row exactly zero."""
-    sd = {k: v.detach().clone() for k, v in wm.lm.state_dict().items()}
+    sd = {k: v.detach().cpu().clone() for k, v in wm.lm.state_dict().items()}
     emb_key = "model.language_model.embed_tokens.weight"
     small_emb = sd.pop(emb_key)  # [K, D]
     full = Qwen3VLForConditionalGeneration(wm.full_config).to(small_emb.dtype)
@@ -373,8 +428,10 @@ class Data:
         min_pixels: int,
         max_pixels: int,
         attr_values: dict[str, list[str]],
+        coord_step: int = 1,
     ) -> None:
         self.ds = ds
+        self.coord_step = coord_step
         self.samples = samples
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
@@ -422,7 +479,9 @@ class Data:
             c = min(mh - 1, int(cy * mh)) * mw + min(mw - 1, int(cx * mw))
             out["obj"][c] = 1.0
             out["box"][c] = [x / rec.width, y / rec.height, (x + w) / rec.width, (y + h) / rec.height]
-            b1000 = answers.box_to_1000((x, y, x + w, y + h), rec.width, rec.height)
+            b1000 = quantise(
+                answers.box_to_1000((x, y, x + w, y + h), rec.width, rec.height), self.coord_step
+            )
             for ci, v in enumerate(b1000):
                 sv = str(v)
                 for k in range(DIGIT_SLOTS):
@@ -449,47 +508,92 @@ def prompt_ids(tok: Tok, question: str, n_pads: int) -> list[int]:
 
 
 def collate(
-    data: Data, tok: Tok, wm: WorldModel, batch: Sequence[Sample], with_answer: bool = True
+    data: Data, tok: Tok, vocab: Vocab, batch: Sequence[Sample], with_answer: bool = True
 ) -> dict[str, Any]:
-    pixel_values: list[np.ndarray] = []
+    """Model inputs, LM labels and every auxiliary target as padded tensors (no Sample needed later)."""
+    pixel_bytes: list[np.ndarray] = []
     grids: list[list[int]] = []
     seqs: list[list[int]] = []
-    extras: list[dict[str, Any]] = []
+    prompt_lens: list[int] = []
+    pad_starts: list[int] = []
+    pad = tok.special("<|image_pad|>")
     for s in batch:
         px = data.pixels(s)
         gh, gw = px.grid
-        pixel_values.append(patchify(px))
+        pixel_bytes.append(patch_bytes(px))
         grids.append([1, gh, gw])
-        n_pads = gh * gw // (MERGE_SIZE * MERGE_SIZE)
-        p = prompt_ids(tok, s.question, n_pads)
-        seq = p + (s.answer_ids if with_answer else [])
-        seqs.append(seq)
-        extras.append(
-            {"prompt_len": len(p), "grid": (gh, gw), "pad_start": p.index(tok.special("<|image_pad|>"))}
-        )
+        p = prompt_ids(tok, s.question, gh * gw // (MERGE_SIZE * MERGE_SIZE))
+        seqs.append(p + (s.answer_ids if with_answer else []))
+        prompt_lens.append(len(p))
+        pad_starts.append(p.index(pad))
     L = max(len(q) for q in seqs)
     B = len(batch)
+    N = max(gh * gw for _, gh, gw in grids) // (MERGE_SIZE * MERGE_SIZE)
     ids = torch.zeros(B, L, dtype=torch.long)
     mask = torch.zeros(B, L, dtype=torch.long)
     labels = torch.full((B, L), -100, dtype=torch.long)
     weights = torch.zeros(B, L)
-    for b, (s, q, ex) in enumerate(zip(batch, seqs, extras, strict=True)):
-        ids[b, : len(q)] = torch.tensor(wm.map_ids(q))
+    # Per visual token (merged cell), padded to N: its sequence position and the auxiliary targets.
+    cell_pos = torch.zeros(B, N, dtype=torch.long)
+    cell_valid = torch.zeros(B, N, dtype=torch.bool)
+    cell = {
+        "obj": torch.full((B, N), math.nan),  # nan: no objectness target (crops)
+        "box": torch.full((B, N, 4), math.nan),
+        "digits": torch.full((B, N, 4 * DIGIT_SLOTS), -100, dtype=torch.long),
+        "cellpos": torch.zeros(B, N, 2),
+        **{k: torch.full((B, N), -100, dtype=torch.long) for k in data.attr_values},
+    }
+    pres: list[tuple[int, int, float]] = []  # (b, position of the answer's "[", present?)
+    ptr: list[tuple[int, int, int]] = []  # (b, position before a box's first digit, target cell)
+    att: list[tuple[int, int, int]] = []  # (b, answer position, position of the box's visual token)
+    for b, (s, q) in enumerate(zip(batch, seqs, strict=True)):
+        ids[b, : len(q)] = torch.tensor(vocab.map_ids(q))
         mask[b, : len(q)] = 1
-        if with_answer:
-            pl = ex["prompt_len"]
-            # position t predicts token t+1
-            labels[b, pl - 1 : len(q) - 1] = torch.tensor(wm.map_ids(s.answer_ids))
-            weights[b, pl - 1 : len(q) - 1] = torch.tensor(s.weights)
+        _, gh, gw = grids[b]
+        n = gh * gw // (MERGE_SIZE * MERGE_SIZE)
+        ps = pad_starts[b]
+        cell_pos[b, :n] = torch.arange(ps, ps + n)
+        cell_valid[b, :n] = True
+        for k, v in data.cell_targets(s, (gh, gw)).items():
+            cell[k][b, :n] = torch.from_numpy(v)
+        if not with_answer:
+            continue
+        pl = prompt_lens[b]
+        # position t predicts token t+1
+        labels[b, pl - 1 : len(q) - 1] = torch.tensor(vocab.map_ids(s.answer_ids))
+        weights[b, pl - 1 : len(q) - 1] = torch.tensor(s.weights)
+        if s.kind == "describe":
+            continue
+        pres.append((b, pl, 1.0 if s.targets else 0.0))
+        for t, j, (a0, a1) in zip(s.targets, s.box_first_digit, s.box_spans, strict=True):
+            c = data.target_cell(s, t, (gh, gw))
+            ptr.append((b, pl + j - 1, c))
+            att.extend((b, pl + r, ps + c) for r in range(a0, a1 + 1))
+
+    def cols(rows: list[tuple[int, int, Any]], last_float: bool = False) -> tuple[torch.Tensor, ...]:
+        t = torch.tensor(rows, dtype=torch.float64).reshape(-1, 3)
+        return t[:, 0].long(), t[:, 1].long(), (t[:, 2].float() if last_float else t[:, 2].long())
+
     return {
         "input_ids": ids,
         "attention_mask": mask,
-        "mm_token_type_ids": (ids == wm.small_config.image_token_id).int(),
-        "pixel_values": torch.from_numpy(np.concatenate(pixel_values, axis=0)),
+        "mm_token_type_ids": (ids == vocab.image_token).int(),
+        "pixel_bytes": torch.from_numpy(np.concatenate(pixel_bytes, axis=0)),  # [P, 3, 16, 16] uint8
         "image_grid_thw": torch.tensor(grids, dtype=torch.long),
         "labels": labels,
         "weights": weights,
-        "extras": extras,
+        "cell_pos": cell_pos,
+        "cell_valid": cell_valid,
+        **{f"cell_{k}": v for k, v in cell.items()},
+        **dict(zip(("pres_b", "pres_pos", "pres_y"), cols(pres, last_float=True), strict=True)),
+        **dict(zip(("ptr_b", "ptr_pos", "ptr_cell"), cols(ptr), strict=True)),
+        **dict(zip(("att_b", "att_row", "att_col"), cols(att), strict=True)),
+    }
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
     }
 
 
@@ -498,98 +602,71 @@ def collate(
 
 
 def compute_loss(
-    wm: WorldModel,
-    data: Data,
-    batch_samples: Sequence[Sample],
-    batch: dict[str, Any],
-    aux_weight: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+    wm: WorldModel, batch: dict[str, Any], aux_weight: float = 1.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted answer CE (restricted softmax) + the auxiliary losses, batched. Logs stay tensors."""
     out = wm.lm.model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         mm_token_type_ids=batch["mm_token_type_ids"],
-        pixel_values=batch["pixel_values"],
+        pixel_values=values_from_bytes(batch["pixel_bytes"]),  # [P, 1536]
         image_grid_thw=batch["image_grid_thw"],
     )
     h = out.last_hidden_state  # [B, L, D], after the final RMSNorm
     labels = batch["labels"]
     sel = labels != -100
-    logits = wm.logits(h[sel])  # [N, K+1]
-    ce = F.cross_entropy(logits, labels[sel], reduction="none")  # [N]
+    logits = wm.logits(h[sel])  # [T, K+1]
+    ce = F.cross_entropy(logits, labels[sel], reduction="none")  # [T]
     w = batch["weights"][sel]
     lm_loss = (ce * w).sum() / w.sum()
-    logs = {"lm": float((ce.sum() / ce.numel()).detach())}
+    logs: dict[str, torch.Tensor] = {"lm": ce.mean().detach()}
     if aux_weight == 0.0:
         return lm_loss, logs
 
-    mid = wm.captured["mid"]  # [B, L, D], input of the last decoder layer
-    attns = [wm.captured["attn-1"], wm.captured["attn-2"]]  # [B, H, L, L] each
-    cell_obj, cell_box, ptr, pres, att, digits, cellpos = [], [], [], [], [], [], []
-    attr_losses: dict[str, list[torch.Tensor]] = {k: [] for k in data.attr_values}
-    for b, (s, ex) in enumerate(zip(batch_samples, batch["extras"], strict=True)):
-        gh, gw = ex["grid"]
-        n = gh * gw // (MERGE_SIZE * MERGE_SIZE)
-        pads = h[b, ex["pad_start"] : ex["pad_start"] + n]  # [n, D]
-        # Cell heads read the values the last layer attends to.
-        mpads = mid[b, ex["pad_start"] : ex["pad_start"] + n]  # [n, D]
-        tg = data.cell_targets(s, (gh, gw))
-        cellpos.append(F.l1_loss(wm.heads["cellpos"](mpads).sigmoid(), torch.from_numpy(tg["cellpos"])))
-        if s.crop is None:
-            cell_obj.append(
-                F.binary_cross_entropy_with_logits(wm.heads["obj"](mpads)[:, 0], torch.from_numpy(tg["obj"]))
-            )
-            has = torch.from_numpy(tg["obj"] > 0)
-            if bool(has.any()):
-                cell_box.append(
-                    F.l1_loss(wm.heads["box"](mpads[has]).sigmoid(), torch.from_numpy(tg["box"][has.numpy()]))
-                )
-                for k in data.attr_values:
-                    attr_losses[k].append(F.cross_entropy(wm.heads[k](mpads), torch.from_numpy(tg[k])))
-                dg = wm.heads["digits"](mpads[has]).view(-1, 11)  # [objects * 12, 11]
-                digits.append(F.cross_entropy(dg, torch.from_numpy(tg["digits"][has.numpy()]).view(-1)))
-        if s.kind == "describe":
-            continue
-        pl = ex["prompt_len"]
-        # The position of the answer's "[" predicts "{" or "]": present or absent.
-        pres.append(
-            F.binary_cross_entropy_with_logits(
-                wm.heads["present"](h[b, pl])[0], torch.tensor(1.0 if s.targets else 0.0)
-            )
+    heads = wm.heads
+    bidx = torch.arange(h.shape[0], device=h.device)[:, None]  # [B, 1]
+    valid = batch["cell_valid"]  # [B, N]
+    # Cell heads read the input of the last layer, the values the last layer attends to.
+    mp = wm.captured["mid"][bidx, batch["cell_pos"]]  # [B, N, D]
+    hp = h[bidx, batch["cell_pos"]]  # [B, N, D]
+    obj = batch["cell_obj"]  # [B, N]
+    has_obj = valid & ~obj.isnan()  # cells of whole-image samples
+    has = valid & (obj > 0)  # cells holding an object's centre
+    terms: dict[str, torch.Tensor] = {
+        "cpos": F.l1_loss(heads["cellpos"](mp[valid]).sigmoid(), batch["cell_cellpos"][valid]),
+    }
+    if bool(has_obj.any()):
+        terms["obj"] = F.binary_cross_entropy_with_logits(heads["obj"](mp[has_obj])[:, 0], obj[has_obj])
+    if bool(has.any()):
+        mo = mp[has]  # [O, D]
+        terms["cbox"] = F.l1_loss(heads["box"](mo).sigmoid(), batch["cell_box"][has])
+        terms["digits"] = F.cross_entropy(
+            heads["digits"](mo).view(-1, 11), batch["cell_digits"][has].view(-1)
         )
-        if s.targets:
-            keys = wm.heads["k"](pads)  # [n, D]
-            for t, j in zip(s.targets, s.box_first_digit, strict=True):
-                q = wm.heads["q"](h[b, pl + j - 1])  # [D], the token before the first digit
-                scores = keys @ q / math.sqrt(q.shape[0])  # [n]
-                cell = data.target_cell(s, t, (gh, gw))
-                ptr.append(F.cross_entropy(scores[None], torch.tensor([cell])))
-            # Head 0 of the last two layers: every position writing box k attends its visual token.
-            for t, (a0, a1) in zip(s.targets, s.box_spans, strict=True):
-                cell = data.target_cell(s, t, (gh, gw))
-                rows = torch.arange(pl + a0, pl + a1 + 1)
-                for a in attns:
-                    p = a[b, 0, rows, ex["pad_start"] + cell]  # [span]
-                    att.append(-torch.log(p + 1e-6).mean())
-    aux = torch.zeros(())
-    named = (
-        ("obj", cell_obj),
-        ("cbox", cell_box),
-        ("ptr", ptr),
-        ("pres", pres),
-        ("att", att),
-        ("digits", digits),
-        ("cpos", cellpos),
-    )
-    for name, items in named:
-        if items:
-            v = torch.stack(items).mean()
-            aux = aux + (5.0 * v if name in ("cbox", "cpos") else v)
-            logs[name] = float(v.detach())
-    for k, items in attr_losses.items():
-        if items:
-            v = torch.stack(items).mean()
-            aux = aux + v
-            logs[k] = float(v.detach())
+        for k in wm.attr_names:
+            y = batch[f"cell_{k}"][has]
+            if bool((y != -100).any()):
+                terms[k] = F.cross_entropy(heads[k](mo), y)
+    if batch["pres_b"].numel():
+        # The answer's "[" predicts "{" or "]": present or absent.
+        x = heads["present"](h[batch["pres_b"], batch["pres_pos"]])[:, 0]
+        terms["pres"] = F.binary_cross_entropy_with_logits(x, batch["pres_y"])
+    if batch["ptr_b"].numel():
+        # From the token before each box's first digit to the visual token holding its centre.
+        pb = batch["ptr_b"]
+        q = heads["q"](h[pb, batch["ptr_pos"]])  # [P, D]
+        keys = heads["k"](hp)[pb]  # [P, N, D]
+        scores = (keys @ q[:, :, None])[:, :, 0] / math.sqrt(q.shape[1])  # [P, N]
+        scores = scores.masked_fill(~valid[pb], float("-inf"))
+        terms["ptr"] = F.cross_entropy(scores, batch["ptr_cell"])
+        # Head 0 of the last two layers: every position writing box k attends its visual token.
+        ab, ar, ac = batch["att_b"], batch["att_row"], batch["att_col"]
+        att = [-torch.log(wm.captured[f"attn{i}"][ab, 0, ar, ac] + 1e-6).mean() for i in (-1, -2)]
+        terms["att"] = torch.stack(att).mean()
+    aux = torch.zeros((), device=h.device)
+    for name, v in terms.items():
+        aux = aux + (5.0 * v if name in ("cbox", "cpos") else v)
+        logs[name] = v.detach()
     return lm_loss + aux_weight * aux, logs
 
 
@@ -714,7 +791,7 @@ def write_generation_config(folder: Path, tok: Tok) -> None:
 
 @dataclass
 class TrainArgs:
-    train: Path
+    train: Path | None  # dataset folder or annotations.json; None with stream_seed
     val: Path | None
     out: Path
     minutes: float = 60.0
@@ -727,6 +804,7 @@ class TrainArgs:
     max_pixels: int = DEMO_MAX_PIXELS
     text_hidden: int = 128
     vision_hidden: int = 128
+    text_layers: int = 4
     tokenizer: Path = DEFAULT_TOKENIZER
     eval_every_s: float = 420.0
     save_every_s: float = 300.0
@@ -736,6 +814,18 @@ class TrainArgs:
     max_steps: int | None = None
     resume: bool = False
     log_every: int = 10
+    device: str = "cpu"
+    # Train on fresh synthetic scenes of this seed (modelkit.synth) instead of a dataset folder.
+    stream_seed: int | None = None
+    workers: int = 0  # data-loading processes (stream mode)
+    coord_step: int = 1  # answer coordinates rounded to multiples of this
+    # Save only the model weights (<out>/training_state.pt, no optimizer, no HF folder): for bringing
+    # a run back from a remote machine; `--resume` on it here writes the checkpoint folders.
+    light: bool = False
+
+
+STREAM_POOL = 48  # scenes rendered at a time by a data worker
+STREAM_BATCHES_PER_POOL = 4
 
 
 def attribute_values(ds: RefDataset) -> dict[str, list[str]]:
@@ -746,55 +836,11 @@ def attribute_values(ds: RefDataset) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in sorted(vals.items())}
 
 
-def _pick(rng: random.Random, pools: dict[str, list[Sample]], mix: dict[str, float]) -> Sample:
-    names = [k for k in mix if pools.get(k)]
-    k = rng.choices(names, weights=[mix[n] for n in names])[0]
-    return rng.choice(pools[k])
+Pools = tuple[dict[str, list[Sample]], dict[str, list[Sample]]]
 
 
-def train(a: TrainArgs) -> dict[str, Any]:
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    rng = random.Random(a.seed)
-    tok = Tok(a.tokenizer)
-    builder = SampleBuilder(tok)
-    ds = load_refdata(a.train)
-    samples = build_samples(ds, builder)
-    val_ds = load_refdata(a.val) if a.val is not None else None
-    val_samples = build_samples(val_ds, builder, every_shape=False) if val_ds is not None else []
-    attr_values = attribute_values(ds)
-    world = world_ids(tok, samples + val_samples)
-    config = shapes_config(a.text_hidden, a.vision_hidden)
-    state_path = a.out / "last" / "training_state.pt"
-    state: dict[str, Any] | None = None
-    if a.resume and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
-        world = state["world"]
-        attr_values = state["attr_values"]
-    wm = WorldModel(config, world, tok, {k: len(v) for k, v in attr_values.items()})
-    data = Data(ds, samples, a.min_pixels, a.max_pixels, attr_values)
-    val = Data(val_ds, val_samples, a.min_pixels, a.max_pixels, attr_values) if val_ds is not None else None
-    opt = torch.optim.AdamW(wm.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    step, elapsed0 = 0, 0.0
-    history: list[dict[str, Any]] = []
-    if state is not None:
-        missing, unexpected = wm.load_state_dict(state["model"], strict=False)
-        if unexpected or any(not m.startswith("heads.") for m in missing):
-            raise RuntimeError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
-        if missing:  # new training-only heads: their optimizer state starts fresh
-            print(f"new heads {missing}; optimizer state reset", flush=True)
-        else:
-            opt.load_state_dict(state["opt"])
-        step, elapsed0, history = state["step"], state["elapsed"], state["history"]
-        print(f"resumed at step {step}, {elapsed0 / 60:.1f} min", flush=True)
-    n_params = sum(p.numel() for p in wm.lm.parameters())
-    print(
-        f"train samples {len(samples)}, val {len(val_samples)}, world K={len(world)}, "
-        f"params {n_params / 1e6:.2f}M (world vocab), full-vocab params "
-        f"{(n_params + (VOCAB_SIZE - len(world)) * a.text_hidden) / 1e6:.2f}M",
-        flush=True,
-    )
-
+def sample_pools(ds: RefDataset, samples: Sequence[Sample]) -> Pools:
+    """(all samples, samples of scenes with at most 2 objects) by kind: ref, every, describe."""
     small_images = {i for i in ds.images if len(ds.annotations_for_image(i)) <= 2}
     pools_all: dict[str, list[Sample]] = {"ref": [], "every": [], "describe": []}
     pools_easy: dict[str, list[Sample]] = {"ref": [], "every": [], "describe": []}
@@ -803,89 +849,219 @@ def train(a: TrainArgs) -> dict[str, Any]:
         pools_all[key].append(s)
         if s.image_id in small_images and s.kind in ("every", "describe", "attribute", "absent", "category"):
             pools_easy[key].append(s)
-    vrng = random.Random(1234)
+    return pools_all, pools_easy
+
+
+def pick_batch(rng: random.Random, pools: Pools, frac: float, a: TrainArgs) -> list[Sample]:
+    """A batch for training progress `frac` in [0, 1]: the easy curriculum first, then everything."""
+    easy = frac < a.curriculum
+    chosen = pools[1] if easy else pools[0]
+    mix = (
+        {"ref": 0.45, "every": 0.3, "describe": 0.25} if easy else {"ref": 0.6, "every": 0.1, "describe": 0.3}
+    )
+    names = [k for k in mix if chosen.get(k)]
+    out: list[Sample] = []
+    for _ in range(a.batch):
+        k = rng.choices(names, weights=[mix[n] for n in names])[0]
+        out.append(rng.choice(chosen[k]))
+    return out
+
+
+class SceneStream(torch.utils.data.IterableDataset[dict[str, Any]]):
+    """Endless collated batches of fresh scenes: each data worker renders its own disjoint scenes."""
+
+    def __init__(
+        self, a: TrainArgs, vocab: Vocab, attr_values: dict[str, list[str]], t0: float, first: int
+    ) -> None:
+        self.a, self.vocab, self.attr_values, self.t0, self.first = a, vocab, attr_values, t0, first
+
+    def __iter__(self) -> Any:
+        from .synth import memory_dataset
+
+        a = self.a
+        assert a.stream_seed is not None
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        tok = Tok(a.tokenizer)
+        builder = SampleBuilder(tok, a.coord_step)
+        rng = random.Random(a.seed * 1000 + wid)
+        for k in itertools.count():
+            first = self.first + (k * nw + wid) * STREAM_POOL
+            try:
+                ds = memory_dataset(a.stream_seed, first, STREAM_POOL)
+            except Exception as e:  # one bad pool must not end a long run
+                print(f"worker {wid}: skipped scenes {first}+{STREAM_POOL}: {e!r}", flush=True)
+                continue
+            # A word the world vocabulary lacks (never seen so far) is skipped, not a crash.
+            samples = [
+                s
+                for s in build_samples(ds, builder)
+                if self.vocab.covers(s.answer_ids) and self.vocab.covers(tok.encode(s.question))
+            ]
+            data = Data(ds, samples, a.min_pixels, a.max_pixels, self.attr_values, a.coord_step)
+            pools = sample_pools(ds, samples)
+            for _ in range(STREAM_BATCHES_PER_POOL):
+                frac = (time.time() - self.t0) / max(a.minutes * 60.0, 1e-9)
+                yield collate(data, tok, self.vocab, pick_batch(rng, pools, frac, a))
+
+
+def _dataset_batches(a: TrainArgs, tok: Tok, vocab: Vocab, data: Data, t0: float) -> Any:
+    rng = random.Random(a.seed)
+    pools = sample_pools(data.ds, data.samples)
+    while True:
+        frac = (time.time() - t0) / max(a.minutes * 60.0, 1e-9)
+        yield collate(data, tok, vocab, pick_batch(rng, pools, frac, a))
+
+
+def train(a: TrainArgs) -> dict[str, Any]:
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    tok = Tok(a.tokenizer)
+    builder = SampleBuilder(tok, a.coord_step)
+    if a.train is not None:
+        ds = load_refdata(a.train)
+    elif a.stream_seed is not None:
+        from .synth import memory_dataset
+
+        # The vocabulary and attribute values of the stream, read off scenes no worker renders.
+        ds = memory_dataset(a.stream_seed, 10**8, 300)
+    else:
+        raise ValueError("give a training dataset or a stream seed")
+    samples = build_samples(ds, builder)
+    val_ds = load_refdata(a.val) if a.val is not None else None
+    val_samples = build_samples(val_ds, builder, every_shape=False) if val_ds is not None else []
+    attr_values = attribute_values(ds)
+    world = world_ids(tok, samples + val_samples)
+    state_path = (a.out if a.light else a.out / "last") / "training_state.pt"
+    state: dict[str, Any] | None = None
+    if a.resume and state_path.is_file():
+        state = torch.load(state_path, weights_only=False, map_location="cpu")
+        world = state["world"]
+        attr_values = state["attr_values"]
+        a.text_hidden, a.vision_hidden, a.text_layers = state.get(
+            "dims", (a.text_hidden, a.vision_hidden, a.text_layers)
+        )
+    config = shapes_config(a.text_hidden, a.vision_hidden, a.text_layers)
+    wm = WorldModel(config, world, tok, {k: len(v) for k, v in attr_values.items()})
+    step, elapsed0 = 0, 0.0
+    history: list[dict[str, Any]] = []
+    opt_state: dict[str, Any] | None = None
+    if state is not None:
+        missing, unexpected = wm.load_state_dict(state["model"], strict=False)
+        if unexpected or any(not m.startswith("heads.") for m in missing):
+            raise RuntimeError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
+        if missing or "opt" not in state:  # new training-only heads or a light save: fresh optimizer
+            print(f"optimizer state reset (new heads: {missing})", flush=True)
+        else:
+            opt_state = state["opt"]
+        step, elapsed0, history = state["step"], state["elapsed"], state["history"]
+        print(f"resumed at step {step}, {elapsed0 / 60:.1f} min", flush=True)
+    wm.to(device)
+    opt = torch.optim.AdamW(wm.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    n_params = sum(p.numel() for p in wm.lm.parameters())
+    print(
+        f"train samples {len(samples)}{' (stream)' if a.train is None else ''}, val {len(val_samples)}, "
+        f"world K={len(world)}, params {n_params / 1e6:.2f}M (world vocab), full-vocab params "
+        f"{(n_params + (VOCAB_SIZE - len(world)) * a.text_hidden) / 1e6:.2f}M, device {device}",
+        flush=True,
+    )
+
+    val = Data(val_ds, val_samples, a.min_pixels, a.max_pixels, attr_values, a.coord_step) if val_ds else None
     eval_set: list[Sample] = []
     if val is not None:
+        vrng = random.Random(1234)
         refs = [s for s in val_samples if s.kind != "describe"]
         descs = [s for s in val_samples if s.kind == "describe"]
         eval_set = vrng.sample(refs, min(a.eval_n, len(refs))) + vrng.sample(
             descs, min(a.eval_n // 2, len(descs))
         )
 
+    def run_eval() -> None:
+        assert val is not None
+        wm.eval()
+        te = time.time()
+        res = evaluate(export_full_model(wm), val, tok, wm, eval_set)
+        wm.train()
+        res = {"step": step, "minutes": round((time.time() - t0) / 60, 1), **res}
+        history.append(res)
+        print(f"eval {json.dumps(res)} ({time.time() - te:.0f}s)", flush=True)
+
     total_s = a.minutes * 60.0
     t0 = time.time() - elapsed0
+    batches: Any
+    if a.train is None:
+        stream = SceneStream(a, wm.vocab, attr_values, t0, first=step * a.batch)
+        batches = iter(
+            torch.utils.data.DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=a.workers,
+                pin_memory=device.type == "cuda",
+                prefetch_factor=4 if a.workers else None,
+                persistent_workers=a.workers > 0,
+            )
+        )
+    else:
+        data = Data(ds, samples, a.min_pixels, a.max_pixels, attr_values, a.coord_step)
+        batches = _dataset_batches(a, tok, wm.vocab, data, t0)
     last_save = last_eval = time.time()
     wm.train()
-    run_logs: dict[str, float] = {}
+    run_logs: dict[str, torch.Tensor] = {}
     n_logs = 0
     t_log = time.time()
     first_loss: float | None = None
-    last_loss = 0.0
+    loss = torch.zeros(())
     while True:
         elapsed = time.time() - t0
         if elapsed >= total_s or (a.max_steps is not None and step >= a.max_steps):
             break
         frac = elapsed / total_s
-        easy = frac < a.curriculum
-        pools = pools_easy if easy else pools_all
-        mix = (
-            {"ref": 0.45, "every": 0.3, "describe": 0.25}
-            if easy
-            else {"ref": 0.6, "every": 0.1, "describe": 0.3}
-        )
-        batch_samples = [_pick(rng, pools, mix) for _ in range(a.batch)]
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, frac))))
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = collate(data, tok, wm, batch_samples)
-        loss, logs = compute_loss(wm, data, batch_samples, batch, a.aux_weight)
+        batch = to_device(next(batches), device)
+        loss, logs = compute_loss(wm, batch, a.aux_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(wm.parameters(), 1.0)
         opt.step()
         step += 1
-        last_loss = float(loss.detach())
         if first_loss is None:
-            first_loss = last_loss
+            first_loss = float(loss.detach())
         for k, v in logs.items():
             run_logs[k] = run_logs.get(k, 0.0) + v
         n_logs += 1
-        if step % a.log_every == 0:
+        if step % a.log_every == 0 or step == a.max_steps:
             dt = (time.time() - t_log) / n_logs
-            parts = " ".join(f"{k} {v / n_logs:.3f}" for k, v in run_logs.items())
-            print(
-                f"step {step} t {elapsed / 60:.1f}m lr {lr:.2e} {'easy ' if easy else ''}{parts} "
-                f"{dt:.2f}s/step",
-                flush=True,
-            )
+            parts = " ".join(f"{k} {float(v) / n_logs:.3f}" for k, v in run_logs.items())
+            easy = "easy " if frac < a.curriculum else ""
+            print(f"step {step} t {elapsed / 60:.1f}m lr {lr:.2e} {easy}{parts} {dt:.3f}s/step", flush=True)
             run_logs, n_logs, t_log = {}, 0, time.time()
         now = time.time()
         if val is not None and now - last_eval >= a.eval_every_s:
-            wm.eval()
-            te = time.time()
-            res = evaluate(export_full_model(wm), val, tok, wm, eval_set)
-            wm.train()
-            res = {"step": step, "minutes": round((time.time() - t0) / 60, 1), **res}
-            history.append(res)
-            print(f"eval {json.dumps(res)} ({time.time() - te:.0f}s)", flush=True)
-            last_eval = time.time()
-            t_log = time.time()
+            run_eval()
+            last_eval = t_log = time.time()
         if now - last_save >= a.save_every_s:
             _save(wm, a, tok, opt, step, time.time() - t0, history, attr_values)
-            last_save = time.time()
-            t_log = time.time()
+            last_save = t_log = time.time()
+    last_loss = float(loss.detach())
     _save(wm, a, tok, opt, step, time.time() - t0, history, attr_values)
+    if a.light:
+        print(f"done: {step} steps, weights in {state_path}", flush=True)
+        return {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "history": history, "wm": wm}
     final = a.out / "final"
     if final.exists():
         shutil.rmtree(final)
     shutil.copytree(a.out / "last", final)
     (final / "training_state.pt").unlink()
     if val is not None:
-        wm.eval()
-        res = evaluate(export_full_model(wm), val, tok, wm, eval_set)
-        res = {"step": step, "minutes": round((time.time() - t0) / 60, 1), **res}
-        history.append(res)
-        print(f"eval {json.dumps(res)}", flush=True)
+        run_eval()
     (a.out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     print(f"done: {step} steps, final checkpoint {final}", flush=True)
     return {"steps": step, "first_loss": first_loss, "last_loss": last_loss, "history": history, "wm": wm}
@@ -901,17 +1077,26 @@ def _save(
     history: list[dict[str, Any]],
     attr_values: dict[str, list[str]],
 ) -> None:
-    state = {
-        "model": wm.state_dict(),
-        "opt": opt.state_dict(),
+    state: dict[str, Any] = {
+        "model": {k: v.detach().cpu() for k, v in wm.state_dict().items()},
         "step": step,
         "elapsed": elapsed,
         "history": history,
         "world": wm.world,
         "attr_values": attr_values,
+        "dims": (a.text_hidden, a.vision_hidden, a.text_layers),
     }
-    folder = a.out / "last"
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.light:
+        # Weights only (no training heads, no optimizer): small enough to bring back from a remote run.
+        state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("heads.")}
+        tmp = a.out / "training_state.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(a.out / "training_state.pt")
+        print(f"saved {a.out / 'training_state.pt'} at step {step}", flush=True)
+        return
+    state["opt"] = opt.state_dict()
+    folder = a.out / "last"
     save_checkpoint(wm, folder, a.tokenizer, state)
     write_generation_config(folder, tok)
     print(f"saved {folder} at step {step}", flush=True)
@@ -924,18 +1109,28 @@ def _save(
 def add_train_vlm_commands(subparsers: Any) -> None:
     """Register `train-vlm` on an argparse sub-parser set (modelkit.cli)."""
     t = subparsers.add_parser("train-vlm", help="train a tiny Qwen3-VL on referring data (time-boxed)")
-    t.add_argument("--train", type=Path, required=True, help="dataset folder or annotations.json")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--train", type=Path, help="dataset folder or annotations.json")
+    src.add_argument("--stream-seed", type=int, help="train on fresh synthetic scenes of this seed instead")
     t.add_argument("--val", type=Path, help="held-out dataset for the periodic greedy eval")
     t.add_argument("--out", type=Path, required=True, help="output folder: last/, final/, history.json")
     t.add_argument("--minutes", type=float, default=60.0)
     t.add_argument("--batch", type=int, default=24)
     t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--min-pixels", type=int, default=DEMO_MIN_PIXELS)
     t.add_argument("--max-pixels", type=int, default=DEMO_MAX_PIXELS)
     t.add_argument("--text-hidden", type=int, default=128)
     t.add_argument("--vision-hidden", type=int, default=128)
+    t.add_argument("--text-layers", type=int, default=4)
+    t.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    t.add_argument("--workers", type=int, default=0, help="data-loading processes (with --stream-seed)")
+    t.add_argument("--coord-step", type=int, default=1, help="round answer coordinates to multiples of this")
+    t.add_argument(
+        "--light", action="store_true", help="save only <out>/training_state.pt (weights, no optimizer)"
+    )
     t.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
     t.add_argument("--eval-every", type=float, default=420.0, help="seconds between evals")
     t.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints")
@@ -956,12 +1151,19 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
             minutes=args.minutes,
             batch=args.batch,
             lr=args.lr,
+            warmup=args.warmup,
             threads=args.threads,
             seed=args.seed,
             min_pixels=args.min_pixels,
             max_pixels=args.max_pixels,
             text_hidden=args.text_hidden,
             vision_hidden=args.vision_hidden,
+            text_layers=args.text_layers,
+            device=args.device,
+            stream_seed=args.stream_seed,
+            workers=args.workers,
+            coord_step=args.coord_step,
+            light=args.light,
             tokenizer=args.tokenizer,
             eval_every_s=args.eval_every,
             save_every_s=args.save_every,

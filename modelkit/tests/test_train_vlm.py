@@ -68,8 +68,8 @@ def test_restricted_softmax_is_full_vocab_ce(world: dict) -> None:
     batch_samples = [s for s in data.samples if s.kind != "describe"][:2] + [
         s for s in data.samples if s.kind == "describe"
     ][:1]
-    batch = tv.collate(data, tok, wm, batch_samples)
-    batch["pixel_values"] = batch["pixel_values"].double()
+    batch = tv.collate(data, tok, wm.vocab, batch_samples)
+    batch["pixel_values"] = tv.values_from_bytes(batch["pixel_bytes"]).double()
     with torch.no_grad():
         h = wm.lm.model(
             input_ids=batch["input_ids"],
@@ -114,11 +114,11 @@ def test_steps_reduce_loss(world: dict) -> None:
     batch_samples = [s for s in samples if s.kind != "describe"][:4] + [
         s for s in samples if s.kind == "describe"
     ][:2]
-    batch = tv.collate(data, tok, wm, batch_samples)
+    batch = tv.collate(data, tok, wm.vocab, batch_samples)
     opt = torch.optim.AdamW(wm.parameters(), lr=3e-3)
     losses = []
     for _ in range(12):
-        loss, _ = tv.compute_loss(wm, data, batch_samples, batch)
+        loss, _ = tv.compute_loss(wm, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
