@@ -166,7 +166,7 @@ export function writeNpy(
   }
   // Pad with spaces so the data starts on a 64-byte boundary, header ends in '\n'.
   const total = Math.ceil((prefix + dict.length + 1) / 64) * 64;
-  dict = dict.padEnd(total - prefix - 1, " ") + "\n";
+  dict = `${dict.padEnd(total - prefix - 1, " ")}\n`;
   const out = new Uint8Array(total + data.byteLength);
   out.set(MAGIC, 0);
   out[6] = major;

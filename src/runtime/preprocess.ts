@@ -364,7 +364,7 @@ function bicubicTaps(inSize: number, outSize: number): Taps {
 
 function clip8(acc: number): number {
   const v = acc >> PRECISION_BITS; // acc fits in int32 (|weights| sum < 2 for this kernel)
-  return v < 0 ? 0 : v > 255 ? 255 : v;
+  return v < 0 ? 0 : Math.min(v, 255);
 }
 
 /** Horizontal pass: [h, inW, 3] -> [h, outW, 3]. */
