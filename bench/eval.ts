@@ -5,7 +5,7 @@
  * PyTorch path's predictions.
  *
  *   node dist/bench/eval.js --pack models/shapes --data DIR/annotations.json --mode ground|box|describe
- *        --out preds.json [--limit N]
+ *        --out preds.json [--max-images N]
  *
  * ground: `segment` with the ref's expression (grounding + masks); box: `segment` with each target's
  * ground-truth box (one call per target); describe: `describe_region` on each annotation's box.
@@ -39,7 +39,7 @@ const { values } = parseArgs({
     data: { type: "string" },
     mode: { type: "string", default: "ground" },
     out: { type: "string" },
-    limit: { type: "string" },
+    "max-images": { type: "string" },
     device: { type: "string", default: "cpu" },
   },
 });
@@ -62,7 +62,10 @@ async function main(): Promise<void> {
   const root = path.dirname(path.resolve(dataPath));
   const images = new Map(data.images.map((i) => [i.id, i]));
   const anns = new Map(data.annotations.map((a) => [a.id, a]));
-  const limit = values.limit ? Number.parseInt(values.limit, 10) : Number.POSITIVE_INFINITY;
+  // --max-images N: the first N images (as `modelkit predict --max-images`); scored on those alone.
+  const maxImages = values["max-images"] ? Number.parseInt(values["max-images"], 10) : undefined;
+  const imageIds = maxImages === undefined ? undefined : data.images.slice(0, maxImages).map((i) => i.id);
+  const included = (imageId: number) => imageIds === undefined || imageIds.includes(imageId);
   const engine = await LocalEngine.create({
     packDir,
     executionProvider: values.device as "cpu",
@@ -78,9 +81,9 @@ async function main(): Promise<void> {
   const descriptions: { ann_id: number; text: string }[] = [];
   try {
     if (mode === "describe") {
-      for (const ann of data.annotations.slice(0, limit)) {
+      for (const ann of data.annotations) {
         const img = images.get(ann.image_id);
-        if (!img) continue;
+        if (!img || !included(ann.image_id)) continue;
         const res = await engine.describe({
           image: { path: path.join(root, img.file_name) },
           box: toBox(ann.bbox),
@@ -88,9 +91,9 @@ async function main(): Promise<void> {
         descriptions.push({ ann_id: ann.id, text: res.description });
       }
     } else {
-      for (const ref of data.refs.slice(0, limit)) {
+      for (const ref of data.refs) {
         const img = images.get(ref.image_id);
-        if (!img) continue;
+        if (!img || !included(ref.image_id)) continue;
         const image = { path: path.join(root, img.file_name) };
         const instances: PredInstance[] = [];
         if (mode === "ground") {
@@ -116,7 +119,8 @@ async function main(): Promise<void> {
     await engine.dispose();
     await rm(tmp, { recursive: true, force: true });
   }
-  await writeFile(outPath, `${JSON.stringify({ path: "typescript", mode, refs, descriptions })}\n`);
+  const doc = { path: "typescript", mode, ...(imageIds ? { image_ids: imageIds } : {}), refs, descriptions };
+  await writeFile(outPath, `${JSON.stringify(doc)}\n`);
   const n = mode === "describe" ? descriptions.length : refs.length;
   process.stderr.write(
     `eval ${mode}: ${n} items in ${((performance.now() - started) / 1000).toFixed(1)} s -> ${outPath}\n`,
