@@ -822,9 +822,12 @@ class TrainArgs:
     # Save only the model weights (<out>/training_state.pt, no optimizer, no HF folder): for bringing
     # a run back from a remote machine; `--resume` on it here writes the checkpoint folders.
     light: bool = False
+    # Shares of grounding refs, "every shape" and descriptions after the curriculum.
+    mix: tuple[float, float, float] = (0.6, 0.1, 0.3)
 
 
 STREAM_POOL = 48  # scenes rendered at a time by a data worker
+STREAM_VOCAB_SCENES = 300  # scenes whose words make the world vocabulary of a stream
 STREAM_BATCHES_PER_POOL = 4
 
 
@@ -856,9 +859,8 @@ def pick_batch(rng: random.Random, pools: Pools, frac: float, a: TrainArgs) -> l
     """A batch for training progress `frac` in [0, 1]: the easy curriculum first, then everything."""
     easy = frac < a.curriculum
     chosen = pools[1] if easy else pools[0]
-    mix = (
-        {"ref": 0.45, "every": 0.3, "describe": 0.25} if easy else {"ref": 0.6, "every": 0.1, "describe": 0.3}
-    )
+    late = dict(zip(("ref", "every", "describe"), a.mix, strict=True))
+    mix = {"ref": 0.45, "every": 0.3, "describe": 0.25} if easy else late
     names = [k for k in mix if chosen.get(k)]
     out: list[Sample] = []
     for _ in range(a.batch):
@@ -928,7 +930,7 @@ def train(a: TrainArgs) -> dict[str, Any]:
         from .synth import memory_dataset
 
         # The vocabulary and attribute values of the stream, read off scenes no worker renders.
-        ds = memory_dataset(a.stream_seed, 10**8, 300)
+        ds = memory_dataset(a.stream_seed, 10**8, STREAM_VOCAB_SCENES)
     else:
         raise ValueError("give a training dataset or a stream seed")
     samples = build_samples(ds, builder)
@@ -1137,6 +1139,11 @@ def add_train_vlm_commands(subparsers: Any) -> None:
     t.add_argument("--eval-n", type=int, default=30)
     t.add_argument("--aux-weight", type=float, default=1.0)
     t.add_argument("--curriculum", type=float, default=0.2)
+    t.add_argument(
+        "--mix",
+        default="0.6,0.1,0.3",
+        help="shares of refs, every-shape and descriptions after the curriculum",
+    )
     t.add_argument("--max-steps", type=int)
     t.add_argument("--resume", action="store_true", help="continue from <out>/last/training_state.pt")
     t.set_defaults(run=cmd_train_vlm)
@@ -1170,6 +1177,7 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
             eval_n=args.eval_n,
             aux_weight=args.aux_weight,
             curriculum=args.curriculum,
+            mix=(*(float(v) for v in args.mix.split(",")),),
             max_steps=args.max_steps,
             resume=args.resume,
         )

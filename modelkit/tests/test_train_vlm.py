@@ -156,3 +156,57 @@ def test_checkpoint_reloads_and_resumes(world: dict, tmp_path: Path) -> None:
     args.max_steps = 3
     second = tv.train(args)
     assert second["steps"] == 3
+
+
+def test_quantised_answers_round_to_the_step() -> None:
+    assert tv.quantise([0, 4, 5, 994, 996, 1000], 10) == [0, 0, 10, 990, 1000, 1000]
+    assert tv.quantise([3, 997], 1) == [3, 997]
+
+
+def test_stream_light_run_then_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fresh scenes from data workers, weights-only saves (what a remote GPU run brings back), then
+    # `--resume` here turns them into the HF checkpoint folders.
+    monkeypatch.setattr(tv, "STREAM_VOCAB_SCENES", 20)
+    args = tv.TrainArgs(
+        train=None,
+        val=None,
+        out=tmp_path / "remote",
+        batch=3,
+        max_steps=2,
+        text_hidden=32,
+        vision_hidden=32,
+        text_layers=3,
+        tokenizer=TOKENIZER,
+        threads=1,
+        stream_seed=7,
+        workers=1,
+        coord_step=10,
+        light=True,
+    )
+    first = tv.train(args)
+    assert first["steps"] == 2
+    state = tmp_path / "remote" / "training_state.pt"
+    saved = torch.load(state, weights_only=False)
+    assert "opt" not in saved and not any(k.startswith("heads.") for k in saved["model"])
+    assert saved["dims"] == (32, 32, 3)
+
+    local = tmp_path / "local"
+    (local / "last").mkdir(parents=True)
+    state.rename(local / "last" / "training_state.pt")
+    args = tv.TrainArgs(
+        train=None,
+        val=None,
+        out=local,
+        minutes=0.0,
+        tokenizer=TOKENIZER,
+        threads=1,
+        stream_seed=7,
+        resume=True,
+    )
+    second = tv.train(args)
+    assert second["steps"] == 2
+    model = Qwen3VLForConditionalGeneration.from_pretrained(local / "final", dtype=torch.float32)
+    assert model.config.text_config.num_hidden_layers == 3
+    wm: tv.WorldModel = first["wm"]
+    emb = model.model.language_model.embed_tokens.weight.detach()
+    assert torch.equal(emb[torch.tensor(wm.world)], wm.lm.lm_head.weight.detach().cpu())
