@@ -12,7 +12,7 @@ import { z } from "zod";
 import { SegError } from "./errors.js";
 
 /** The pack used when none is given: shipped inside the npm package under models/. */
-export const DEFAULT_PACK_NAME = "tiny-random";
+export const DEFAULT_PACK_NAME = "shapes";
 
 /** Output directory when none is given, relative to the working directory. */
 export const DEFAULT_OUT_DIR = "qwen3-vl-seg-out";

@@ -13,6 +13,7 @@ import { fileURLToPath } from "node:url";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { runCli } from "../src/cli.js";
+import { DEFAULT_PACK_NAME } from "../src/config.js";
 import { describeRegionOutputSchema } from "../src/tools/describe-region.js";
 import { groundOutputSchema } from "../src/tools/ground.js";
 import { segmentOutputSchema } from "../src/tools/segment.js";
@@ -72,7 +73,7 @@ describe("built binary, real engine, tiny pack", () => {
   it("info without --pack uses the bundled default pack", async () => {
     const run = await cli(["info", "--ep", "cpu", "--json"]);
     expect(run.code, run.stderr).toBe(0);
-    expect(JSON.parse(run.stdout).name).toBe("tiny-random");
+    expect(JSON.parse(run.stdout).name).toBe(DEFAULT_PACK_NAME);
   });
 
   it("ground prints exactly the tool's structuredContent", async () => {

@@ -2,9 +2,10 @@
  * The trained demo pack through the TypeScript path, on a fixed set of generated shapes scenes
  * (test/fixtures/shapes-eval, made by `python -m modelkit synth --out ... --n 12 --seed 2026`):
  * accuracy thresholds, not exact outputs. A wrong patch order, rope, DeepStack or cache collapses
- * these numbers. The thresholds sit a little under what the committed pack measures here, as a
- * regression guard; the issue's targets (box-prompted mIoU >= 0.85, descriptions >= 0.95) and the full
- * evaluation on 200 held-out scenes (`modelkit score`, PyTorch and TypeScript paths) are in
+ * these numbers. Box-prompted segmentation and descriptions are held to the issue's targets (mask IoU
+ * >= 0.85, colour and shape right >= 95 %); grounding from the expression alone, which the pack does
+ * only weakly, to a little under what the committed pack measures here (a regression guard). The
+ * full evaluation on 200 held-out scenes (`modelkit score`, PyTorch and TypeScript paths) is in
  * docs/demo-pack.md.
  */
 
@@ -89,7 +90,7 @@ describe("demo pack (models/shapes) through the TypeScript runtime", () => {
     expect(mean).toBeGreaterThanOrEqual(0.85);
   });
 
-  it("descriptions name the colour and the shape of most regions (measured 33/36)", async () => {
+  it("descriptions name the colour and the shape of >= 95 % of regions (measured 36/36)", async () => {
     let right = 0;
     for (const ann of data.annotations) {
       const { path: p } = imagePath(ann.image_id);
@@ -99,6 +100,34 @@ describe("demo pack (models/shapes) through the TypeScript runtime", () => {
     }
     const acc = right / data.annotations.length;
     process.stderr.write(`demo description colour+shape accuracy: ${acc.toFixed(4)}\n`);
-    expect(acc).toBeGreaterThanOrEqual(0.85);
+    expect(acc).toBeGreaterThanOrEqual(0.95);
+  });
+
+  it("grounding from the expression alone: mean mask IoU >= 0.35 (measured 0.456)", async () => {
+    const anns = new Map(data.annotations.map((a) => [a.id, a]));
+    const ious: number[] = [];
+    for (const ref of data.refs) {
+      if (ref.ann_ids.length === 0) continue;
+      const { img, path: p } = imagePath(ref.image_id);
+      const res = await engine.segment({ image: { path: p }, expression: ref.expression, outputDir: out });
+      // The union of the predicted masks against the union of the targets' masks (modelkit score's mIoU).
+      const union = (masks: Uint8Array[]) =>
+        masks.reduce(
+          (acc, m) => acc.map((v, i) => v | (m[i] as number)),
+          new Uint8Array(img.width * img.height),
+        );
+      const predicted: Uint8Array[] = [];
+      for (const inst of res.instances)
+        predicted.push(await readMaskPng(inst.mask.path, img.width, img.height));
+      const targets = ref.ann_ids.map((id) => {
+        const ann = anns.get(id);
+        if (!ann) throw new Error(`no annotation ${id}`);
+        return gtMask(ann);
+      });
+      ious.push(iou(union(predicted), union(targets)));
+    }
+    const mean = ious.reduce((a, b) => a + b, 0) / ious.length;
+    process.stderr.write(`demo grounding mIoU over ${ious.length} expressions: ${mean.toFixed(4)}\n`);
+    expect(mean).toBeGreaterThanOrEqual(0.35);
   });
 });

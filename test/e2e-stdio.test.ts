@@ -16,6 +16,7 @@ import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/
 import type { CallToolResult } from "@modelcontextprotocol/sdk/types.js";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { DEFAULT_PACK_NAME } from "../src/config.js";
 import { segmentOutputSchema } from "../src/tools/segment.js";
 
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
@@ -47,7 +48,7 @@ async function segmentWritesMask(client: Client): Promise<void> {
   )) as CallToolResult;
   expect(result.isError, JSON.stringify(result.content)).toBeFalsy();
   const out = segmentOutputSchema.parse(result.structuredContent);
-  expect(out.model).toBe("tiny-random");
+  expect(out.model).toBe(DEFAULT_PACK_NAME);
   const mask = out.instances[0]?.mask;
   expect(mask?.path.startsWith(path.join(dir, "out"))).toBe(true);
   const meta = await sharp(mask?.path ?? "").metadata();

@@ -15,7 +15,7 @@ import { type CallToolResult, ListRootsRequestSchema } from "@modelcontextprotoc
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { deferredEngine } from "../src/cli.js";
-import { type Config, createConfig, defaultPackDir } from "../src/config.js";
+import { type Config, createConfig } from "../src/config.js";
 import { SegError } from "../src/errors.js";
 import { createEngine } from "../src/runtime/engine.js";
 import type { Engine } from "../src/runtime/types.js";
@@ -121,7 +121,7 @@ describe("tools with the real engine and the tiny pack", () => {
 
   beforeAll(async () => {
     engine = await createEngine({
-      packDir: defaultPackDir(),
+      packDir: path.resolve(import.meta.dirname, "../models/tiny-random"),
       executionProvider: "cpu",
       log: () => undefined,
     });
