@@ -134,8 +134,9 @@ describe("output", () => {
     const { data, info } = await sharp(path).raw().toBuffer({ resolveWithObject: true });
     expect([info.width, info.height, info.channels]).toEqual([512, 256, 3]);
     const px = (x: number, y: number) => Array.from(data.subarray((y * 512 + x) * 3, (y * 512 + x) * 3 + 3));
-    expect(px(500, 10)).toEqual([200, 200, 200]); // no mask
+    expect(px(500, 10)).toEqual([80, 80, 80]); // no mask: dimmed
     expect(px(10, 10)).not.toEqual([200, 200, 200]); // tinted
+    expect(px(0, 0)).toEqual([230, 25, 75]); // the first mask's outline, its colour at full strength
     expect(px(500, 250)).not.toEqual(px(10, 10)); // another colour
     await expect(writeOverlayPng(rgb, w, h, [new Uint8Array(3)], path)).rejects.toThrow(/expected 1200x600/);
   });

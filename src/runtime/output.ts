@@ -210,8 +210,9 @@ const OVERLAY_COLOURS: readonly (readonly [number, number, number])[] = [
 ];
 
 /**
- * A small preview: the image scaled so its longer side is at most `maxSide`, each mask tinted in
- * its own colour at 50% opacity. Written atomically as an RGB PNG.
+ * A small preview: the image scaled so its longer side is at most `maxSide`; outside every mask the
+ * image is dimmed, each mask is tinted in its own colour and outlined in it at full strength, so a
+ * mask stays visible on an object of its own colour. Written atomically as an RGB PNG.
  */
 export async function writeOverlayPng(
   rgb: Uint8Array,
@@ -243,20 +244,36 @@ export async function writeOverlayPng(
             .resize(ow, oh, { fit: "fill" })
             .raw()
             .toBuffer();
-    // Nearest-neighbour mask lookup at the preview scale.
+    // Per preview pixel, the last mask covering it (nearest-neighbour lookup), or -1: [oh * ow].
+    const owner = new Int16Array(ow * oh).fill(-1);
     const srcX = new Int32Array(ow);
     for (let x = 0; x < ow; x++) srcX[x] = Math.min(width - 1, Math.floor(((x + 0.5) * width) / ow));
     for (let y = 0; y < oh; y++) {
       const sy = Math.min(height - 1, Math.floor(((y + 0.5) * height) / oh)) * width;
       for (let x = 0; x < ow; x++) {
         const s = sy + (srcX[x] as number);
+        for (let i = 0; i < masks.length; i++) if ((masks[i] as Uint8Array)[s] !== 0) owner[y * ow + x] = i;
+      }
+    }
+    const ownerAt = (x: number, y: number) => (x < 0 || y < 0 || x >= ow || y >= oh ? -1 : owner[y * ow + x]);
+    for (let y = 0; y < oh; y++) {
+      for (let x = 0; x < ow; x++) {
+        const k = owner[y * ow + x] as number;
         const o = (y * ow + x) * 3;
-        for (let i = 0; i < masks.length; i++) {
-          if ((masks[i] as Uint8Array)[s] === 0) continue;
-          const c = OVERLAY_COLOURS[i % OVERLAY_COLOURS.length] as readonly [number, number, number];
-          small[o] = ((small[o] as number) + c[0]) >> 1;
-          small[o + 1] = ((small[o + 1] as number) + c[1]) >> 1;
-          small[o + 2] = ((small[o + 2] as number) + c[2]) >> 1;
+        if (k < 0) {
+          for (let c = 0; c < 3; c++) small[o + c] = ((small[o + c] as number) * 2) / 5;
+          continue;
+        }
+        const colour = OVERLAY_COLOURS[k % OVERLAY_COLOURS.length] as readonly [number, number, number];
+        const edge =
+          ownerAt(x - 1, y) !== k ||
+          ownerAt(x + 1, y) !== k ||
+          ownerAt(x, y - 1) !== k ||
+          ownerAt(x, y + 1) !== k;
+        for (let c = 0; c < 3; c++) {
+          small[o + c] = edge
+            ? (colour[c] as number)
+            : ((small[o + c] as number) * 2 + (colour[c] as number)) / 3;
         }
       }
     }
