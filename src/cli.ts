@@ -67,6 +67,7 @@ Options:
   --http HOST:PORT        serve: Streamable HTTP instead of stdio (loopback unless --token)
   --token TOKEN           serve --http: require "Authorization: Bearer TOKEN" (or QWEN3_VL_SEG_TOKEN)
   --allow-origin ORIGIN   serve --http: extra allowed Origin header value; repeatable
+  --session-idle MINUTES  serve --http: close sessions idle this long (default 30)
   -h, --help              this text
   -v, --version           the version
 
@@ -216,6 +217,7 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
         http: { type: "string" },
         token: { type: "string" },
         "allow-origin": { type: "string", multiple: true },
+        "session-idle": { type: "string" },
         help: { type: "boolean", short: "h" },
         version: { type: "boolean", short: "v" },
       },
@@ -264,6 +266,9 @@ export async function runCli(argv: string[], io: CliIo): Promise<number> {
           ...parseListenAddress(values.http),
           ...(token === undefined ? {} : { token }),
           allowedOrigins: values["allow-origin"] ?? [],
+          ...(values["session-idle"] === undefined
+            ? {}
+            : { sessionIdleMs: parseIntOption("--session-idle", values["session-idle"]) * 60_000 }),
         };
       }
     } else if (options.allowDirs === undefined) {

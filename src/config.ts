@@ -72,6 +72,12 @@ const configSchema = z.strictObject({
       token: z.string().min(16).optional(),
       /** Extra allowed Origin header values (the server's own loopback origins are always allowed). */
       allowedOrigins: z.array(z.string()).default([]),
+      /** A session with no request for this long (and none in flight) is closed. @default 30 min */
+      sessionIdleMs: z
+        .number()
+        .int()
+        .positive()
+        .default(30 * 60_000),
     })
     .optional(),
 });
@@ -94,7 +100,7 @@ export interface ConfigOptions {
   cacheBytes?: number;
   maxQueue?: number;
   logLevel?: string;
-  http?: { host: string; port: number; token?: string; allowedOrigins?: string[] };
+  http?: { host: string; port: number; token?: string; allowedOrigins?: string[]; sessionIdleMs?: number };
 }
 
 /** The package root: the nearest folder above this module whose package.json names this package. */

@@ -217,7 +217,12 @@ export async function serveHttp(
     );
   }
   const shared = createSharedState(config, engine, logger);
-  const sessions = new Map<string, StreamableHTTPServerTransport>();
+  // Per session: its transport, when it was last used, and how many of its requests are open (a
+  // GET event stream stays open while the client listens).
+  const sessions = new Map<
+    string,
+    { transport: StreamableHTTPServerTransport; seen: number; open: number }
+  >();
   const tokenDigest = http.token === undefined ? undefined : digest(http.token);
   // Base64 inflates data: URIs by 4/3; leave room for the JSON around them.
   const bodyLimit = Math.ceil((config.maxDataUriBytes * 4) / 3) + 256 * 1024;
@@ -249,7 +254,16 @@ export async function serveHttp(
       }
     }
     const sessionId = req.headers["mcp-session-id"];
-    const existing = typeof sessionId === "string" ? sessions.get(sessionId) : undefined;
+    const session = typeof sessionId === "string" ? sessions.get(sessionId) : undefined;
+    if (session) {
+      session.seen = Date.now();
+      session.open++;
+      res.once("close", () => {
+        session.open--;
+        session.seen = Date.now();
+      });
+    }
+    const existing = session?.transport;
     if (req.method === "POST") {
       let body: unknown;
       const declared = Number(req.headers["content-length"] ?? 0);
@@ -271,7 +285,7 @@ export async function serveHttp(
         const transport: StreamableHTTPServerTransport = new StreamableHTTPServerTransport({
           sessionIdGenerator: () => randomUUID(),
           onsessioninitialized: (id) => {
-            sessions.set(id, transport);
+            sessions.set(id, { transport, seen: Date.now(), open: 0 });
           },
         });
         transport.onclose = () => {
@@ -293,6 +307,22 @@ export async function serveHttp(
     return refuse(res, existing ? 405 : 400, "bad request: unknown session or method");
   };
 
+  // Clients that vanish without DELETE would otherwise keep their session (and its server) forever.
+  const idleMs = http.sessionIdleMs;
+  const sweeper = setInterval(
+    () => {
+      const now = Date.now();
+      for (const [id, s] of sessions) {
+        if (s.open > 0 || now - s.seen < idleMs) continue;
+        sessions.delete(id);
+        logger.info(`closing HTTP session ${id}: idle for ${Math.round((now - s.seen) / 1000)} s`);
+        s.transport.close().catch(() => undefined);
+      }
+    },
+    Math.min(60_000, Math.max(10, Math.floor(idleMs / 2))),
+  );
+  sweeper.unref();
+
   const server = createHttpServer((req, res) => {
     handle(req, res).catch((error: unknown) => {
       logger.error(`HTTP request failed: ${String(error)}`);
@@ -309,6 +339,9 @@ export async function serveHttp(
       ),
     );
     server.listen(http.port, http.host, () => resolve());
+  }).catch((error: unknown) => {
+    clearInterval(sweeper);
+    throw error;
   });
   port = (server.address() as AddressInfo).port;
   const host = http.host.includes(":") ? `[${http.host}]` : http.host;
@@ -317,7 +350,8 @@ export async function serveHttp(
   return {
     url,
     close: async () => {
-      await Promise.all([...sessions.values()].map((t) => t.close().catch(() => undefined)));
+      clearInterval(sweeper);
+      await Promise.all([...sessions.values()].map((s) => s.transport.close().catch(() => undefined)));
       sessions.clear();
       server.closeAllConnections();
       await new Promise<void>((resolve) => server.close(() => resolve()));

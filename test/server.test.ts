@@ -172,6 +172,34 @@ describe("Streamable HTTP", () => {
   });
 });
 
+describe("idle HTTP sessions", () => {
+  it("closes a session after the idle time; its id then gets 404 (initialize again)", async () => {
+    const config = createConfig({
+      cwd: root,
+      logLevel: "silent",
+      http: { host: "127.0.0.1", port: 0, sessionIdleMs: 2000 },
+    });
+    const idle = await serveHttp(config, new FakeEngine());
+    try {
+      const init = await post(idle.url, {});
+      expect(init.status).toBe(200);
+      const id = init.headers.get("mcp-session-id") ?? "";
+      expect(id).not.toBe("");
+      await init.text();
+      const list = { jsonrpc: "2.0", id: 2, method: "tools/list" };
+      const headers = { "mcp-session-id": id, "mcp-protocol-version": "2025-06-18" };
+      const used = await post(idle.url, headers, list);
+      expect(used.status).toBe(200); // used within the idle time: still there
+      await used.text();
+      // The sweep runs every idle/2, so the session is gone by 3 s after its last use.
+      await new Promise((resolve) => setTimeout(resolve, 3500));
+      expect((await post(idle.url, headers, list)).status).toBe(404);
+    } finally {
+      await idle.close();
+    }
+  });
+});
+
 describe("listen addresses", () => {
   it("parses HOST:PORT, :PORT and PORT", () => {
     expect(parseListenAddress("127.0.0.1:8765")).toEqual({ host: "127.0.0.1", port: 8765 });
