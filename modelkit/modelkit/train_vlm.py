@@ -1,6 +1,8 @@
 """Train a tiny Qwen3-VL (transformers' own model, real tokenizer and vocabulary) on referring data.
 
-Data: any annotation file in docs/data-format.md (synthetic shapes or converted RefCOCO). Tasks:
+Data: any annotation file in docs/data-format.md (synthetic shapes or converted RefCOCO), or a stream of
+fresh synthetic scenes rendered by data-loader workers (`--stream-seed`; with `--device cuda` this is
+how the demo pack was trained, modelkit/scripts/train_demo_gpu.sh). Tasks:
 - grounding: CHAT_TEMPLATE + GROUND_TEMPLATE, answer = `grounding_answer_ids` (the exact ids the
   runtime's grammar emits) + <|im_end|>; referents sorted left to right; `[]` for absent targets;
 - "every shape": training-only grounding of every object of the image (the list-everything stage);
@@ -28,6 +30,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -318,9 +321,9 @@ class Vocab:
     def of(world: Sequence[int], tok: Tok) -> Vocab:
         return Vocab(tuple(world), list(world).index(tok.special("<|image_pad|>")))
 
-    @property
+    @cached_property
     def index(self) -> dict[int, int]:
-        return _index(self.world)
+        return {t: i for i, t in enumerate(self.world)}
 
     def covers(self, ids: Sequence[int]) -> bool:
         idx = self.index
@@ -329,16 +332,6 @@ class Vocab:
     def map_ids(self, ids: Sequence[int]) -> list[int]:
         idx = self.index
         return [idx[t] for t in ids]
-
-
-_INDEX_CACHE: dict[tuple[int, ...], dict[int, int]] = {}
-
-
-def _index(world: tuple[int, ...]) -> dict[int, int]:
-    idx = _INDEX_CACHE.get(world)
-    if idx is None:
-        idx = _INDEX_CACHE[world] = {t: i for i, t in enumerate(world)}
-    return idx
 
 
 class WorldModel(nn.Module):
