@@ -18,19 +18,26 @@ from .errors import ModelkitError
 QWEN3_VL_MODEL_TYPE = "qwen3_vl"
 
 
-def tiny_config() -> Qwen3VLConfig:
-    """A Qwen3-VL small enough for golden fixtures, with the real vocabulary and token ids.
-
-    Text: hidden 32, 4 layers (DeepStack needs at least 3), GQA 4/2 with head_dim 32, interleaved
-    M-RoPE with section [6, 5, 5] (sums to head_dim / 2, like [24, 20, 20] for 128).
-    Vision: 5 blocks x 32, taps after blocks 1, 2, 3, real patch/merge sizes and 48x48 pos table.
-    """
+def small_config(
+    *,
+    text_hidden: int,
+    text_mlp: int,
+    text_layers: int,
+    vision_depth: int,
+    vision_hidden: int,
+    vision_mlp: int,
+    vision_heads: int,
+) -> Qwen3VLConfig:
+    """A small Qwen3-VL with the real vocabulary and token ids, real patch/merge sizes and 48x48 pos
+    table, tied embeddings, DeepStack taps after vision blocks 1, 2, 3 (so text_layers >= 3), GQA 4/2
+    with head_dim 32 and interleaved M-RoPE section [6, 5, 5] (sums to head_dim / 2, like [24, 20, 20]
+    for 128)."""
     return Qwen3VLConfig(
         text_config=dict(
             vocab_size=151936,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
+            hidden_size=text_hidden,
+            intermediate_size=text_mlp,
+            num_hidden_layers=text_layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=32,
@@ -41,11 +48,11 @@ def tiny_config() -> Qwen3VLConfig:
             rms_norm_eps=1e-6,
         ),
         vision_config=dict(
-            depth=5,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=32,
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            intermediate_size=vision_mlp,
+            num_heads=vision_heads,
+            out_hidden_size=text_hidden,
             deepstack_visual_indexes=[1, 2, 3],
             patch_size=16,
             temporal_patch_size=2,
@@ -53,6 +60,19 @@ def tiny_config() -> Qwen3VLConfig:
             num_position_embeddings=2304,
         ),
         tie_word_embeddings=True,
+    )
+
+
+def tiny_config() -> Qwen3VLConfig:
+    """A Qwen3-VL small enough for golden fixtures: text hidden 32 x 4 layers, vision 5 blocks x 32."""
+    return small_config(
+        text_hidden=32,
+        text_mlp=64,
+        text_layers=4,
+        vision_depth=5,
+        vision_hidden=32,
+        vision_mlp=64,
+        vision_heads=2,
     )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -547,6 +547,36 @@ def scene_records(
 ANNOTATION_FILE = "annotations.json"
 
 
+def _file_name(i: int) -> str:
+    return f"images/{i:06d}.png"
+
+
+def _collect_scenes(
+    data: dict[str, list[dict[str, Any]]],
+    seed: int,
+    indices: Iterable[int],
+    refs_per_image: int,
+    mix: Mapping[str, float] | None,
+) -> Iterator[tuple[int, Scene]]:
+    """Render scene `i` of `seed` for each index (image id i + 1), append its records to `data`, and
+    yield it."""
+    for i in indices:
+        rng = np.random.default_rng([seed, i])
+        scene = render_scene(rng)
+        refs = make_expressions(scene, rng, n=refs_per_image, mix=mix)
+        rec = scene_records(
+            scene,
+            refs,
+            image_id=i + 1,
+            file_name=_file_name(i),
+            first_ann_id=len(data["annotations"]) + 1,
+            first_ref_id=len(data["refs"]) + 1,
+        )
+        for key, rows in rec.items():
+            data[key].extend(rows)
+        yield i, scene
+
+
 def generate_dataset(
     out_dir: Path | str,
     n_images: int,
@@ -585,22 +615,8 @@ def generate_dataset(
         "refs": [],
         "descriptions": [],
     }
-    for i in range(n_images):
-        rng = np.random.default_rng([seed, i])
-        scene = render_scene(rng)
-        refs = make_expressions(scene, rng, n=refs_per_image, mix=mix)
-        file_name = f"images/{i:06d}.png"
-        scene.image.save(out / file_name, format="PNG", optimize=False)
-        rec = scene_records(
-            scene,
-            refs,
-            image_id=i + 1,
-            file_name=file_name,
-            first_ann_id=len(data["annotations"]) + 1,
-            first_ref_id=len(data["refs"]) + 1,
-        )
-        for key, rows in rec.items():
-            data[key].extend(rows)
+    for i, scene in _collect_scenes(data, seed, range(n_images), refs_per_image, mix):
+        scene.image.save(out / _file_name(i), format="PNG", optimize=False)
     tmp = ann_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
     tmp.replace(ann_path)
@@ -613,22 +629,8 @@ def memory_dataset(seed: int, first: int, n_images: int, *, refs_per_image: int 
     from .refdata import MemoryRefDataset
 
     data: dict[str, list[dict[str, Any]]] = {"images": [], "annotations": [], "refs": [], "descriptions": []}
-    images: dict[int, Image.Image] = {}
-    for i in range(first, first + n_images):
-        rng = np.random.default_rng([seed, i])
-        scene = render_scene(rng)
-        refs = make_expressions(scene, rng, n=refs_per_image)
-        rec = scene_records(
-            scene,
-            refs,
-            image_id=i + 1,
-            file_name=f"images/{i:06d}.png",
-            first_ann_id=len(data["annotations"]) + 1,
-            first_ref_id=len(data["refs"]) + 1,
-        )
-        for key, rows in rec.items():
-            data[key].extend(rows)
-        images[i + 1] = scene.image
+    scenes = _collect_scenes(data, seed, range(first, first + n_images), refs_per_image, None)
+    images = {i + 1: scene.image for i, scene in scenes}
     return MemoryRefDataset(data, images)
 
 

@@ -43,6 +43,8 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from . import answers
+from .evaluate import box_iou
+from .hf import small_config
 from .preprocess import IMAGE_MEAN, IMAGE_STD, MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE
 from .refdata import RefDataset, load_refdata
 
@@ -70,36 +72,15 @@ DIGIT_SLOTS = 3
 
 
 def shapes_config(text_hidden: int = 128, vision_hidden: int = 128, text_layers: int = 4) -> Qwen3VLConfig:
-    """The demo model: 4 ViT blocks (DeepStack taps after 1, 2, 3), `text_layers` text layers,
-    GQA 4/2 x 32."""
-    return Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=text_hidden,
-            intermediate_size=3 * text_hidden,
-            num_hidden_layers=text_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-            rope_parameters=dict(
-                rope_type="default", rope_theta=5_000_000.0, mrope_section=[6, 5, 5], mrope_interleaved=True
-            ),
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-6,
-        ),
-        vision_config=dict(
-            depth=4,
-            hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
-            num_heads=4,
-            out_hidden_size=text_hidden,
-            deepstack_visual_indexes=[1, 2, 3],
-            patch_size=PATCH_SIZE,
-            temporal_patch_size=TEMPORAL_PATCH_SIZE,
-            spatial_merge_size=MERGE_SIZE,
-            num_position_embeddings=2304,
-        ),
-        tie_word_embeddings=True,
+    """The demo model: 4 ViT blocks (4 heads, MLP 2x), `text_layers` text layers (MLP 3x)."""
+    return small_config(
+        text_hidden=text_hidden,
+        text_mlp=3 * text_hidden,
+        text_layers=text_layers,
+        vision_depth=4,
+        vision_hidden=vision_hidden,
+        vision_mlp=2 * vision_hidden,
+        vision_heads=4,
     )
 
 
@@ -667,14 +648,6 @@ def compute_loss(
 # Evaluation
 
 
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def parse_boxes(text: str) -> list[list[float]] | None:
     try:
         v = json.loads(text)
@@ -729,7 +702,7 @@ def evaluate(
         hits = 0
         for g in gt:
             best = max(
-                ((i, _iou(g, p)) for i, p in enumerate(pred) if i not in used),
+                ((i, box_iou(g, p)) for i, p in enumerate(pred) if i not in used),
                 key=lambda x: x[1],
                 default=None,
             )
