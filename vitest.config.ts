@@ -2,11 +2,31 @@ import { defineConfig } from "vitest/config";
 
 export default defineConfig({
   test: {
-    include: ["test/**/*.test.ts"],
-    testTimeout: 120_000,
-    hookTimeout: 120_000,
     // ORT sessions are CPU-heavy; on a 2-core machine parallel files only thrash.
     fileParallelism: false,
     reporters: ["default"],
+    projects: [
+      {
+        extends: true,
+        test: {
+          name: "unit",
+          include: ["test/**/*.test.ts"],
+          exclude: ["test/accuracy/**"],
+          // Generous: model work on the tiny pack takes seconds, and minutes on a busy machine.
+          testTimeout: 600_000,
+          hookTimeout: 600_000,
+        },
+      },
+      {
+        extends: true,
+        test: {
+          name: "accuracy",
+          // The trained demo pack over fixed scenes: accuracy thresholds, no time limit (0).
+          include: ["test/accuracy/**/*.test.ts"],
+          testTimeout: 0,
+          hookTimeout: 0,
+        },
+      },
+    ],
   },
 });

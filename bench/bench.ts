@@ -11,9 +11,9 @@ import { mkdtemp, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { parseArgs } from "node:util";
-import { LocalEngine } from "../src/runtime/local-engine.js";
-import type { ExecutionProvider } from "../src/runtime/onnx.js";
-import type { Box, StageTimings } from "../src/runtime/types.js";
+import { Pipeline } from "../src/runtime/pipeline.js";
+import type { Box, ExecutionProvider, StageTimings } from "../src/runtime/types.js";
+import { imageFromFile } from "../src/tools/inputs.js";
 
 const here = path.dirname(new URL(import.meta.url).pathname);
 const root = path.resolve(here, here.includes(`${path.sep}dist${path.sep}`) ? "../.." : "..");
@@ -48,11 +48,11 @@ function medians(samples: StageTimings[]): Record<string, number> {
 async function main(): Promise<void> {
   const out = await mkdtemp(path.join(os.tmpdir(), "qvs-bench-"));
   const device = values.device as ExecutionProvider;
-  const cold = await LocalEngine.create({ packDir: values.pack, executionProvider: device, cacheBytes: 0 });
-  const warm = await LocalEngine.create({ packDir: values.pack, executionProvider: device });
+  const cold = await Pipeline.create({ packDir: values.pack, executionProvider: device, cacheBytes: 0 });
+  const warm = await Pipeline.create({ packDir: values.pack, executionProvider: device });
   try {
     const info = await warm.info();
-    const image = { path: path.resolve(values.image) };
+    const image = await imageFromFile(values.image);
     const first = await warm.ground({ image, expression: values.expression });
     const box: Box = [
       Math.round(first.image.width * 0.25),
@@ -61,10 +61,10 @@ async function main(): Promise<void> {
       Math.round(first.image.height * 0.75),
     ];
     const tasks = {
-      ground: (e: LocalEngine) => e.ground({ image, expression: values.expression }),
-      segment: (e: LocalEngine) => e.segment({ image, expression: values.expression, outputDir: out }),
-      segment_box: (e: LocalEngine) => e.segment({ image, box, outputDir: out }),
-      describe: (e: LocalEngine) => e.describe({ image, box }),
+      ground: (e: Pipeline) => e.ground({ image, expression: values.expression }),
+      segment: (e: Pipeline) => e.segment({ image, expression: values.expression, outputDir: out }),
+      segment_box: (e: Pipeline) => e.segment({ image, box, outputDir: out }),
+      describe: (e: Pipeline) => e.describe({ image, box }),
     };
     const results: Record<string, unknown> = {};
     for (const [name, task] of Object.entries(tasks)) {

@@ -15,10 +15,9 @@ import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { parseArgs } from "node:util";
-import { LocalEngine } from "../src/runtime/local-engine.js";
-import { rleEncode } from "../src/runtime/mask-post.js";
-import { readMaskPng } from "../src/runtime/output.js";
+import { Pipeline } from "../src/runtime/pipeline.js";
 import type { Box, SegmentInstance } from "../src/runtime/types.js";
+import { imageFromFile } from "../src/tools/inputs.js";
 
 interface RefData {
   images: { id: number; file_name: string; width: number; height: number }[];
@@ -66,16 +65,17 @@ async function main(): Promise<void> {
   const maxImages = values["max-images"] ? Number.parseInt(values["max-images"], 10) : undefined;
   const imageIds = maxImages === undefined ? undefined : data.images.slice(0, maxImages).map((i) => i.id);
   const included = (imageId: number) => imageIds === undefined || imageIds.includes(imageId);
-  const engine = await LocalEngine.create({
+  const engine = await Pipeline.create({
     packDir,
     executionProvider: values.device as "cpu",
   });
   const tmp = await mkdtemp(path.join(os.tmpdir(), "qvs-eval-"));
   const toBox = (b: [number, number, number, number]): Box => [b[0], b[1], b[0] + b[2], b[1] + b[3]];
-  const toPred = async (inst: SegmentInstance, width: number, height: number): Promise<PredInstance> => {
-    const bitmap = await readMaskPng(inst.mask.path, width, height);
-    return { box: inst.box, score: inst.score, mask: rleEncode(bitmap, height, width) };
-  };
+  const toPred = (inst: SegmentInstance): PredInstance => ({
+    box: inst.box,
+    score: inst.score,
+    mask: inst.mask.rle ?? null,
+  });
   const started = performance.now();
   const refs: { ref_id: number; found: boolean; instances: PredInstance[] }[] = [];
   const descriptions: { ann_id: number; text: string }[] = [];
@@ -85,7 +85,7 @@ async function main(): Promise<void> {
         const img = images.get(ann.image_id);
         if (!img || !included(ann.image_id)) continue;
         const res = await engine.describe({
-          image: { path: path.join(root, img.file_name) },
+          image: await imageFromFile(path.join(root, img.file_name)),
           box: toBox(ann.bbox),
         });
         descriptions.push({ ann_id: ann.id, text: res.description });
@@ -94,22 +94,23 @@ async function main(): Promise<void> {
       for (const ref of data.refs) {
         const img = images.get(ref.image_id);
         if (!img || !included(ref.image_id)) continue;
-        const image = { path: path.join(root, img.file_name) };
+        const image = await imageFromFile(path.join(root, img.file_name));
         const instances: PredInstance[] = [];
         if (mode === "ground") {
-          const res = await engine.segment({ image, expression: ref.expression, outputDir: tmp });
-          for (const inst of res.instances) instances.push(await toPred(inst, img.width, img.height));
+          const res = await engine.segment({ image, expression: ref.expression, outputDir: tmp, rle: true });
+          for (const inst of res.instances) instances.push(toPred(inst));
         } else {
           for (const id of ref.ann_ids) {
             const ann = anns.get(id);
             if (!ann) continue;
             const res = await engine.segment({
               image,
-              expression: ref.expression,
+              label: ref.expression,
               box: toBox(ann.bbox),
               outputDir: tmp,
+              rle: true,
             });
-            for (const inst of res.instances) instances.push(await toPred(inst, img.width, img.height));
+            for (const inst of res.instances) instances.push(toPred(inst));
           }
         }
         refs.push({ ref_id: ref.ref_id, found: instances.length > 0, instances });

@@ -8,143 +8,317 @@
 import { realpathSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { parseArgs } from "node:util";
+import { type ParseArgsConfig, parseArgs } from "node:util";
 import type { z } from "zod";
 import {
   type Config,
   type ConfigOptions,
   createConfig,
-  createLogger,
-  type Logger,
+  DEFAULTS,
+  engineOptions,
   optionsFromEnv,
   PACKAGE_NAME,
-  parseIntOption,
+  packageInfo,
+  parseCount,
   parseListenAddress,
+  parseSetting,
+  SETTINGS,
+  TOKEN_ENV,
 } from "./config.js";
-import { type ErrorCode, SegError, toSegError } from "./errors.js";
+import { isInputError, SegError, toSegError } from "./errors.js";
+import { createLogger, type Logger } from "./logger.js";
 import { parseImageRef } from "./paths.js";
-import type { Engine } from "./runtime/types.js";
-import { SERVER_VERSION, serveHttp, serveStdio } from "./server.js";
-import {
-  describeRegionInputSchema,
-  describeRegionSummary,
-  runDescribeRegion,
-} from "./tools/describe-region.js";
-import { groundInputSchema, groundSummary, runGround } from "./tools/ground.js";
-import { runSegment, segmentInputSchema, segmentSummary } from "./tools/segment.js";
-import { EngineQueue, packInfoOnce, type ToolDeps } from "./tools/shared.js";
+import { DEFAULT_MAX_INSTANCES, type Engine } from "./runtime/types.js";
+import { serveHttp, serveStdio } from "./server.js";
+import { describeRegionTool } from "./tools/describe-region.js";
+import { groundTool } from "./tools/ground.js";
+import { segmentTool } from "./tools/segment.js";
+import type { ToolDefinition, ToolDeps } from "./tools/shared.js";
 
-export const USAGE = `Usage:
-  ${PACKAGE_NAME} [serve] [options]                       MCP server on stdio
-  ${PACKAGE_NAME} serve --http 127.0.0.1:PORT [options]    MCP server on Streamable HTTP (/mcp)
-  ${PACKAGE_NAME} ground <image> <expression> [options]
-  ${PACKAGE_NAME} segment <image> [<expression>] [--box x1,y1,x2,y2] [options]
-  ${PACKAGE_NAME} describe <image> (--box x1,y1,x2,y2 | --mask PATH) [options]
-  ${PACKAGE_NAME} info [options]
+const COMMANDS = {
+  serve: "[serve] [options]                       MCP server on stdio",
+  "serve-http": "serve --http 127.0.0.1:PORT [options]    MCP server on Streamable HTTP (/mcp)",
+  ground: "ground <image> <expression> [options]",
+  segment: "segment <image> [<expression>] [--box x1,y1,x2,y2] [options]",
+  describe: "describe <image> (--box x1,y1,x2,y2 | --mask PATH) [options]",
+  info: "info [options]",
+} as const;
+type Command = "serve" | "ground" | "segment" | "describe" | "info";
+const COMMAND_NAMES: readonly Command[] = ["serve", "ground", "segment", "describe", "info"];
 
-<image> is a file path, a file:// URI or a base64 data: URI. Boxes are pixels of the original image.
+/** The flags of the commands themselves; the settings' flags come from SETTINGS. */
+const COMMAND_FLAGS: Record<
+  string,
+  { type: "string" | "boolean"; value?: string; multiple?: boolean; short?: string; help: string }
+> = {
+  json: { type: "boolean", help: "print the tool's structuredContent as JSON" },
+  box: {
+    type: "string",
+    value: "x1,y1,x2,y2",
+    help: "region (segment: skips grounding; describe: the region)",
+  },
+  mask: { type: "string", value: "PATH", help: "mask PNG for describe (e.g. one written by segment)" },
+  "max-instances": {
+    type: "string",
+    value: "N",
+    help: `at most N instances (default ${DEFAULT_MAX_INSTANCES})`,
+  },
+  rle: { type: "boolean", help: "segment: include run-length encodings" },
+  overlay: { type: "boolean", help: "segment: also write an overlay PNG" },
+  http: {
+    type: "string",
+    value: "HOST:PORT",
+    help: "serve: Streamable HTTP instead of stdio (loopback unless --token)",
+  },
+  token: {
+    type: "string",
+    value: "TOKEN",
+    help: `serve --http: require "Authorization: Bearer TOKEN" (or ${TOKEN_ENV})`,
+  },
+  "allow-origin": {
+    type: "string",
+    value: "ORIGIN",
+    multiple: true,
+    help: "serve --http: extra allowed Origin header value; repeatable",
+  },
+  "session-idle": {
+    type: "string",
+    value: "MINUTES",
+    help: `serve --http: close sessions idle this long (default ${DEFAULTS.sessionIdleMs / 60_000})`,
+  },
+  help: { type: "boolean", short: "h", help: "this text" },
+  version: { type: "boolean", short: "v", help: "the version" },
+};
 
-Options:
-  --pack DIR              model pack folder (default: the bundled pack)
-  --out DIR               where masks are written (default: ./qwen3-vl-seg-out, created on demand;
-                          <tmpdir>/qwen3-vl-seg-out when started in the filesystem root)
-  --allow-dir DIR         directory input images may come from; repeatable
-                          (server default: the working directory - none when it is the
-                          filesystem root - plus the client's MCP roots;
-                          CLI default: the working directory and the folders of the files named)
-  --max-image-bytes N     largest input file (default 52428800)
-  --max-data-uri-bytes N  largest decoded data: URI (default 8388608)
-  --max-pixels N          largest input image in pixels (default 40000000)
-  --ep PROVIDER           auto | cpu | cuda | webgpu (default auto)
-  --cache-bytes N         engine cache for encoded images
-  --log-level LEVEL       debug | info | warn | error | silent (default info; logs go to stderr)
-  --json                  print the tool's structuredContent as JSON
-  --box x1,y1,x2,y2       region (segment: skips grounding; describe: the region)
-  --mask PATH             mask PNG for describe (e.g. one written by segment)
-  --max-instances N       at most N instances (default 20)
-  --rle                   segment: include run-length encodings
-  --overlay               segment: also write an overlay PNG
-  --http HOST:PORT        serve: Streamable HTTP instead of stdio (loopback unless --token)
-  --token TOKEN           serve --http: require "Authorization: Bearer TOKEN" (or QWEN3_VL_SEG_TOKEN)
-  --allow-origin ORIGIN   serve --http: extra allowed Origin header value; repeatable
-  --session-idle MINUTES  serve --http: close sessions idle this long (default 30)
-  -h, --help              this text
-  -v, --version           the version
+function flagLine(name: string, value: string | undefined, help: string, short?: string): string {
+  const left = `${short ? `-${short}, ` : ""}--${name}${value ? ` ${value}` : ""}`;
+  return `  ${left.padEnd(26)}${help}`;
+}
 
-Environment: QWEN3_VL_SEG_PACK, QWEN3_VL_SEG_OUT, QWEN3_VL_SEG_ALLOW_DIRS, QWEN3_VL_SEG_EP,
-QWEN3_VL_SEG_MAX_PIXELS, QWEN3_VL_SEG_MAX_IMAGE_BYTES, QWEN3_VL_SEG_LOG_LEVEL, QWEN3_VL_SEG_TOKEN.
-Exit status: 0 on success (also when nothing is found), 2 for bad input, 1 for other failures.
-`;
+export const USAGE = [
+  "Usage:",
+  ...Object.values(COMMANDS).map((c) => `  ${PACKAGE_NAME} ${c}`),
+  "",
+  "<image> is a file path, a file:// URI or a base64 data: URI. Boxes are pixels of the original image.",
+  "",
+  "Options:",
+  ...SETTINGS.map((s) => flagLine(s.flag, s.value, s.help)),
+  ...Object.entries(COMMAND_FLAGS).map(([name, f]) => flagLine(name, f.value, f.help, f.short)),
+  "",
+  `Environment: ${[...SETTINGS.flatMap((s) => (s.env ? [s.env] : [])), TOKEN_ENV].join(", ")}.`,
+  "Exit status: 0 on success (also when nothing is found), 2 for bad input, 1 for other failures.",
+  "",
+].join("\n");
 
-const COMMANDS = ["serve", "ground", "segment", "describe", "info"] as const;
-type Command = (typeof COMMANDS)[number];
+const PARSE_OPTIONS: NonNullable<ParseArgsConfig["options"]> = {
+  ...Object.fromEntries(
+    SETTINGS.map((s) => [
+      s.flag,
+      { type: "string" as const, ...(s.kind === "paths" ? { multiple: true } : {}) },
+    ]),
+  ),
+  ...Object.fromEntries(
+    Object.entries(COMMAND_FLAGS).map(([name, f]) => [
+      name,
+      { type: f.type, ...(f.multiple ? { multiple: true } : {}), ...(f.short ? { short: f.short } : {}) },
+    ]),
+  ),
+};
 
-/** Errors the caller can fix by changing the input: exit status 2. */
-const INPUT_ERRORS: ReadonlySet<ErrorCode> = new Set([
-  "INVALID_INPUT",
-  "IMAGE_NOT_FOUND",
-  "IMAGE_DECODE_FAILED",
-  "IMAGE_TOO_LARGE",
-  "UNSUPPORTED_FORMAT",
-  "PATH_NOT_ALLOWED",
-]);
+type Values = Record<string, string | boolean | string[] | undefined>;
 
 export interface CliIo {
   stdout: (text: string) => void;
   stderr: (text: string) => void;
   cwd: string;
   env: NodeJS.ProcessEnv;
-  /** Engine factory; the default loads the runtime (and onnxruntime) only when a command needs it. */
-  createEngine?: (config: Config, logger: Logger) => Promise<Engine>;
+  /** Engine factory (tests); the default runs the pipeline in a worker, loading the pack on first use. */
+  createEngine?: (config: Config, logger: Logger) => Engine;
 }
 
-async function defaultCreateEngine(config: Config, logger: Logger): Promise<Engine> {
-  const { createEngine } = await import("./runtime/engine.js");
-  return createEngine({
-    packDir: config.packDir,
-    executionProvider: config.executionProvider,
-    ...(config.cacheBytes === undefined ? {} : { cacheBytes: config.cacheBytes }),
-    maxInputPixels: config.maxPixels,
-    maxImageBytes: config.maxImageBytes,
-    log: (message: string) => logger.info(message),
+/** The one place the engine is made, for the server and the commands alike. */
+async function defaultEngine(config: Config, logger: Logger): Promise<Engine> {
+  // Imported here so bad input fails fast without loading onnxruntime.
+  const { WorkerEngine } = await import("./runtime/engine.js");
+  return new WorkerEngine(engineOptions(config, logger));
+}
+
+/** Run the CLI; returns the exit status. */
+export async function runCli(argv: string[], io: CliIo): Promise<number> {
+  let logger = createLogger("info", io.stderr);
+  let engine: Engine | undefined;
+  try {
+    const parsed = parseArgs({ args: argv, allowPositionals: true, strict: true, options: PARSE_OPTIONS });
+    const values = parsed.values as Values;
+    const positionals = parsed.positionals;
+    if (values.help) {
+      io.stdout(USAGE);
+      return 0;
+    }
+    if (values.version) {
+      io.stdout(`${packageInfo().version}\n`);
+      return 0;
+    }
+    const [first, ...rest] = positionals;
+    const command = (first ?? "serve") as Command;
+    if (!COMMAND_NAMES.includes(command)) {
+      throw new SegError(
+        "INVALID_INPUT",
+        `unknown command "${first}": use one of ${COMMAND_NAMES.join(", ")} (see --help)`,
+      );
+    }
+    const config = createConfig(configOptions(command, rest, values, io));
+    logger = createLogger(config.logLevel, io.stderr);
+    engine = io.createEngine ? io.createEngine(config, logger) : await defaultEngine(config, logger);
+    if (command === "serve") {
+      if (rest.length > 0)
+        throw new SegError("INVALID_INPUT", `serve takes no arguments but received "${rest.join(" ")}"`);
+      await serve(config, engine, logger);
+      return 0;
+    }
+    const deps: ToolDeps = { config, engine, logger, allowDirs: async () => config.allowDirs };
+    const { structured, summary } = await runCommand(command, rest, values, deps);
+    io.stdout(values.json === true ? `${JSON.stringify(structured, null, 2)}\n` : `${summary.trimEnd()}\n`);
+    return 0;
+  } catch (error) {
+    const err =
+      error instanceof TypeError && "code" in error && String(error.code).startsWith("ERR_PARSE_ARGS")
+        ? new SegError("INVALID_INPUT", `${error.message} (see --help)`)
+        : toSegError(error);
+    io.stderr(`${err.toLine().replace(/\s*\n\s*/g, " ")}\n`);
+    if (!(error instanceof SegError) && !(error instanceof TypeError))
+      logger.debug(String((error as Error)?.stack));
+    return isInputError(err.code) ? 2 : 1;
+  } finally {
+    await engine?.dispose();
+  }
+}
+
+/** Settings from the environment, then flags; the commands also allow the folders of the files they name. */
+function configOptions(command: Command, rest: string[], values: Values, io: CliIo): ConfigOptions {
+  const options: Record<string, unknown> = { ...optionsFromEnv(io.env), cwd: io.cwd };
+  for (const s of SETTINGS) {
+    const raw = values[s.flag];
+    if (typeof raw === "string" || Array.isArray(raw)) options[s.key] = parseSetting(s, raw, `--${s.flag}`);
+  }
+  if (command === "serve" && typeof values.http === "string") {
+    const token = (values.token as string | undefined) ?? io.env[TOKEN_ENV];
+    const idle = values["session-idle"] as string | undefined;
+    options.http = {
+      ...parseListenAddress(values.http),
+      ...(token === undefined ? {} : { token }),
+      allowedOrigins: (values["allow-origin"] as string[] | undefined) ?? [],
+      ...(idle === undefined ? {} : { sessionIdleMs: parseCount("--session-idle", idle) * 60_000 }),
+    };
+  } else if (command !== "serve" && options.allowDirs === undefined) {
+    options.allowDirs = [io.cwd, ...namedFileDirs([rest[0], values.mask as string | undefined], io.cwd)];
+  }
+  return options as ConfigOptions;
+}
+
+/** Serve until the client leaves (stdio) or a signal arrives (HTTP). The pack loads in the background. */
+async function serve(config: Config, engine: Engine, logger: Logger): Promise<void> {
+  engine.info().then(
+    (info) => logger.info(`model pack ${info.name} loaded from ${info.dir} (${info.executionProvider})`),
+    (error: unknown) =>
+      logger.error(`${toSegError(error, "MODEL_LOAD_FAILED").toLine()} (tool calls will report it)`),
+  );
+  if (config.allowDirs.length === 0) {
+    logger.warn(
+      "started in the filesystem root without --allow-dir: only the client's MCP roots are readable; pass --allow-dir <dir>",
+    );
+  }
+  if (!config.http) return serveStdio(config, engine, logger);
+  const handle = await serveHttp(config, engine, logger);
+  await new Promise<void>((resolve) => {
+    process.once("SIGINT", resolve);
+    process.once("SIGTERM", resolve);
   });
+  await handle.close();
 }
 
-/**
- * An Engine whose pack loads in the background, so the server answers `initialize` at once; a
- * load failure becomes every tool call's error instead of a dead server.
- */
-export function deferredEngine(loading: Promise<Engine>): Engine {
-  loading.catch(() => undefined);
-  return {
-    info: async () => (await loading).info(),
-    ground: async (req) => (await loading).ground(req),
-    segment: async (req) => (await loading).segment(req),
-    describe: async (req) => (await loading).describe(req),
-    dispose: async () => {
-      const engine = await loading.catch(() => undefined);
-      await engine?.dispose();
-    },
-  };
+/** ground | segment | describe | info: the tool's structuredContent and its text summary. */
+async function runCommand(
+  command: Exclude<Command, "serve">,
+  rest: string[],
+  values: Values,
+  deps: ToolDeps,
+): Promise<{ structured: object; summary: string }> {
+  const [image, expression, ...extra] = rest;
+  if (command === "info") {
+    if (rest.length > 0) throw new SegError("INVALID_INPUT", "info takes no arguments");
+    const info = await deps.engine.info();
+    return {
+      structured: info,
+      summary: `${info.name}: ${info.description}\npack: ${info.dir}\ndtype: ${info.dtype}, execution provider: ${info.executionProvider}\n`,
+    };
+  }
+  if (image === undefined) {
+    throw new SegError(
+      "INVALID_INPUT",
+      `${command} needs an image: ${PACKAGE_NAME} ${command} <image> ... (see --help)`,
+    );
+  }
+  if (extra.length > 0) {
+    throw new SegError(
+      "INVALID_INPUT",
+      `unexpected arguments "${extra.join(" ")}": quote the expression so it is one argument`,
+    );
+  }
+  const box = typeof values.box === "string" ? parseBox(values.box) : undefined;
+  const maxInstances =
+    typeof values["max-instances"] === "string"
+      ? parseCount("--max-instances", values["max-instances"])
+      : undefined;
+  const optional = (key: string, value: unknown) => (value === undefined ? {} : { [key]: value });
+  switch (command) {
+    case "ground":
+      if (expression === undefined) {
+        throw new SegError(
+          "INVALID_INPUT",
+          `ground needs an expression: ${PACKAGE_NAME} ground <image> "<expression>"`,
+        );
+      }
+      return runTool(groundTool, deps, { image, expression, ...optional("max_instances", maxInstances) });
+    case "segment":
+      return runTool(segmentTool, deps, {
+        image,
+        ...optional("expression", expression),
+        ...optional("box", box),
+        ...optional("max_instances", maxInstances),
+        ...(values.rle === true ? { rle: true } : {}),
+        ...(values.overlay === true ? { overlay: true } : {}),
+      });
+    case "describe":
+      if (expression !== undefined) {
+        throw new SegError(
+          "INVALID_INPUT",
+          "describe takes no expression: give the region with --box or --mask",
+        );
+      }
+      return runTool(describeRegionTool, deps, {
+        image,
+        ...optional("box", box),
+        ...optional("mask", values.mask),
+      });
+  }
 }
 
-/** An Engine that loads its pack on first use, so that bad input fails fast without loading a model. */
-function lazyEngine(load: () => Promise<Engine>): Engine {
-  let loading: Promise<Engine> | undefined;
-  const get = () => {
-    loading ??= load();
-    return loading;
-  };
-  return {
-    info: async () => (await get()).info(),
-    ground: async (req) => (await get()).ground(req),
-    segment: async (req) => (await get()).segment(req),
-    describe: async (req) => (await get()).describe(req),
-    dispose: async () => {
-      const engine = await loading?.catch(() => undefined);
-      await engine?.dispose();
-    },
-  };
+/** Validate CLI-built arguments with the tool's own schema and run the tool's own body. */
+async function runTool<I extends z.ZodType, O extends z.ZodType>(
+  tool: ToolDefinition<I, O>,
+  deps: ToolDeps,
+  args: unknown,
+): Promise<{ structured: object; summary: string }> {
+  const parsed = tool.input.safeParse(args);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    const message = (issue?.message ?? "invalid arguments").replace(/^INVALID_INPUT: /, "");
+    const where = issue && issue.path.length > 0 ? ` (${issue.path.join(".")})` : "";
+    throw new SegError("INVALID_INPUT", `${message}${where}`);
+  }
+  const out = await tool.run(deps, parsed.data, {});
+  return { structured: out.structured as object, summary: tool.summary(parsed.data, out.structured) };
 }
 
 function parseBox(value: string): number[] {
@@ -157,16 +331,6 @@ function parseBox(value: string): number[] {
     );
   }
   return numbers;
-}
-
-/** Validate CLI-built arguments with the tool's own schema, so both surfaces accept the same things. */
-function parseToolArgs<T extends z.ZodType>(schema: T, args: unknown): z.output<T> {
-  const parsed = schema.safeParse(args);
-  if (parsed.success) return parsed.data;
-  const issue = parsed.error.issues[0];
-  const message = (issue?.message ?? "invalid arguments").replace(/^INVALID_INPUT: /, "");
-  const where = issue && issue.path.length > 0 ? ` (${issue.path.join(".")})` : "";
-  throw new SegError("INVALID_INPUT", `${message}${where}`);
 }
 
 /** Folders of the files the user named on the command line (the CLI trusts its own user). */
@@ -190,228 +354,6 @@ function namedFileDirs(refs: (string | undefined)[], cwd: string): string[] {
   return dirs;
 }
 
-/** Run the CLI; returns the exit status. */
-export async function runCli(argv: string[], io: CliIo): Promise<number> {
-  let logger = createLogger("info", io.stderr);
-  try {
-    const { values, positionals } = parseArgs({
-      args: argv,
-      allowPositionals: true,
-      strict: true,
-      options: {
-        pack: { type: "string" },
-        out: { type: "string" },
-        "allow-dir": { type: "string", multiple: true },
-        "max-image-bytes": { type: "string" },
-        "max-data-uri-bytes": { type: "string" },
-        "max-pixels": { type: "string" },
-        ep: { type: "string" },
-        "cache-bytes": { type: "string" },
-        "log-level": { type: "string" },
-        json: { type: "boolean" },
-        box: { type: "string" },
-        mask: { type: "string" },
-        "max-instances": { type: "string" },
-        rle: { type: "boolean" },
-        overlay: { type: "boolean" },
-        http: { type: "string" },
-        token: { type: "string" },
-        "allow-origin": { type: "string", multiple: true },
-        "session-idle": { type: "string" },
-        help: { type: "boolean", short: "h" },
-        version: { type: "boolean", short: "v" },
-      },
-    });
-    if (values.help) {
-      io.stdout(USAGE);
-      return 0;
-    }
-    if (values.version) {
-      io.stdout(`${SERVER_VERSION}\n`);
-      return 0;
-    }
-    const first = positionals[0];
-    const command: Command = first === undefined ? "serve" : (first as Command);
-    if (!COMMANDS.includes(command)) {
-      throw new SegError(
-        "INVALID_INPUT",
-        `unknown command "${first}": use one of ${COMMANDS.join(", ")} (see --help)`,
-      );
-    }
-    const rest = positionals.slice(1);
-
-    const options: ConfigOptions = { ...optionsFromEnv(io.env), cwd: io.cwd };
-    if (values.pack !== undefined) options.packDir = values.pack;
-    if (values.out !== undefined) options.outDir = values.out;
-    if (values["allow-dir"] !== undefined) options.allowDirs = values["allow-dir"];
-    if (values["max-image-bytes"] !== undefined) {
-      options.maxImageBytes = parseIntOption("--max-image-bytes", values["max-image-bytes"]);
-    }
-    if (values["max-data-uri-bytes"] !== undefined) {
-      options.maxDataUriBytes = parseIntOption("--max-data-uri-bytes", values["max-data-uri-bytes"]);
-    }
-    if (values["max-pixels"] !== undefined)
-      options.maxPixels = parseIntOption("--max-pixels", values["max-pixels"]);
-    if (values.ep !== undefined) options.executionProvider = values.ep;
-    if (values["cache-bytes"] !== undefined)
-      options.cacheBytes = parseIntOption("--cache-bytes", values["cache-bytes"]);
-    if (values["log-level"] !== undefined) options.logLevel = values["log-level"];
-
-    if (command === "serve") {
-      if (rest.length > 0)
-        throw new SegError("INVALID_INPUT", `serve takes no arguments but received "${rest.join(" ")}"`);
-      if (values.http !== undefined) {
-        const token = values.token ?? io.env.QWEN3_VL_SEG_TOKEN;
-        options.http = {
-          ...parseListenAddress(values.http),
-          ...(token === undefined ? {} : { token }),
-          allowedOrigins: values["allow-origin"] ?? [],
-          ...(values["session-idle"] === undefined
-            ? {}
-            : { sessionIdleMs: parseIntOption("--session-idle", values["session-idle"]) * 60_000 }),
-        };
-      }
-    } else if (options.allowDirs === undefined) {
-      options.allowDirs = [io.cwd, ...namedFileDirs([rest[0], values.mask], io.cwd)];
-    }
-
-    const config = createConfig(options);
-    logger = createLogger(config.logLevel, io.stderr);
-    const makeEngine = io.createEngine ?? defaultCreateEngine;
-
-    if (command === "serve") {
-      const loading = makeEngine(config, logger);
-      loading.then(
-        () => logger.info(`model pack loaded from ${config.packDir}`),
-        (error: unknown) =>
-          logger.error(`${toSegError(error, "MODEL_LOAD_FAILED").toLine()} (tool calls will report it)`),
-      );
-      const engine = deferredEngine(loading);
-      if (config.allowDirs.length === 0) {
-        logger.warn(
-          "started in the filesystem root without --allow-dir: only the client's MCP roots are readable; pass --allow-dir <dir>",
-        );
-      }
-      if (config.http) {
-        const handle = await serveHttp(config, engine, logger);
-        await new Promise<void>((resolve) => {
-          process.once("SIGINT", resolve);
-          process.once("SIGTERM", resolve);
-        });
-        await handle.close();
-        await engine.dispose();
-      } else {
-        await serveStdio(config, engine, logger);
-      }
-      return 0;
-    }
-
-    const json = values.json === true;
-    const maxInstances =
-      values["max-instances"] === undefined
-        ? undefined
-        : parseIntOption("--max-instances", values["max-instances"]);
-    const box = values.box === undefined ? undefined : parseBox(values.box);
-    const [image, expression, ...extra] = rest;
-    if (command !== "info" && image === undefined) {
-      throw new SegError(
-        "INVALID_INPUT",
-        `${command} needs an image: ${PACKAGE_NAME} ${command} <image> ... (see --help)`,
-      );
-    }
-    if (extra.length > 0) {
-      throw new SegError(
-        "INVALID_INPUT",
-        `unexpected arguments "${extra.join(" ")}": quote the expression so it is one argument`,
-      );
-    }
-
-    const engine = lazyEngine(() => makeEngine(config, logger));
-    try {
-      const deps: ToolDeps = {
-        config,
-        engine,
-        queue: new EngineQueue(config.maxQueue),
-        logger,
-        allowDirs: async () => config.allowDirs,
-        packInfo: packInfoOnce(engine),
-      };
-      let structured: object;
-      let summary: string;
-      switch (command) {
-        case "info": {
-          if (rest.length > 0) throw new SegError("INVALID_INPUT", "info takes no arguments");
-          const info = await engine.info();
-          structured = info;
-          summary = `${info.name}: ${info.description}\npack: ${info.dir}\ndtype: ${info.dtype}, execution provider: ${info.executionProvider}\n`;
-          break;
-        }
-        case "ground": {
-          if (expression === undefined) {
-            throw new SegError(
-              "INVALID_INPUT",
-              `ground needs an expression: ${PACKAGE_NAME} ground <image> "<expression>"`,
-            );
-          }
-          const args = parseToolArgs(groundInputSchema, {
-            image,
-            expression,
-            ...(maxInstances === undefined ? {} : { max_instances: maxInstances }),
-          });
-          const out = await runGround(deps, args);
-          structured = out;
-          summary = groundSummary(args.expression, out);
-          break;
-        }
-        case "segment": {
-          const args = parseToolArgs(segmentInputSchema, {
-            image,
-            ...(expression === undefined ? {} : { expression }),
-            ...(box === undefined ? {} : { box }),
-            ...(maxInstances === undefined ? {} : { max_instances: maxInstances }),
-            ...(values.rle ? { rle: true } : {}),
-            ...(values.overlay ? { overlay: true } : {}),
-          });
-          const out = await runSegment(deps, args);
-          structured = out;
-          summary = segmentSummary(args, out);
-          break;
-        }
-        case "describe": {
-          if (expression !== undefined) {
-            throw new SegError(
-              "INVALID_INPUT",
-              "describe takes no expression: give the region with --box or --mask",
-            );
-          }
-          const args = parseToolArgs(describeRegionInputSchema, {
-            image,
-            ...(box === undefined ? {} : { box }),
-            ...(values.mask === undefined ? {} : { mask: values.mask }),
-          });
-          const out = await runDescribeRegion(deps, args);
-          structured = out;
-          summary = describeRegionSummary(out);
-          break;
-        }
-      }
-      io.stdout(json ? `${JSON.stringify(structured, null, 2)}\n` : `${summary.trimEnd()}\n`);
-      return 0;
-    } finally {
-      await engine.dispose();
-    }
-  } catch (error) {
-    const err =
-      error instanceof TypeError && "code" in error && String(error.code).startsWith("ERR_PARSE_ARGS")
-        ? new SegError("INVALID_INPUT", `${error.message} (see --help)`)
-        : toSegError(error);
-    io.stderr(`${err.toLine().replace(/\s*\n\s*/g, " ")}\n`);
-    if (!(error instanceof SegError) && !(error instanceof TypeError))
-      logger.debug(String((error as Error)?.stack));
-    return INPUT_ERRORS.has(err.code) ? 2 : 1;
-  }
-}
-
 function isMain(): boolean {
   const entry = process.argv[1];
   if (entry === undefined) return false;
@@ -423,11 +365,10 @@ function isMain(): boolean {
 }
 
 if (isMain()) {
-  const code = await runCli(process.argv.slice(2), {
+  process.exitCode = await runCli(process.argv.slice(2), {
     stdout: (t) => process.stdout.write(t),
     stderr: (t) => process.stderr.write(t),
     cwd: process.cwd(),
     env: process.env,
   });
-  process.exitCode = code;
 }

@@ -1,7 +1,8 @@
 /**
- * Server and CLI configuration: built from flags and environment variables, validated with zod,
- * resolved to absolute paths, and frozen. Everything downstream reads this object; nothing reads
- * process.env or process.cwd() again.
+ * Server and CLI configuration: every setting is declared once in SETTINGS (flag, environment
+ * variable, default, help), built from flags and environment variables, validated with zod, resolved
+ * to absolute paths, and frozen. Everything downstream reads this object; nothing reads process.env
+ * or process.cwd() again.
  */
 
 import { existsSync, readFileSync } from "node:fs";
@@ -10,22 +11,37 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { z } from "zod";
 import { SegError } from "./errors.js";
+import type { Logger } from "./logger.js";
+import { LOG_LEVELS, type LogLevel } from "./logger.js";
+import {
+  ENGINE_DEFAULTS,
+  type EngineOptions,
+  EXECUTION_PROVIDERS,
+  type ExecutionProvider,
+} from "./runtime/types.js";
+
+export const PACKAGE_NAME = "qwen3-vl-seg-mcp";
 
 /** The pack used when none is given: shipped inside the npm package under models/. */
 export const DEFAULT_PACK_NAME = "shapes";
 
-/** Output directory when none is given, relative to the working directory. */
-export const DEFAULT_OUT_DIR = "qwen3-vl-seg-out";
-
-export const PACKAGE_NAME = "qwen3-vl-seg-mcp";
-
-const EXECUTION_PROVIDERS = ["auto", "cpu", "cuda", "webgpu"] as const;
-export type ExecutionProvider = (typeof EXECUTION_PROVIDERS)[number];
-
-const LOG_LEVELS = ["debug", "info", "warn", "error", "silent"] as const;
-export type LogLevel = (typeof LOG_LEVELS)[number];
-
 const MiB = 1024 * 1024;
+
+/** Every default, once. */
+export const DEFAULTS = {
+  /** Relative to the working directory (the temp folder when that is the filesystem root). */
+  outDir: "qwen3-vl-seg-out",
+  maxImageBytes: 50 * MiB,
+  maxDataUriBytes: 8 * MiB,
+  maxInputPixels: 40_000_000,
+  maxExpressionChars: 1000,
+  previewMaxSide: 256,
+  logLevel: "info" as LogLevel,
+  sessionIdleMs: 30 * 60_000,
+  executionProvider: ENGINE_DEFAULTS.executionProvider as ExecutionProvider,
+  cacheBytes: ENGINE_DEFAULTS.cacheBytes,
+  maxQueue: ENGINE_DEFAULTS.maxQueue,
+} as const;
 
 const configSchema = z.strictObject({
   /** Working directory that relative paths are resolved against. */
@@ -40,30 +56,22 @@ const configSchema = z.strictObject({
    * that desktop clients launch): allowing the whole disk by accident is worse than asking.
    */
   allowDirs: z.array(z.string()),
-  /** Largest input file or decoded data: URI, in bytes. @default 50 MiB */
-  maxImageBytes: z
-    .number()
-    .int()
-    .positive()
-    .default(50 * MiB),
-  /** Largest data: URI payload (decoded bytes). @default 8 MiB */
-  maxDataUriBytes: z
-    .number()
-    .int()
-    .positive()
-    .default(8 * MiB),
-  /** Largest input image in pixels (width * height). @default 40,000,000 */
-  maxPixels: z.number().int().positive().default(40_000_000),
-  /** Longest referring expression, in characters. @default 1000 */
-  maxExpressionChars: z.number().int().positive().default(1000),
-  /** Longest side of the optional preview image returned inline. @default 256 */
-  previewMaxSide: z.number().int().min(32).max(1024).default(256),
-  executionProvider: z.enum(EXECUTION_PROVIDERS).default("auto"),
-  /** Engine cache budget in bytes (encoded images); undefined lets the engine choose. */
-  cacheBytes: z.number().int().nonnegative().optional(),
-  /** Requests waiting for the engine beyond this are refused (the engine runs one at a time). @default 16 */
-  maxQueue: z.number().int().positive().default(16),
-  logLevel: z.enum(LOG_LEVELS).default("info"),
+  /** Largest input file, in bytes. */
+  maxImageBytes: z.number().int().positive().default(DEFAULTS.maxImageBytes),
+  /** Largest data: URI payload (decoded bytes). */
+  maxDataUriBytes: z.number().int().positive().default(DEFAULTS.maxDataUriBytes),
+  /** Largest input image in pixels (width * height), before the model's own resize. */
+  maxInputPixels: z.number().int().positive().default(DEFAULTS.maxInputPixels),
+  /** Longest referring expression, in characters. */
+  maxExpressionChars: z.number().int().positive().default(DEFAULTS.maxExpressionChars),
+  /** Longest side of the optional preview image returned inline. */
+  previewMaxSide: z.number().int().min(32).max(1024).default(DEFAULTS.previewMaxSide),
+  executionProvider: z.enum(EXECUTION_PROVIDERS).default(DEFAULTS.executionProvider),
+  /** Engine cache budget in bytes (encoded images); 0 disables the cache. */
+  cacheBytes: z.number().int().nonnegative().default(DEFAULTS.cacheBytes),
+  /** Requests waiting for the engine beyond this are refused with BUSY (it runs one at a time). */
+  maxQueue: z.number().int().positive().default(DEFAULTS.maxQueue),
+  logLevel: z.enum(LOG_LEVELS).default(DEFAULTS.logLevel),
   http: z
     .strictObject({
       host: z.string(),
@@ -72,18 +80,14 @@ const configSchema = z.strictObject({
       token: z.string().min(16).optional(),
       /** Extra allowed Origin header values (the server's own loopback origins are always allowed). */
       allowedOrigins: z.array(z.string()).default([]),
-      /** A session with no request for this long (and none in flight) is closed. @default 30 min */
-      sessionIdleMs: z
-        .number()
-        .int()
-        .positive()
-        .default(30 * 60_000),
+      /** A session with no request for this long (and none in flight) is closed. */
+      sessionIdleMs: z.number().int().positive().default(DEFAULTS.sessionIdleMs),
     })
     .optional(),
 });
 
 export type Config = Readonly<z.output<typeof configSchema>>;
-export type ConfigInput = z.input<typeof configSchema>;
+type ConfigInput = z.input<typeof configSchema>;
 
 /** Options as the CLI or a test gives them; every path may be relative to `cwd`. */
 export interface ConfigOptions {
@@ -93,7 +97,7 @@ export interface ConfigOptions {
   allowDirs?: string[];
   maxImageBytes?: number;
   maxDataUriBytes?: number;
-  maxPixels?: number;
+  maxInputPixels?: number;
   maxExpressionChars?: number;
   previewMaxSide?: number;
   executionProvider?: string;
@@ -103,92 +107,185 @@ export interface ConfigOptions {
   http?: { host: string; port: number; token?: string; allowedOrigins?: string[]; sessionIdleMs?: number };
 }
 
-/** The package root: the nearest folder above this module whose package.json names this package. */
-export function packageRoot(): string {
+/** A setting a user can give as a flag and (most) as an environment variable. */
+export interface Setting {
+  key:
+    | "packDir"
+    | "outDir"
+    | "allowDirs"
+    | "maxImageBytes"
+    | "maxDataUriBytes"
+    | "maxInputPixels"
+    | "executionProvider"
+    | "cacheBytes"
+    | "logLevel";
+  flag: string;
+  env?: string;
+  /** What the value looks like in the usage text. */
+  value: string;
+  kind: "path" | "paths" | "count" | "choice";
+  /** Smallest accepted count. @default 1 */
+  min?: number;
+  help: string;
+}
+
+export const SETTINGS: readonly Setting[] = [
+  {
+    key: "packDir",
+    flag: "pack",
+    env: "QWEN3_VL_SEG_PACK",
+    value: "DIR",
+    kind: "path",
+    help: `model pack folder (default: the bundled pack, models/${DEFAULT_PACK_NAME})`,
+  },
+  {
+    key: "outDir",
+    flag: "out",
+    env: "QWEN3_VL_SEG_OUT",
+    value: "DIR",
+    kind: "path",
+    help: `where masks are written (default: ./${DEFAULTS.outDir}, created on demand; <tmpdir>/${DEFAULTS.outDir} when started in the filesystem root)`,
+  },
+  {
+    key: "allowDirs",
+    flag: "allow-dir",
+    env: "QWEN3_VL_SEG_ALLOW_DIRS",
+    value: "DIR",
+    kind: "paths",
+    help: "directory input images may come from; repeatable (the variable: separated by the path delimiter). Server default: the working directory (none in the filesystem root) plus the client's MCP roots; CLI default: the working directory and the folders of the files named",
+  },
+  {
+    key: "maxImageBytes",
+    flag: "max-image-bytes",
+    env: "QWEN3_VL_SEG_MAX_IMAGE_BYTES",
+    value: "N",
+    kind: "count",
+    help: `largest input file in bytes (default ${DEFAULTS.maxImageBytes})`,
+  },
+  {
+    key: "maxDataUriBytes",
+    flag: "max-data-uri-bytes",
+    value: "N",
+    kind: "count",
+    help: `largest decoded data: URI in bytes (default ${DEFAULTS.maxDataUriBytes})`,
+  },
+  {
+    key: "maxInputPixels",
+    flag: "max-input-pixels",
+    env: "QWEN3_VL_SEG_MAX_INPUT_PIXELS",
+    value: "N",
+    kind: "count",
+    help: `largest input image in pixels, width x height (default ${DEFAULTS.maxInputPixels})`,
+  },
+  {
+    key: "executionProvider",
+    flag: "ep",
+    env: "QWEN3_VL_SEG_EP",
+    value: "PROVIDER",
+    kind: "choice",
+    help: `${EXECUTION_PROVIDERS.join(" | ")} (default ${DEFAULTS.executionProvider}: CUDA, then WebGPU, then the CPU)`,
+  },
+  {
+    key: "cacheBytes",
+    flag: "cache-bytes",
+    value: "N",
+    kind: "count",
+    min: 0,
+    help: `memory for encoded images, 0 = no cache (default ${DEFAULTS.cacheBytes})`,
+  },
+  {
+    key: "logLevel",
+    flag: "log-level",
+    env: "QWEN3_VL_SEG_LOG_LEVEL",
+    value: "LEVEL",
+    kind: "choice",
+    help: `${LOG_LEVELS.join(" | ")} (default ${DEFAULTS.logLevel}; logs go to stderr)`,
+  },
+];
+
+/** The HTTP bearer token's variable (preferred over --token: arguments show in `ps`). */
+export const TOKEN_ENV = "QWEN3_VL_SEG_TOKEN";
+
+/** Parse a setting's raw text (from a flag or a variable) into its option value. */
+export function parseSetting(
+  setting: Setting,
+  raw: string | string[],
+  origin: string,
+): string | string[] | number {
+  if (setting.kind === "paths") {
+    return Array.isArray(raw) ? raw : raw.split(path.delimiter).filter((d) => d.length > 0);
+  }
+  const text = Array.isArray(raw) ? (raw.at(-1) ?? "") : raw;
+  return setting.kind === "count" ? parseCount(origin, text, setting.min ?? 1) : text;
+}
+
+/** Options from the environment variables in SETTINGS (flags win over them). */
+export function optionsFromEnv(env: NodeJS.ProcessEnv): ConfigOptions {
+  const out: Record<string, unknown> = {};
+  for (const s of SETTINGS) {
+    const raw = s.env === undefined ? undefined : env[s.env];
+    if (raw) out[s.key] = parseSetting(s, raw, s.env as string);
+  }
+  return out as ConfigOptions;
+}
+
+/** A whole number >= `min` (underscores allowed as separators). */
+export function parseCount(name: string, value: string, min = 1): number {
+  const n = Number(value.replaceAll("_", ""));
+  if (value.trim() === "" || !Number.isSafeInteger(n) || n < min) {
+    throw new SegError(
+      "INVALID_INPUT",
+      `expected ${min === 0 ? "a non-negative" : "a positive"} integer for ${name} but received "${value}"`,
+    );
+  }
+  return n;
+}
+
+/** name and version from the package's own package.json (the one definition of the version). */
+export function packageInfo(): { root: string; version: string } {
   let dir = path.dirname(fileURLToPath(import.meta.url));
   for (;;) {
     const candidate = path.join(dir, "package.json");
     if (existsSync(candidate)) {
       try {
         // Read synchronously once at start-up; a JSON import would pin the layout of dist/.
-        const pkg = JSON.parse(readFileSync(candidate, "utf8")) as { name?: string };
-        if (pkg.name === PACKAGE_NAME) return dir;
+        const pkg = JSON.parse(readFileSync(candidate, "utf8")) as { name?: string; version?: string };
+        if (pkg.name === PACKAGE_NAME) return { root: dir, version: pkg.version ?? "0.0.0" };
       } catch {
         // not ours; keep walking up
       }
     }
     const parent = path.dirname(dir);
-    if (parent === dir) return path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
+    if (parent === dir)
+      throw new SegError(
+        "MODEL_NOT_FOUND",
+        `cannot find ${PACKAGE_NAME}'s package.json above ${fileURLToPath(import.meta.url)}`,
+      );
     dir = parent;
   }
 }
 
 /** The bundled default pack: `<package>/models/<DEFAULT_PACK_NAME>`. */
 export function defaultPackDir(): string {
-  return path.join(packageRoot(), "models", DEFAULT_PACK_NAME);
-}
-
-/**
- * Environment variables read (flags win over them):
- * QWEN3_VL_SEG_PACK, QWEN3_VL_SEG_OUT, QWEN3_VL_SEG_ALLOW_DIRS (path.delimiter-separated),
- * QWEN3_VL_SEG_EP, QWEN3_VL_SEG_MAX_PIXELS, QWEN3_VL_SEG_MAX_IMAGE_BYTES, QWEN3_VL_SEG_LOG_LEVEL,
- * QWEN3_VL_SEG_TOKEN (HTTP bearer token).
- */
-export function optionsFromEnv(env: NodeJS.ProcessEnv): ConfigOptions {
-  const out: ConfigOptions = {};
-  if (env.QWEN3_VL_SEG_PACK) out.packDir = env.QWEN3_VL_SEG_PACK;
-  if (env.QWEN3_VL_SEG_OUT) out.outDir = env.QWEN3_VL_SEG_OUT;
-  if (env.QWEN3_VL_SEG_ALLOW_DIRS) {
-    out.allowDirs = env.QWEN3_VL_SEG_ALLOW_DIRS.split(path.delimiter).filter((d) => d.length > 0);
-  }
-  if (env.QWEN3_VL_SEG_EP) out.executionProvider = env.QWEN3_VL_SEG_EP;
-  if (env.QWEN3_VL_SEG_MAX_PIXELS)
-    out.maxPixels = parseIntOption("QWEN3_VL_SEG_MAX_PIXELS", env.QWEN3_VL_SEG_MAX_PIXELS);
-  if (env.QWEN3_VL_SEG_MAX_IMAGE_BYTES) {
-    out.maxImageBytes = parseIntOption("QWEN3_VL_SEG_MAX_IMAGE_BYTES", env.QWEN3_VL_SEG_MAX_IMAGE_BYTES);
-  }
-  if (env.QWEN3_VL_SEG_LOG_LEVEL) out.logLevel = env.QWEN3_VL_SEG_LOG_LEVEL;
-  return out;
-}
-
-export function parseIntOption(name: string, value: string): number {
-  const n = Number(value.replaceAll("_", ""));
-  if (!Number.isSafeInteger(n) || n <= 0) {
-    throw new SegError("INVALID_INPUT", `expected a positive integer for ${name} but received "${value}"`);
-  }
-  return n;
+  return path.join(packageInfo().root, "models", DEFAULT_PACK_NAME);
 }
 
 /** Validate and resolve options into a frozen Config. Throws SegError INVALID_INPUT. */
 export function createConfig(options: ConfigOptions = {}): Config {
   const cwd = path.resolve(options.cwd ?? process.cwd());
   const abs = (p: string) => path.resolve(cwd, p);
+  const inRoot = path.parse(cwd).root === cwd;
+  const { cwd: _, packDir, outDir, allowDirs, executionProvider, logLevel, ...rest } = options;
   const input: ConfigInput = {
+    ...rest,
     cwd,
-    packDir: options.packDir === undefined ? defaultPackDir() : abs(options.packDir),
+    packDir: packDir === undefined ? defaultPackDir() : abs(packDir),
     // In the filesystem root (desktop clients) ./qwen3-vl-seg-out is rarely writable: use the temp dir.
     outDir:
-      options.outDir === undefined && path.parse(cwd).root === cwd
-        ? path.join(tmpdir(), DEFAULT_OUT_DIR)
-        : abs(options.outDir ?? DEFAULT_OUT_DIR),
-    allowDirs: (options.allowDirs && options.allowDirs.length > 0
-      ? options.allowDirs
-      : path.parse(cwd).root === cwd
-        ? []
-        : [cwd]
-    ).map(abs),
-    ...(options.maxImageBytes === undefined ? {} : { maxImageBytes: options.maxImageBytes }),
-    ...(options.maxDataUriBytes === undefined ? {} : { maxDataUriBytes: options.maxDataUriBytes }),
-    ...(options.maxPixels === undefined ? {} : { maxPixels: options.maxPixels }),
-    ...(options.maxExpressionChars === undefined ? {} : { maxExpressionChars: options.maxExpressionChars }),
-    ...(options.previewMaxSide === undefined ? {} : { previewMaxSide: options.previewMaxSide }),
-    ...(options.executionProvider === undefined
-      ? {}
-      : { executionProvider: options.executionProvider as ExecutionProvider }),
-    ...(options.cacheBytes === undefined ? {} : { cacheBytes: options.cacheBytes }),
-    ...(options.maxQueue === undefined ? {} : { maxQueue: options.maxQueue }),
-    ...(options.logLevel === undefined ? {} : { logLevel: options.logLevel as LogLevel }),
-    ...(options.http === undefined ? {} : { http: options.http }),
+      outDir === undefined && inRoot ? path.join(tmpdir(), DEFAULTS.outDir) : abs(outDir ?? DEFAULTS.outDir),
+    allowDirs: (allowDirs && allowDirs.length > 0 ? allowDirs : inRoot ? [] : [cwd]).map(abs),
+    ...(executionProvider === undefined ? {} : { executionProvider: executionProvider as ExecutionProvider }),
+    ...(logLevel === undefined ? {} : { logLevel: logLevel as LogLevel }),
   };
   const parsed = configSchema.safeParse(input);
   if (!parsed.success) {
@@ -203,6 +300,17 @@ export function createConfig(options: ConfigOptions = {}): Config {
   }
   Object.freeze(config.allowDirs);
   return Object.freeze(config);
+}
+
+/** What the engine needs from the configuration: the one place CLI and server build it from. */
+export function engineOptions(config: Config, log: Logger): EngineOptions {
+  return {
+    packDir: config.packDir,
+    executionProvider: config.executionProvider,
+    cacheBytes: config.cacheBytes,
+    maxQueue: config.maxQueue,
+    log,
+  };
 }
 
 /** True for hosts that only this machine can reach. */
@@ -223,23 +331,4 @@ export function parseListenAddress(value: string): { host: string; port: number 
   }
   const host = (m[1] ?? "127.0.0.1").replace(/^\[|\]$/g, "");
   return { host, port };
-}
-
-export interface Logger {
-  debug(message: string): void;
-  info(message: string): void;
-  warn(message: string): void;
-  error(message: string): void;
-}
-
-/** Logs go to stderr only: on stdio, stdout carries nothing but protocol messages. */
-export function createLogger(
-  level: LogLevel,
-  write: (line: string) => void = (l) => process.stderr.write(l),
-): Logger {
-  const rank = LOG_LEVELS.indexOf(level);
-  const at = (name: LogLevel) => (message: string) => {
-    if (LOG_LEVELS.indexOf(name) >= rank) write(`[${PACKAGE_NAME}] ${name}: ${message}\n`);
-  };
-  return { debug: at("debug"), info: at("info"), warn: at("warn"), error: at("error") };
 }

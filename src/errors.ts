@@ -4,21 +4,40 @@
  * one place (tools/shared.ts); the CLI prints `CODE: message`.
  */
 
-export const ERROR_CODES = [
-  "INVALID_INPUT",
-  "IMAGE_NOT_FOUND",
-  "IMAGE_DECODE_FAILED",
-  "IMAGE_TOO_LARGE",
-  "UNSUPPORTED_FORMAT",
-  "PATH_NOT_ALLOWED",
-  "MODEL_NOT_FOUND",
-  "MODEL_LOAD_FAILED",
-  "INFERENCE_FAILED",
-  "CANCELLED",
-  "OUTPUT_WRITE_FAILED",
-] as const;
+/** Every code, and whether the caller caused it (the CLI exits 2 for those, 1 for the rest). */
+const CODES = {
+  INVALID_INPUT: { input: true },
+  IMAGE_NOT_FOUND: { input: true },
+  IMAGE_DECODE_FAILED: { input: true },
+  IMAGE_TOO_LARGE: { input: true },
+  UNSUPPORTED_FORMAT: { input: true },
+  PATH_NOT_ALLOWED: { input: true },
+  REQUEST_TOO_LARGE: { input: true },
+  ADDRESS_IN_USE: { input: true },
+  LISTEN_FAILED: { input: true },
+  MODEL_NOT_FOUND: { input: false },
+  MODEL_LOAD_FAILED: { input: false },
+  INFERENCE_FAILED: { input: false },
+  BUSY: { input: false },
+  CANCELLED: { input: false },
+  OUTPUT_WRITE_FAILED: { input: false },
+} as const satisfies Record<string, { input: boolean }>;
 
-export type ErrorCode = (typeof ERROR_CODES)[number];
+export type ErrorCode = keyof typeof CODES;
+
+export const ERROR_CODES = Object.keys(CODES) as ErrorCode[];
+
+/** Errors the caller can fix by changing its input or its command line. */
+export function isInputError(code: ErrorCode): boolean {
+  return CODES[code].input;
+}
+
+/** What crosses a thread boundary (structured-cloneable). */
+export interface SerializedError {
+  code: ErrorCode;
+  message: string;
+  details?: Record<string, unknown>;
+}
 
 export class SegError extends Error {
   override readonly name = "SegError";
@@ -40,6 +59,19 @@ export class SegError extends Error {
   toLine(): string {
     return `${this.code}: ${this.message}`;
   }
+
+  serialize(): SerializedError {
+    return {
+      code: this.code,
+      message: this.message,
+      ...(this.details === undefined ? {} : { details: { ...this.details } }),
+    };
+  }
+
+  static deserialize(e: SerializedError): SegError {
+    const code = e.code in CODES ? e.code : "INFERENCE_FAILED";
+    return new SegError(code, e.message, e.details === undefined ? undefined : { details: e.details });
+  }
 }
 
 export function isSegError(value: unknown): value is SegError {
@@ -54,4 +86,13 @@ export function toSegError(value: unknown, fallback: ErrorCode = "INFERENCE_FAIL
   }
   const message = value instanceof Error ? value.message : String(value);
   return new SegError(fallback, message, { cause: value });
+}
+
+/** The error of a request whose AbortSignal fired. */
+export function cancelled(when = ""): SegError {
+  return new SegError("CANCELLED", `the request was cancelled${when ? ` ${when}` : ""}`);
+}
+
+export function throwIfAborted(signal: AbortSignal | undefined, when = ""): void {
+  if (signal?.aborted) throw cancelled(when);
 }

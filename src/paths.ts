@@ -1,12 +1,13 @@
 /**
  * Path and URI safety. Every image or mask a caller names goes through here before anything opens it:
  * the reference is parsed (plain path, file:// URI, data: URI; http(s) refused), the path is checked
- * against the allow-list as written, then its real path (symlinks resolved) is checked again, so a
- * link inside an allowed directory cannot reach outside it. Output files are only ever looked up
- * inside the output directory.
+ * against the allow-list as written, then opened once and the real path of what was opened is checked
+ * again, so a link inside an allowed directory cannot reach outside it. Output files are only ever
+ * looked up inside the output directory.
  */
 
-import { mkdir, realpath, stat } from "node:fs/promises";
+import { constants, type Stats } from "node:fs";
+import { type FileHandle, mkdir, open, readlink, realpath, stat } from "node:fs/promises";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { SegError } from "./errors.js";
@@ -15,12 +16,6 @@ import { SegError } from "./errors.js";
 export const OUTPUT_URI_PREFIX = "qwen3-vl-seg://masks/";
 
 export type ImageRef = { kind: "path"; path: string } | { kind: "data"; mime: string; bytes: Uint8Array };
-
-export interface ResolvedFile {
-  /** Real absolute path (symlinks resolved). */
-  path: string;
-  bytes: number;
-}
 
 /** True when `child` is `parent` or lies below it (both absolute, normalised). */
 export function isInside(child: string, parent: string): boolean {
@@ -44,6 +39,9 @@ export function parseImageRef(
   const value = ref.trim();
   if (value.length === 0) {
     throw new SegError("INVALID_INPUT", `${field} is empty: pass a file path, a file:// URI or a data: URI`);
+  }
+  if (value.includes("\0")) {
+    throw new SegError("INVALID_INPUT", `${field} contains a NUL character: pass a plain file path`);
   }
   const scheme = /^([a-zA-Z][a-zA-Z0-9+.-]*):/.exec(value)?.[1]?.toLowerCase();
   // A one-letter "scheme" is a Windows drive letter, not a URI.
@@ -72,7 +70,7 @@ export function parseImageRef(
   }
   throw new SegError(
     "INVALID_INPUT",
-    `${field} has unsupported URI scheme "${scheme}:": pass a file path, a file:// URI or a base64 data: URI`,
+    `${field} has unsupported URI scheme "${truncate(scheme, 40)}:": pass a file path, a file:// URI or a base64 data: URI`,
   );
 }
 
@@ -130,81 +128,142 @@ export async function realDirs(dirs: readonly string[]): Promise<string[]> {
   return [...new Set(out)];
 }
 
+/** A sentence for a system error on a file a caller named. */
+function fileError(cause: unknown, field: string, abs: string): SegError {
+  const code = (cause as NodeJS.ErrnoException).code ?? "";
+  const says: Record<string, string> = {
+    ENOENT: "does not exist: check the path (relative paths are resolved against the working directory)",
+    ENOTDIR: "does not exist (a part of the path is not a folder): check the path",
+    EACCES: "cannot be read (permission denied): make it readable by the server's user",
+    EPERM: "cannot be read (operation not permitted): make it readable by the server's user",
+    ELOOP: "is a loop of symbolic links: pass the path of the file itself",
+    ENAMETOOLONG: "is too long a name for this system: shorten the path",
+    EISDIR: "is a directory: pass the path of an image file inside it",
+  };
+  return new SegError(
+    "IMAGE_NOT_FOUND",
+    `${field} "${abs}" ${says[code] ?? `cannot be opened (${code || String(cause)}): pass a readable image file`}`,
+    { cause, details: { path: abs } },
+  );
+}
+
+/** The real path of an open descriptor: /proc/self/fd on Linux, else the path's real path if it is still the same file. */
+async function descriptorPath(
+  handle: FileHandle,
+  abs: string,
+  opened: Stats,
+  field: string,
+): Promise<string> {
+  try {
+    return await readlink(`/proc/self/fd/${handle.fd}`);
+  } catch {
+    // no /proc (macOS, BSD): compare the checked path's file with the opened one
+  }
+  const real = await realpath(abs).catch((cause: unknown) => {
+    throw fileError(cause, field, abs);
+  });
+  const now = await stat(real).catch((cause: unknown) => {
+    throw fileError(cause, field, abs);
+  });
+  if (now.dev !== opened.dev || now.ino !== opened.ino) {
+    throw new SegError("IMAGE_NOT_FOUND", `${field} "${abs}" changed while it was being opened: try again`, {
+      details: { path: abs },
+    });
+  }
+  return real;
+}
+
 /**
- * Resolve a path a caller gave to a real, regular, non-empty file inside `allowDirs`.
- * Order matters: the path as written is checked first, so nothing outside the allowed directories
- * is ever stat'ed (which would reveal whether it exists).
+ * Read a file a caller named, once, from inside `allowDirs`. The path as written is checked first,
+ * so nothing outside the allowed directories is ever opened on a caller's behalf (which would reveal
+ * whether it exists). Then it is opened once (O_NONBLOCK: a FIFO cannot block the open), and what was
+ * opened is checked: its real path through the descriptor (so a directory or link swapped in between a
+ * check and the open cannot lead outside), a regular non-empty file under the size limit. The bytes
+ * are read through the same descriptor; nothing is ever re-opened by name.
  */
-export async function resolveAllowedFile(
+export async function readAllowedFile(
   file: string,
   allowDirs: readonly string[],
   opts: { maxBytes: number; field?: string },
-): Promise<ResolvedFile> {
+): Promise<{ path: string; bytes: Buffer }> {
   const field = opts.field ?? "image";
   const abs = path.resolve(file);
   const lexicalDirs = allowDirs.map((d) => path.resolve(d));
   const realAllowed = await realDirs(allowDirs);
-  const notAllowed = () =>
-    new SegError(
+  if (!lexicalDirs.some((d) => isInside(abs, d)) && !realAllowed.some((d) => isInside(abs, d))) {
+    throw new SegError(
       "PATH_NOT_ALLOWED",
       lexicalDirs.length === 0
         ? `${field} "${abs}" cannot be read: no input directory is allowed (the server runs in the filesystem root and the client offers no roots): start the server with --allow-dir <dir>`
         : `${field} "${abs}" is outside the allowed directories (${describeDirs(lexicalDirs)}): copy the file into one of them, or start the server with --allow-dir <dir>`,
       { details: { path: abs, allowDirs: lexicalDirs } },
     );
-  if (!lexicalDirs.some((d) => isInside(abs, d)) && !realAllowed.some((d) => isInside(abs, d))) {
-    throw notAllowed();
   }
-  let real: string;
+  let handle: FileHandle;
   try {
-    real = await realpath(abs);
+    handle = await open(abs, constants.O_RDONLY | constants.O_NONBLOCK);
   } catch (cause) {
-    const code = (cause as NodeJS.ErrnoException).code;
-    if (code === "ENOENT" || code === "ENOTDIR") {
+    throw fileError(cause, field, abs);
+  }
+  try {
+    const info = await handle.stat();
+    const real = await descriptorPath(handle, abs, info, field);
+    if (!realAllowed.some((d) => isInside(real, d))) {
       throw new SegError(
-        "IMAGE_NOT_FOUND",
-        `${field} "${abs}" does not exist: check the path (relative paths are resolved against the working directory)`,
-        { cause },
+        "PATH_NOT_ALLOWED",
+        `${field} "${abs}" resolves to "${real}", outside the allowed directories (${describeDirs(realAllowed)}): symbolic links may not lead out of them; copy the file in instead`,
+        { details: { path: abs, realPath: real } },
       );
     }
-    throw new SegError("IMAGE_NOT_FOUND", `${field} "${abs}" cannot be opened (${code ?? "error"})`, {
-      cause,
-    });
+    if (info.isDirectory()) {
+      throw new SegError(
+        "INVALID_INPUT",
+        `${field} "${abs}" is a directory: pass the path of an image file inside it`,
+      );
+    }
+    if (!info.isFile()) {
+      throw new SegError(
+        "INVALID_INPUT",
+        `${field} "${abs}" is not a regular file (a device, socket or pipe): pass the path of an image file`,
+      );
+    }
+    if (info.size === 0) {
+      throw new SegError(
+        "IMAGE_DECODE_FAILED",
+        `${field} "${abs}" is empty (0 bytes): pass a PNG, JPEG, WebP, GIF or TIFF file`,
+      );
+    }
+    if (info.size > opts.maxBytes) {
+      throw new SegError(
+        "IMAGE_TOO_LARGE",
+        `${field} "${abs}" has ${info.size} bytes, over the limit of ${opts.maxBytes}: downscale or recompress it, or raise --max-image-bytes`,
+        { details: { bytes: info.size, limit: opts.maxBytes } },
+      );
+    }
+    // One byte more than fstat said, to notice a file that grew since.
+    const bytes = Buffer.alloc(info.size + 1);
+    let n = 0;
+    for (;;) {
+      const { bytesRead } = await handle.read(bytes, n, bytes.length - n, n);
+      n += bytesRead;
+      if (bytesRead === 0 || n === bytes.length) break;
+    }
+    if (n !== info.size) {
+      throw new SegError(
+        "IMAGE_DECODE_FAILED",
+        `${field} "${abs}" changed while it was being read: try again`,
+        {
+          details: { path: abs },
+        },
+      );
+    }
+    return { path: real, bytes: bytes.subarray(0, n) };
+  } catch (cause) {
+    if (cause instanceof SegError) throw cause;
+    throw fileError(cause, field, abs);
+  } finally {
+    await handle.close();
   }
-  if (!realAllowed.some((d) => isInside(real, d))) {
-    throw new SegError(
-      "PATH_NOT_ALLOWED",
-      `${field} "${abs}" resolves to "${real}", outside the allowed directories (${describeDirs(realAllowed)}): symbolic links may not lead out of them; copy the file in instead`,
-      { details: { path: abs, realPath: real } },
-    );
-  }
-  const info = await stat(real);
-  if (info.isDirectory()) {
-    throw new SegError(
-      "INVALID_INPUT",
-      `${field} "${abs}" is a directory: pass the path of an image file inside it`,
-    );
-  }
-  if (!info.isFile()) {
-    throw new SegError(
-      "INVALID_INPUT",
-      `${field} "${abs}" is not a regular file: pass the path of an image file`,
-    );
-  }
-  if (info.size === 0) {
-    throw new SegError(
-      "IMAGE_DECODE_FAILED",
-      `${field} "${abs}" is empty (0 bytes): pass a PNG, JPEG, WebP, GIF or TIFF file`,
-    );
-  }
-  if (info.size > opts.maxBytes) {
-    throw new SegError(
-      "IMAGE_TOO_LARGE",
-      `${field} "${abs}" has ${info.size} bytes, over the limit of ${opts.maxBytes}: downscale or recompress it, or raise --max-image-bytes`,
-      { details: { bytes: info.size, limit: opts.maxBytes } },
-    );
-  }
-  return { path: real, bytes: info.size };
 }
 
 /** Create the output directory if needed and return its real path. */
@@ -234,10 +293,14 @@ export function outputUri(outDirReal: string, file: string): string {
 }
 
 /**
- * The file behind a `qwen3-vl-seg://masks/<name>` URI (or its `name`): only PNG files inside the
- * output directory, after resolving symlinks.
+ * Read the file behind a `qwen3-vl-seg://masks/<name>` URI (or its `name`): only PNG files inside the
+ * output directory, opened once and checked like any caller-named file (readAllowedFile).
  */
-export async function resolveOutputFile(outDir: string, nameOrUri: string): Promise<string> {
+export async function readOutputFile(
+  outDir: string,
+  nameOrUri: string,
+  maxBytes: number,
+): Promise<{ path: string; bytes: Buffer }> {
   const encoded = nameOrUri.startsWith(OUTPUT_URI_PREFIX)
     ? nameOrUri.slice(OUTPUT_URI_PREFIX.length)
     : nameOrUri;
@@ -245,36 +308,46 @@ export async function resolveOutputFile(outDir: string, nameOrUri: string): Prom
   try {
     rel = decodeURIComponent(encoded);
   } catch {
-    throw new SegError("INVALID_INPUT", `"${nameOrUri}" is not a valid mask URI`);
+    throw new SegError("INVALID_INPUT", `"${truncate(nameOrUri)}" is not a valid mask URI`);
   }
   const parts = rel.split("/");
   if (
     rel.length === 0 ||
-    parts.some((p) => p === "" || p === "." || p === ".." || p.includes("\\")) ||
+    parts.some((p) => p === "" || p === "." || p === ".." || p.includes("\\") || p.includes("\0")) ||
     !rel.toLowerCase().endsWith(".png")
   ) {
     throw new SegError(
       "INVALID_INPUT",
-      `"${nameOrUri}" does not name a mask file: use a ${OUTPUT_URI_PREFIX}<name>.png URI returned by segment`,
+      `"${truncate(nameOrUri)}" does not name a mask file: use a ${OUTPUT_URI_PREFIX}<name>.png URI returned by segment`,
     );
   }
-  const outReal = await realDirs([outDir]);
-  const root = outReal[0] ?? path.resolve(outDir);
-  const candidate = path.join(root, ...parts);
-  let real: string;
+  const root = (await realDirs([outDir]))[0] ?? path.resolve(outDir);
   try {
-    real = await realpath(candidate);
-  } catch (cause) {
-    throw new SegError(
-      "IMAGE_NOT_FOUND",
-      `mask "${nameOrUri}" does not exist in the output directory: run segment again`,
-      { cause },
-    );
+    return await readAllowedFile(path.join(root, ...parts), [root], { maxBytes, field: "mask" });
+  } catch (error) {
+    if (error instanceof SegError && error.code === "IMAGE_NOT_FOUND") {
+      throw new SegError(
+        "IMAGE_NOT_FOUND",
+        `mask "${truncate(nameOrUri)}" does not exist in the output directory: run segment again`,
+        { cause: error },
+      );
+    }
+    if (error instanceof SegError && error.code === "PATH_NOT_ALLOWED") {
+      throw new SegError(
+        "PATH_NOT_ALLOWED",
+        `mask "${truncate(nameOrUri)}" resolves outside the output directory`,
+        {
+          cause: error,
+        },
+      );
+    }
+    throw error;
   }
-  if (!isInside(real, root)) {
-    throw new SegError("PATH_NOT_ALLOWED", `mask "${nameOrUri}" resolves outside the output directory`);
-  }
-  return real;
+}
+
+/** Caller text quoted in a message: at most `max` characters, so a huge argument cannot flood it. */
+export function truncate(text: string, max = 200): string {
+  return text.length <= max ? text : `${text.slice(0, max)}… (${text.length} characters)`;
 }
 
 /** Real directories from MCP roots (file:// URIs only; others are ignored). */

@@ -5,7 +5,6 @@
  */
 
 import { createHash, randomUUID, timingSafeEqual } from "node:crypto";
-import { readFile } from "node:fs/promises";
 import { createServer as createHttpServer, type IncomingMessage, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import { McpServer, ResourceTemplate } from "@modelcontextprotocol/sdk/server/mcp.js";
@@ -16,16 +15,15 @@ import {
   ListRootsResultSchema,
   RootsListChangedNotificationSchema,
 } from "@modelcontextprotocol/sdk/types.js";
-import { type Config, createLogger, isLoopbackHost, type Logger, PACKAGE_NAME } from "./config.js";
+import { type Config, isLoopbackHost, PACKAGE_NAME, packageInfo } from "./config.js";
 import { SegError, toSegError } from "./errors.js";
-import { OUTPUT_URI_PREFIX, resolveOutputFile, rootsToDirs } from "./paths.js";
-import type { Engine, PackInfo } from "./runtime/types.js";
-import { registerDescribeRegionTool } from "./tools/describe-region.js";
-import { registerGroundTool } from "./tools/ground.js";
-import { registerSegmentTool } from "./tools/segment.js";
-import { EngineQueue, packInfoOnce, type ToolDeps, type ToolExtra } from "./tools/shared.js";
-
-export const SERVER_VERSION = "0.1.0";
+import type { Logger } from "./logger.js";
+import { OUTPUT_URI_PREFIX, readOutputFile, rootsToDirs } from "./paths.js";
+import type { Engine } from "./runtime/types.js";
+import { describeRegionTool } from "./tools/describe-region.js";
+import { groundTool } from "./tools/ground.js";
+import { segmentTool } from "./tools/segment.js";
+import { registerTool, type ToolDeps, type ToolExtra } from "./tools/shared.js";
 
 export const MODEL_RESOURCE_URI = "qwen3-vl-seg://model";
 
@@ -35,37 +33,20 @@ const INSTRUCTIONS = `Pixel-level vision on local images with Qwen3-VL-Seg.
 - describe_region: describe what is inside a box or a mask from segment.
 Images are file paths (inside the allowed directories), file:// URIs or base64 data: URIs; URLs are never fetched. Masks can be read back as resources (${OUTPUT_URI_PREFIX}<name>).`;
 
-/** What all connections of one process share. */
-export interface SharedState {
-  config: Config;
-  engine: Engine;
-  queue: EngineQueue;
-  logger: Logger;
-  packInfo: () => Promise<PackInfo>;
-}
-
-export function createSharedState(config: Config, engine: Engine, logger?: Logger): SharedState {
-  return {
-    config,
-    engine,
-    queue: new EngineQueue(config.maxQueue),
-    logger: logger ?? createLogger(config.logLevel),
-    packInfo: packInfoOnce(engine),
-  };
-}
-
-/** One MCP server (for one connection) with the tools and resources registered. */
+/**
+ * One MCP server (for one connection) with the tools and resources registered. The engine (and its
+ * queue) is shared by every connection of the process.
+ */
 export function createServer(
   config: Config,
   engine: Engine,
-  shared = createSharedState(config, engine),
+  logger: Logger,
   options: { trustRoots: boolean } = { trustRoots: true },
 ): McpServer {
   const server = new McpServer(
-    { name: PACKAGE_NAME, title: "Qwen3-VL-Seg", version: SERVER_VERSION },
+    { name: PACKAGE_NAME, title: "Qwen3-VL-Seg", version: packageInfo().version },
     { instructions: INSTRUCTIONS },
   );
-  const { logger } = shared;
 
   // MCP roots widen the allow-list for clients that offer them; refreshed when they change. Only a
   // local (stdio) client's roots name this machine's folders: over HTTP they are ignored, or a client
@@ -91,17 +72,10 @@ export function createServer(
     return [...config.allowDirs, ...(await roots)];
   };
 
-  const deps: ToolDeps = {
-    config,
-    engine,
-    queue: shared.queue,
-    logger,
-    allowDirs,
-    packInfo: shared.packInfo,
-  };
-  registerGroundTool(server, deps);
-  registerSegmentTool(server, deps);
-  registerDescribeRegionTool(server, deps);
+  const deps: ToolDeps = { config, engine, logger, allowDirs };
+  registerTool(server, deps, groundTool);
+  registerTool(server, deps, segmentTool);
+  registerTool(server, deps, describeRegionTool);
 
   server.registerResource(
     "mask",
@@ -113,9 +87,8 @@ export function createServer(
     },
     async (uri) => {
       try {
-        const file = await resolveOutputFile(config.outDir, uri.href);
-        const data = await readFile(file);
-        return { contents: [{ uri: uri.href, mimeType: "image/png", blob: data.toString("base64") }] };
+        const file = await readOutputFile(config.outDir, uri.href, config.maxImageBytes);
+        return { contents: [{ uri: uri.href, mimeType: "image/png", blob: file.bytes.toString("base64") }] };
       } catch (error) {
         // Resource reads have no isError result; a protocol error carries the same line.
         throw new Error(toSegError(error, "INVALID_INPUT").toLine());
@@ -133,11 +106,7 @@ export function createServer(
     },
     async (uri) => ({
       contents: [
-        {
-          uri: uri.href,
-          mimeType: "application/json",
-          text: JSON.stringify(await shared.packInfo(), null, 2),
-        },
+        { uri: uri.href, mimeType: "application/json", text: JSON.stringify(await engine.info(), null, 2) },
       ],
     }),
   );
@@ -147,13 +116,9 @@ export function createServer(
 // ---------------------------------------------------------------------------------------------
 // stdio
 
-/** Serve one client over stdin/stdout until it disconnects; releases the engine afterwards. */
-export async function serveStdio(
-  config: Config,
-  engine: Engine,
-  logger = createLogger(config.logLevel),
-): Promise<void> {
-  const server = createServer(config, engine, createSharedState(config, engine, logger));
+/** Serve one client over stdin/stdout until it disconnects (the caller owns and releases the engine). */
+export async function serveStdio(config: Config, engine: Engine, logger: Logger): Promise<void> {
+  const server = createServer(config, engine, logger);
   const transport = new StdioServerTransport();
   const closed = new Promise<void>((resolve) => {
     transport.onclose = () => resolve();
@@ -165,7 +130,6 @@ export async function serveStdio(
   logger.info(`serving on stdio (pack ${config.packDir}, output ${config.outDir})`);
   await closed;
   await server.close().catch(() => undefined);
-  await engine.dispose();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -191,7 +155,7 @@ async function readJsonBody(req: IncomingMessage, limit: number): Promise<unknow
   let size = 0;
   for await (const chunk of req) {
     size += (chunk as Buffer).length;
-    if (size > limit) throw new SegError("IMAGE_TOO_LARGE", `request body over ${limit} bytes`);
+    if (size > limit) throw new SegError("REQUEST_TOO_LARGE", `request body over ${limit} bytes`);
     chunks.push(chunk as Buffer);
   }
   return JSON.parse(Buffer.concat(chunks).toString("utf8"));
@@ -202,11 +166,7 @@ async function readJsonBody(req: IncomingMessage, limit: number): Promise<unknow
  * before the SDK sees it: the Host header (DNS rebinding), the Origin header (browsers), and the
  * bearer token when one is configured. A non-loopback address requires a token.
  */
-export async function serveHttp(
-  config: Config,
-  engine: Engine,
-  logger = createLogger(config.logLevel),
-): Promise<HttpHandle> {
+export async function serveHttp(config: Config, engine: Engine, logger: Logger): Promise<HttpHandle> {
   const http = config.http;
   if (!http) throw new SegError("INVALID_INPUT", "no HTTP address configured: pass --http 127.0.0.1:PORT");
   const loopback = isLoopbackHost(http.host);
@@ -216,7 +176,6 @@ export async function serveHttp(
       `refusing to serve on non-loopback address ${http.host} without a token: pass --token (or QWEN3_VL_SEG_TOKEN) with at least 16 characters, or bind 127.0.0.1`,
     );
   }
-  const shared = createSharedState(config, engine, logger);
   // Per session: its transport, when it was last used, and how many of its requests are open (a
   // GET event stream stays open while the client listens).
   const sessions = new Map<
@@ -291,7 +250,7 @@ export async function serveHttp(
         transport.onclose = () => {
           if (transport.sessionId) sessions.delete(transport.sessionId);
         };
-        await createServer(config, engine, shared, { trustRoots: false }).connect(transport);
+        await createServer(config, engine, logger, { trustRoots: false }).connect(transport);
         return transport.handleRequest(req, res, body);
       }
       // An unknown (expired) session id is 404, which tells a client to initialize again (MCP spec).
@@ -331,11 +290,17 @@ export async function serveHttp(
     });
   });
   await new Promise<void>((resolve, reject) => {
-    server.once("error", (error) =>
+    server.once("error", (error: NodeJS.ErrnoException) =>
       reject(
-        new SegError("INVALID_INPUT", `cannot listen on ${http.host}:${http.port} (${error.message})`, {
-          cause: error,
-        }),
+        error.code === "EADDRINUSE"
+          ? new SegError(
+              "ADDRESS_IN_USE",
+              `${http.host}:${http.port} is already in use: stop the other server or pick another port`,
+              { cause: error },
+            )
+          : new SegError("LISTEN_FAILED", `cannot listen on ${http.host}:${http.port} (${error.message})`, {
+              cause: error,
+            }),
       ),
     );
     server.listen(http.port, http.host, () => resolve());

@@ -14,9 +14,9 @@ import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { runCli } from "../src/cli.js";
 import { DEFAULT_PACK_NAME } from "../src/config.js";
-import { describeRegionOutputSchema } from "../src/tools/describe-region.js";
-import { groundOutputSchema } from "../src/tools/ground.js";
-import { segmentOutputSchema } from "../src/tools/segment.js";
+import { describeRegionTool } from "../src/tools/describe-region.js";
+import { groundTool } from "../src/tools/ground.js";
+import { segmentTool } from "../src/tools/segment.js";
 import { FakeEngine } from "./helpers/fake-engine.js";
 
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
@@ -90,7 +90,7 @@ describe("built binary, real engine, tiny pack", () => {
     expect(run.code, run.stderr).toBe(0);
     const json = JSON.parse(run.stdout);
     // the schema strips unknown keys: equality means nothing extra and nothing missing
-    expect(groundOutputSchema.parse(json)).toEqual(json);
+    expect(groundTool.output.parse(json)).toEqual(json);
     expect(json.image).toEqual({ width: 72, height: 40 });
     expect(json.found).toBe(json.instances.length > 0);
   });
@@ -99,7 +99,7 @@ describe("built binary, real engine, tiny pack", () => {
     const run = await cli(["segment", "img.png", "--box", "5,5,50,30", "--rle", ...common]);
     expect(run.code, run.stderr).toBe(0);
     const json = JSON.parse(run.stdout);
-    expect(segmentOutputSchema.parse(json)).toEqual(json);
+    expect(segmentTool.output.parse(json)).toEqual(json);
     const mask = json.instances[0].mask;
     expect(path.dirname(mask.path)).toBe(path.join(dir, "qwen3-vl-seg-out"));
     const meta = await sharp(mask.path).metadata();
@@ -108,7 +108,7 @@ describe("built binary, real engine, tiny pack", () => {
     const described = await cli(["describe", "img.png", "--mask", mask.path, ...common]);
     expect(described.code, described.stderr).toBe(0);
     const out = JSON.parse(described.stdout);
-    expect(describeRegionOutputSchema.parse(out)).toEqual(out);
+    expect(describeRegionTool.output.parse(out)).toEqual(out);
   });
 
   it("prints a text summary without --json", async () => {
@@ -174,7 +174,7 @@ describe("runCli in-process with a scripted engine", () => {
       },
       cwd: dir,
       env: {},
-      createEngine: async () => new FakeEngine(),
+      createEngine: () => new FakeEngine(),
     });
     return { code, stdout, stderr };
   }
@@ -188,7 +188,7 @@ describe("runCli in-process with a scripted engine", () => {
   it("segment with an expression writes masks under --out", async () => {
     const r = await run(["segment", "img.png", "two things", "--json", "--out", "out3", "--overlay"]);
     expect(r.code, r.stderr).toBe(0);
-    const out = segmentOutputSchema.parse(JSON.parse(r.stdout));
+    const out = segmentTool.output.parse(JSON.parse(r.stdout));
     expect(out.instances).toHaveLength(2);
     expect(out.overlay).toBeDefined();
     expect((await readdir(path.join(dir, "out3"))).filter((f) => f.endsWith(".png"))).toHaveLength(3);
@@ -208,10 +208,10 @@ describe("runCli in-process with a scripted engine", () => {
   });
 
   it("rejects bad numbers in options", async () => {
-    const r = await run(["ground", "img.png", "x", "--max-pixels", "lots"]);
+    const r = await run(["ground", "img.png", "x", "--max-input-pixels", "lots"]);
     expect(r.code).toBe(2);
     expect(r.stderr).toBe(
-      'INVALID_INPUT: expected a positive integer for --max-pixels but received "lots"\n',
+      'INVALID_INPUT: expected a positive integer for --max-input-pixels but received "lots"\n',
     );
   });
 });

@@ -17,7 +17,7 @@ import type { CallToolResult } from "@modelcontextprotocol/sdk/types.js";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { DEFAULT_PACK_NAME } from "../src/config.js";
-import { segmentOutputSchema } from "../src/tools/segment.js";
+import { segmentTool } from "../src/tools/segment.js";
 
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const bin = path.join(repo, "dist", "src", "cli.js");
@@ -47,7 +47,7 @@ async function segmentWritesMask(client: Client): Promise<void> {
     { onprogress: (p) => progress.push(p.progress) },
   )) as CallToolResult;
   expect(result.isError, JSON.stringify(result.content)).toBeFalsy();
-  const out = segmentOutputSchema.parse(result.structuredContent);
+  const out = segmentTool.output.parse(result.structuredContent);
   expect(out.model).toBe(DEFAULT_PACK_NAME);
   const mask = out.instances[0]?.mask;
   expect(mask?.path.startsWith(path.join(dir, "out"))).toBe(true);

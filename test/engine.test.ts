@@ -1,29 +1,33 @@
 /**
  * The engine end to end on the committed tiny random pack: the answers of a random model carry no
  * meaning, so these tests check the pipeline's contracts (shapes, files, caching, cancellation,
- * errors), while parity.test.ts checks the numbers.
+ * queueing, errors), while parity.test.ts checks the numbers.
  */
 
-import { cp, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { cp, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { isSegError, type SegError } from "../src/errors.js";
-import { createEngine } from "../src/runtime/engine.js";
-import { cropBox, LocalEngine } from "../src/runtime/local-engine.js";
-import type { Engine, Stage } from "../src/runtime/types.js";
+import { createEngine, WorkerEngine } from "../src/runtime/engine.js";
+import { Pipeline } from "../src/runtime/pipeline.js";
+import { cropBox } from "../src/runtime/prompt.js";
+import type { CheckedImage, Engine, Stage } from "../src/runtime/types.js";
+import { checkImage, imageFromFile } from "../src/tools/inputs.js";
 
 const root = path.resolve(import.meta.dirname, "..");
 const packDir = path.join(root, "models/tiny-random");
 const imagePath = path.join(root, "test/fixtures/images/halfeven_400x208.png");
 
-let engine: LocalEngine;
+let engine: Pipeline;
 let out: string;
+let image: CheckedImage;
 
 beforeAll(async () => {
-  engine = await LocalEngine.create({ packDir, executionProvider: "cpu" });
+  engine = await Pipeline.create({ packDir, executionProvider: "cpu" });
   out = await mkdtemp(path.join(os.tmpdir(), "qvs-engine-"));
+  image = await imageFromFile(imagePath);
 });
 
 afterAll(async () => {
@@ -41,7 +45,7 @@ async function rejection(p: Promise<unknown>): Promise<SegError> {
   throw new Error("expected a rejection");
 }
 
-describe("LocalEngine on the tiny pack", () => {
+describe("Pipeline on the tiny pack", () => {
   it("describes the pack", async () => {
     const info = await engine.info();
     expect(info.name).toBe("tiny-random");
@@ -52,7 +56,7 @@ describe("LocalEngine on the tiny pack", () => {
   it("grounds: boxes inside the image, well-formed answer text, stage progress, then a cache hit", async () => {
     const stages = new Set<Stage>();
     const first = await engine.ground({
-      image: { path: imagePath },
+      image,
       expression: "the red box",
       maxInstances: 3,
       onProgress: (p) => stages.add(p.stage),
@@ -72,7 +76,7 @@ describe("LocalEngine on the tiny pack", () => {
     expect(first.timings.total).toBeGreaterThan(0);
 
     const again = await engine.ground({
-      image: { path: imagePath },
+      image,
       expression: "the red box",
       maxInstances: 3,
     });
@@ -83,7 +87,7 @@ describe("LocalEngine on the tiny pack", () => {
 
   it("segments a given box: one 1-bit mask PNG the size of the image", async () => {
     const res = await engine.segment({
-      image: { path: imagePath },
+      image,
       box: [40, 30, 200, 180],
       outputDir: out,
       rle: true,
@@ -105,9 +109,9 @@ describe("LocalEngine on the tiny pack", () => {
   });
 
   it("segments from an expression with the same pipeline as ground", async () => {
-    const g = await engine.ground({ image: { path: imagePath }, expression: "the red box", maxInstances: 2 });
+    const g = await engine.ground({ image, expression: "the red box", maxInstances: 2 });
     const s = await engine.segment({
-      image: { path: imagePath },
+      image,
       expression: "the red box",
       maxInstances: 2,
       outputDir: out,
@@ -116,22 +120,15 @@ describe("LocalEngine on the tiny pack", () => {
     expect(s.found).toBe(g.found);
   });
 
-  it("describes a region given a box, and given a mask PNG from segment", async () => {
-    const byBox = await engine.describe({ image: { path: imagePath }, box: [40, 30, 200, 180] });
+  it("describes a region given a box", async () => {
+    const byBox = await engine.describe({ image, box: [40, 30, 200, 180] });
     expect(typeof byBox.description).toBe("string");
     expect(byBox.box).toEqual([40, 30, 200, 180]);
-    const seg = await engine.segment({ image: { path: imagePath }, box: [40, 30, 200, 180], outputDir: out });
-    const inst = seg.instances[0];
-    if (!inst) throw new Error("no instance");
-    if (inst.mask.areaPx > 0) {
-      const byMask = await engine.describe({ image: { path: imagePath }, maskPath: inst.mask.path });
-      expect(byMask.box).toEqual(inst.maskBox);
-    }
   });
 
-  it("accepts image bytes and shares the cache entry with the path", async () => {
-    const bytes = await readFile(imagePath);
-    const res = await engine.ground({ image: { bytes }, expression: "the red box", maxInstances: 1 });
+  it("keys the cache by content: the same bytes from another source hit it", async () => {
+    const copy = await checkImage(new Uint8Array(await readFile(imagePath)), "a copy", 1e9);
+    const res = await engine.ground({ image: copy, expression: "the red box", maxInstances: 1 });
     expect(res.cached).toBe(true);
   });
 
@@ -140,7 +137,7 @@ describe("LocalEngine on the tiny pack", () => {
     let steps = 0;
     const err = await rejection(
       engine.describe({
-        image: { path: imagePath },
+        image,
         box: [0, 0, 100, 100],
         signal: controller.signal,
         onProgress: (p) => {
@@ -153,18 +150,25 @@ describe("LocalEngine on the tiny pack", () => {
   });
 
   it("reports bad input with codes", async () => {
-    expect(
-      (await rejection(engine.ground({ image: { path: "/nonexistent/x.png" }, expression: "a" }))).code,
-    ).toBe("IMAGE_NOT_FOUND");
-    expect(
-      (await rejection(engine.ground({ image: { bytes: new Uint8Array() }, expression: "a" }))).code,
-    ).toBe("IMAGE_DECODE_FAILED");
-    expect((await rejection(engine.ground({ image: { path: imagePath }, expression: "  " }))).code).toBe(
-      "INVALID_INPUT",
+    expect((await rejection(engine.ground({ image, expression: "  " }))).code).toBe("INVALID_INPUT");
+  });
+
+  it("writes nothing for a call cancelled after its masks were decoded", async () => {
+    const dir = await mkdtemp(path.join(out, "cancel-"));
+    const controller = new AbortController();
+    const err = await rejection(
+      engine.segment({
+        image,
+        box: [40, 30, 200, 180],
+        outputDir: dir,
+        signal: controller.signal,
+        onProgress: (p) => {
+          if (p.stage === "write") controller.abort();
+        },
+      }),
     );
-    expect((await rejection(engine.segment({ image: { path: imagePath }, outputDir: out }))).message).toBe(
-      "segment needs an expression or a box",
-    );
+    expect(err.code).toBe("CANCELLED");
+    expect(await readdir(dir)).toEqual([]);
   });
 });
 
@@ -177,16 +181,16 @@ describe("describe_mode crop", () => {
     manifest.prompts.describe = "Describe the object in the middle of the image in a short phrase.";
     manifest.prompts.describe_mode = "crop";
     await writeFile(manifestPath, JSON.stringify(manifest));
-    const cropEngine = await LocalEngine.create({ packDir: dir, executionProvider: "cpu" });
+    const cropEngine = await Pipeline.create({ packDir: dir, executionProvider: "cpu" });
     try {
-      const first = await cropEngine.describe({ image: { path: imagePath }, box: [40, 30, 200, 180] });
+      const first = await cropEngine.describe({ image, box: [40, 30, 200, 180] });
       expect(first.image).toEqual({ width: 400, height: 208 });
       expect(first.box).toEqual([40, 30, 200, 180]);
       expect(first.cached).toBe(false);
-      const again = await cropEngine.describe({ image: { path: imagePath }, box: [40, 30, 200, 180] });
+      const again = await cropEngine.describe({ image, box: [40, 30, 200, 180] });
       expect(again.cached).toBe(true);
       expect(again.description).toBe(first.description);
-      const other = await cropEngine.describe({ image: { path: imagePath }, box: [0, 0, 50, 50] });
+      const other = await cropEngine.describe({ image, box: [0, 0, 50, 50] });
       expect(other.cached).toBe(false);
     } finally {
       await cropEngine.dispose();
@@ -216,13 +220,13 @@ describe("createEngine (worker thread)", () => {
   it("answers like the in-thread engine and relays progress", async () => {
     const stages: Stage[] = [];
     const res = await worker.ground({
-      image: { path: imagePath },
+      image,
       expression: "the red box",
       maxInstances: 3,
       onProgress: (p) => stages.push(p.stage),
     });
     const local = await engine.ground({
-      image: { path: imagePath },
+      image,
       expression: "the red box",
       maxInstances: 3,
     });
@@ -230,19 +234,50 @@ describe("createEngine (worker thread)", () => {
     expect(stages).toContain("generate");
   });
 
-  it("relays cancellation and errors as SegErrors", async () => {
+  it("relays cancellation and errors as SegErrors with their details", async () => {
     const controller = new AbortController();
     controller.abort();
-    expect(
-      (
-        await rejection(
-          worker.ground({ image: { path: imagePath }, expression: "x", signal: controller.signal }),
-        )
-      ).code,
-    ).toBe("CANCELLED");
-    expect(
-      (await rejection(worker.ground({ image: { path: "/nonexistent.png" }, expression: "x" }))).code,
-    ).toBe("IMAGE_NOT_FOUND");
+    expect((await rejection(worker.ground({ image, expression: "x", signal: controller.signal }))).code).toBe(
+      "CANCELLED",
+    );
+    // 1x300: an aspect ratio smart_resize refuses, with the numbers in `details`.
+    const thin = await checkImage(
+      new Uint8Array(
+        await sharp({ create: { width: 300, height: 1, channels: 3, background: "#fff" } })
+          .png()
+          .toBuffer(),
+      ),
+      "thin",
+      1e9,
+    );
+    const err = await rejection(worker.ground({ image: thin, expression: "x" }));
+    expect(err.code).toBe("INVALID_INPUT");
+    expect(err.details).toMatchObject({ width: 300, height: 1 });
+  });
+
+  it("queues calls: one at a time, waiting time measured, a call cancelled while waiting leaves", async () => {
+    const controller = new AbortController();
+    const first = worker.describe({ image, box: [0, 0, 100, 100] });
+    const second = worker.describe({ image, box: [0, 0, 90, 90], signal: controller.signal });
+    const third = worker.describe({ image, box: [0, 0, 80, 80] });
+    controller.abort();
+    expect((await rejection(second)).code).toBe("CANCELLED");
+    const [a, c] = await Promise.all([first, third]);
+    expect(a.timings.queue).toBeLessThan(c.timings.queue ?? 0);
+  });
+
+  it("refuses calls beyond its queue with BUSY", async () => {
+    const small = new WorkerEngine({ packDir, executionProvider: "cpu", maxQueue: 1 });
+    try {
+      const calls = [0, 1, 2].map((i) => small.describe({ image, box: [0, 0, 50 + i, 50] }));
+      const settled = await Promise.allSettled(calls);
+      expect(settled.map((r) => r.status)).toEqual(["fulfilled", "fulfilled", "rejected"]);
+      const busy = settled[2] as PromiseRejectedResult;
+      expect(busy.reason).toMatchObject({ code: "BUSY" });
+      expect(String(busy.reason.message)).toMatch(/busy.*retry/);
+    } finally {
+      await small.dispose();
+    }
   });
 
   it("fails to start with MODEL_NOT_FOUND for a missing pack", async () => {

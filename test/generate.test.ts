@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { argmax, tokenProbability } from "../src/runtime/generate.js";
+import { argmax, tokenProbability } from "../src/runtime/language-model.js";
 
 describe("generation helpers", () => {
   it("tokenProbability equals the full softmax", () => {

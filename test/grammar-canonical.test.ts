@@ -6,8 +6,7 @@
  */
 import { readFileSync } from "node:fs";
 import { beforeAll, describe, expect, it } from "vitest";
-import { BoxGrammar } from "../src/runtime/grammar.js";
-import { parseBoxes } from "../src/runtime/grounding.js";
+import { BoxGrammar, BoxVocabulary } from "../src/runtime/grammar.js";
 import { type Box1000, groundingAnswerIds } from "../src/runtime/prompt.js";
 import { QwenTokenizer } from "../src/runtime/tokenizer.js";
 
@@ -27,10 +26,12 @@ const { cases } = JSON.parse(readFileSync("test/fixtures/grammar-answers.json", 
 
 let tok: QwenTokenizer;
 let texts: string[];
+let vocab: BoxVocabulary;
 
 beforeAll(async () => {
   tok = await QwenTokenizer.fromFiles(`${MODELS}/tokenizer.json`, `${MODELS}/tokenizer_config.json`);
   texts = tok.grammarTokenTexts(VOCAB);
+  vocab = new BoxVocabulary(texts, EOS, { encode: (t: string) => tok.encodePlain(t) });
 });
 
 describe.each(cases.map((c) => [c.text, c] as const))("canonical answer %s", (_, c) => {
@@ -47,7 +48,7 @@ describe.each(cases.map((c) => [c.text, c] as const))("canonical answer %s", (_,
   });
 
   it("is what greedy decoding under BoxGrammar produces", () => {
-    const g = new BoxGrammar(texts, EOS, { encode: (t: string) => tok.encodePlain(t) });
+    const g = new BoxGrammar(vocab);
     let i = 0;
     const closedAt: number[] = [];
     let coordinateTokens = 0;
@@ -72,6 +73,12 @@ describe.each(cases.map((c) => [c.text, c] as const))("canonical answer %s", (_,
     expect(closedAt).toEqual(c.last_coordinate);
     // Box scores are taken over exactly the coordinate digits (one token per digit in Qwen's vocabulary).
     expect(coordinateTokens).toBe(c.boxes.flat().join("").length);
-    expect(parseBoxes(c.text, 1000, 1000).instances.map((x) => x.box1000)).toEqual(c.boxes);
+    // The grammar's own record: the boxes and labels of the answer, no text parsed back.
+    expect(g.boxes.map((b) => b.coords)).toEqual(c.boxes);
+    const labels = g.boxes.map((b) => {
+      const span = tok.decode(c.ids.slice(b.labelTokens[0], b.labelTokens[1] + 1));
+      return span.slice(b.labelTrim[0], span.length - b.labelTrim[1]);
+    });
+    expect(labels).toEqual(c.labels);
   });
 });

@@ -3,6 +3,7 @@ import os from "node:os";
 import path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { isSegError, type SegError } from "../src/errors.js";
+import { silentLogger } from "../src/logger.js";
 import { OnnxSession } from "../src/runtime/onnx.js";
 import { loadPack } from "../src/runtime/pack.js";
 
@@ -105,7 +106,10 @@ describe("OnnxSession provider choice", () => {
 
   it("auto falls back to the CPU and says why the GPU providers were skipped", async () => {
     const logs: string[] = [];
-    const s = await OnnxSession.create(graph, "auto", {}, (m) => logs.push(m));
+    const s = await OnnxSession.create(graph, {
+      provider: "auto",
+      log: { ...silentLogger, info: (m) => logs.push(m) },
+    });
     try {
       expect(s.provider).toBe("cpu");
       expect(logs.join("\n")).toMatch(/using cpu; skipped cuda \(.+\); webgpu \(.+\)/);
@@ -115,13 +119,13 @@ describe("OnnxSession provider choice", () => {
   });
 
   it("an explicit provider that cannot load is MODEL_LOAD_FAILED with a hint", async () => {
-    const err = await failure(OnnxSession.create(graph, "cuda"));
+    const err = await failure(OnnxSession.create(graph, { provider: "cuda" }));
     expect(err.code).toBe("MODEL_LOAD_FAILED");
     expect(err.message).toMatch(/could not load .*mask_decoder\.onnx on cuda: .*try --ep auto or --ep cpu/);
   });
 
   it("names missing graph inputs before onnxruntime runs", async () => {
-    const s = await OnnxSession.create(graph, "cpu");
+    const s = await OnnxSession.create(graph, { provider: "cpu" });
     try {
       const err = await failure(s.run({}));
       expect(err.code).toBe("INFERENCE_FAILED");

@@ -1,18 +1,21 @@
 /**
- * Parity of the TypeScript runtime (onnx.ts sessions + generate.ts) with the golden fixtures that the
- * modelkit recorded from PyTorch/transformers: vision outputs, prefill logits and hidden states (also
- * when the image prefix's KV cache is reused, as the engine does), 20 greedy tokens with a KV cache and
- * their hidden states, and mask-decoder outputs. Stage inputs come from the fixture, so each stage is
- * checked on its own; preprocess.test.ts covers image -> pixel_values.
+ * Parity of the TypeScript runtime's stages (VisionEncoder, LanguageModel with its decode loop,
+ * MaskDecoder) with the golden fixtures that the modelkit recorded from PyTorch/transformers: vision
+ * outputs, prefill logits and hidden states (also when the image prefix's KV cache is reused, as the
+ * pipeline does), 20 greedy tokens with a KV cache and their hidden states, and mask-decoder outputs.
+ * Stage inputs come from the fixture, so each stage is checked on its own; preprocess.test.ts covers
+ * image -> pixel_values.
  */
 
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { argmax, generate, LanguageModel } from "../src/runtime/generate.js";
-import { f32, i64, OnnxSession } from "../src/runtime/onnx.js";
+import { argmax, LanguageModel } from "../src/runtime/language-model.js";
+import { MaskDecoder } from "../src/runtime/mask-decoder.js";
+import { f32, OnnxSession } from "../src/runtime/onnx.js";
 import { type LoadedPack, loadPack } from "../src/runtime/pack.js";
+import type { Box1000 } from "../src/runtime/prompt.js";
 import { decodePositions, ropeIndex } from "../src/runtime/rope.js";
-import { visionHostInputs } from "../src/runtime/vision-inputs.js";
+import { VisionEncoder } from "../src/runtime/vision-encoder.js";
 import { diffStats, type FixtureCase, fixtureCases, loadCase } from "./helpers/fixtures.js";
 
 const PACK = "tiny-random";
@@ -20,10 +23,11 @@ const packDir = path.resolve(import.meta.dirname, "../models", PACK);
 const cases = fixtureCases(PACK);
 
 let pack: LoadedPack;
-let vision: OnnxSession;
-let decoder: OnnxSession;
-let maskDecoder: OnnxSession;
+let vision: VisionEncoder;
 let lm: LanguageModel;
+let maskDecoder: MaskDecoder;
+/** The mask graph itself, for the first-pass logits the stage does not return. */
+let maskGraph: OnnxSession;
 /** Worst difference per tensor over all cases, printed at the end for the record. */
 const worst = new Map<string, number>();
 
@@ -43,22 +47,15 @@ function expectClose(
 
 beforeAll(async () => {
   pack = await loadPack(packDir);
-  const g = pack.manifest.graphs;
-  vision = await OnnxSession.create(pack.file(g.vision_encoder.file), "cpu");
-  decoder = await OnnxSession.create(pack.file(g.decoder.file), "cpu");
-  maskDecoder = await OnnxSession.create(pack.file(g.mask_decoder.file), "cpu");
-  const t = pack.manifest.model.text;
-  lm = new LanguageModel(decoder, {
-    layers: t.num_hidden_layers,
-    kvHeads: t.num_key_value_heads,
-    headDim: t.head_dim,
-    hidden: t.hidden_size,
-    vocab: t.vocab_size,
-  });
+  const options = { provider: "cpu" } as const;
+  vision = await VisionEncoder.load(pack, options);
+  lm = await LanguageModel.load(pack, options);
+  maskDecoder = await MaskDecoder.load(pack, options);
+  maskGraph = await OnnxSession.create(pack.file(pack.manifest.graphs.mask_decoder.file), options);
 });
 
 afterAll(async () => {
-  await Promise.all([vision?.dispose(), decoder?.dispose(), maskDecoder?.dispose()]);
+  await Promise.all([vision?.dispose(), lm?.dispose(), maskDecoder?.dispose(), maskGraph?.dispose()]);
   const table = [...worst].map(([k, v]) => `${k}=${v.toExponential(2)}`).join(" ");
   process.stderr.write(`parity maxima (max |ts - torch|): ${table}\n`);
 });
@@ -90,18 +87,15 @@ describe.each(cases)("parity with PyTorch: %s", (name) => {
   }
 
   it("vision encoder outputs", async () => {
-    const v = pack.manifest.model.vision;
-    const host = visionHostInputs(gh, gw, v.num_position_embeddings, v.head_dim, v.spatial_merge_size);
-    const out = await vision.run({
-      pixel_values: f32(c.tensor("pixel_values").data as Float32Array, [p, 1536]),
-      pos_embed_idx: i64(host.posEmbedIdx, [p, 4]),
-      pos_embed_weight: f32(host.posEmbedWeight, [p, 4]),
-      rotary_cos: f32(host.rotaryCos, [p, v.head_dim]),
-      rotary_sin: f32(host.rotarySin, [p, v.head_dim]),
+    const out = await vision.encode({
+      pixelValues: c.tensor("pixel_values").data as Float32Array,
+      grid: [1, gh, gw],
+      resized: [gh * 16, gw * 16],
+      hrImage: c.tensor("hr_image").data as Float32Array,
     });
-    expectClose(c, "image_features", out.image_features?.data as Float32Array);
-    expectClose(c, "deepstack_features", out.deepstack_features?.data as Float32Array);
-    expectClose(c, "vit_ms", out.vit_ms?.data as Float32Array);
+    expectClose(c, "image_features", out.imageFeatures);
+    expectClose(c, "deepstack_features", out.deepstack);
+    expectClose(c, "vit_ms", out.vitMs);
   });
 
   it("prefill logits and hidden states, whole prompt and with a cached image prefix", async () => {
@@ -148,8 +142,7 @@ describe.each(cases)("parity with PyTorch: %s", (name) => {
     const rope = ropeIndex(idList, [c.json.meta.grid], tokens.image_pad, tokens.vision_start, 2);
     const h = pack.manifest.model.text.hidden_size;
     const pre = await lm.step(idList, rope.positions, lm.emptyCache(), visualEmbeds(ids, s));
-    const gen = await generate(
-      lm,
+    const gen = await lm.generate(
       { logits: pre.logits, lastHidden: pre.hidden.subarray((s - 1) * h), cache: pre.cache },
       { maxNewTokens: 20, stopTokens: new Set(), ropeDelta: rope.ropeDelta },
     );
@@ -180,19 +173,34 @@ describe.each(cases)("parity with PyTorch: %s", (name) => {
         mm.set(prefill.subarray(i * h, (i + 1) * h), k++ * h);
     });
     const q = c.tensor("mask_boxes").shape[0] as number;
+    const boxes = c.tensor("mask_boxes").data as Float32Array; // [Q, 4], multiples of 1/1000
+    const queryHidden = c.tensor("mask_query_hidden").data as Float32Array;
+    const image = {
+      grid: [1, gh, gw] as const,
+      vitMs: c.tensor("vit_ms").data as Float32Array,
+      mmEmbeds: mm,
+      hrImage: c.tensor("hr_image").data as Float32Array,
+    };
+    const queries = Array.from({ length: q }, (_, i) => ({
+      box1000: Array.from(boxes.subarray(i * 4, i * 4 + 4), (v) => Math.round(v * 1000)) as Box1000,
+      hidden: queryHidden.subarray(i * h, (i + 1) * h),
+    }));
+    const out = await maskDecoder.decode(image, queries);
+    expect([out.height, out.width]).toEqual([gh * 4, gw * 4]);
+    expectClose(c, "mask_logits", out.logits);
+    expectClose(c, "iou_pred", out.iou);
+    // The first pass, which the stage does not return, straight from the graph with the same inputs.
     const gate = c.tensor("mask_gate_boxes");
-    const out = await maskDecoder.run({
-      vit_ms: f32(c.tensor("vit_ms").data as Float32Array, [4, p, cv]),
+    const raw = await maskGraph.run({
+      vit_ms: f32(image.vitMs, [4, p, cv]),
       mm_embeds: f32(mm, [m, h]),
-      query_hidden: f32(c.tensor("mask_query_hidden").data as Float32Array, [q, h]),
-      boxes: f32(c.tensor("mask_boxes").data as Float32Array, [q, 4]),
+      query_hidden: f32(queryHidden, [q, h]),
+      boxes: f32(boxes, [q, 4]),
       gate_boxes: f32(gate.data as Float32Array, gate.shape),
       gate_valid: f32(c.tensor("mask_gate_valid").data as Float32Array, c.tensor("mask_gate_valid").shape),
-      hr_image: f32(c.tensor("hr_image").data as Float32Array, [1, 3, gh * 16, gw * 16]),
+      hr_image: f32(image.hrImage, [1, 3, gh * 16, gw * 16]),
     });
-    expectClose(c, "mask_logits", out.mask_logits?.data as Float32Array);
-    expectClose(c, "mask_logits_coarse", out.mask_logits_coarse?.data as Float32Array);
-    expectClose(c, "iou_pred", out.iou_pred?.data as Float32Array);
+    expectClose(c, "mask_logits_coarse", raw.float("mask_logits_coarse"));
   });
 });
 

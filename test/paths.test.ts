@@ -1,3 +1,4 @@
+import { execFileSync } from "node:child_process";
 import { mkdir, mkdtemp, rm, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -11,8 +12,8 @@ import {
   OUTPUT_URI_PREFIX,
   outputUri,
   parseImageRef,
-  resolveAllowedFile,
-  resolveOutputFile,
+  readAllowedFile,
+  readOutputFile,
   rootsToDirs,
 } from "../src/paths.js";
 
@@ -113,34 +114,34 @@ describe("parseImageRef", () => {
   });
 });
 
-describe("resolveAllowedFile", () => {
+describe("readAllowedFile", () => {
   const limits = { maxBytes: 1000 };
 
   it("returns the real path of a file inside an allowed directory", async () => {
-    const file = await resolveAllowedFile(path.join(allowed, "a.png"), [allowed], limits);
-    expect(file.bytes).toBe(1);
+    const file = await readAllowedFile(path.join(allowed, "a.png"), [allowed], limits);
+    expect(file.bytes.toString()).toBe("x");
     expect(isInside(file.path, allowed) || file.path.endsWith("/allowed/a.png")).toBe(true);
   });
 
   it("follows symlinks that stay inside", async () => {
-    const file = await resolveAllowedFile(path.join(allowed, "sub", "inside-link.png"), [allowed], limits);
+    const file = await readAllowedFile(path.join(allowed, "sub", "inside-link.png"), [allowed], limits);
     expect(file.path.endsWith(`${path.sep}a.png`)).toBe(true);
   });
 
   it("refuses paths outside the allowed directories, without touching them", async () => {
     await rejectsWith(
-      resolveAllowedFile(path.join(outside, "secret.png"), [allowed], limits),
+      readAllowedFile(path.join(outside, "secret.png"), [allowed], limits),
       "PATH_NOT_ALLOWED",
       /outside the allowed directories.*--allow-dir/,
     );
     // a missing file outside is refused the same way: existence is not revealed
     await rejectsWith(
-      resolveAllowedFile(path.join(outside, "nope.png"), [allowed], limits),
+      readAllowedFile(path.join(outside, "nope.png"), [allowed], limits),
       "PATH_NOT_ALLOWED",
       /outside/,
     );
     await rejectsWith(
-      resolveAllowedFile(path.join(allowed, "..", "outside", "secret.png"), [allowed], limits),
+      readAllowedFile(path.join(allowed, "..", "outside", "secret.png"), [allowed], limits),
       "PATH_NOT_ALLOWED",
       /outside/,
     );
@@ -148,7 +149,7 @@ describe("resolveAllowedFile", () => {
 
   it("with no allowed directory, says how to allow one", async () => {
     await rejectsWith(
-      resolveAllowedFile(path.join(allowed, "a.png"), [], limits),
+      readAllowedFile(path.join(allowed, "a.png"), [], limits),
       "PATH_NOT_ALLOWED",
       /no input directory is allowed.*--allow-dir <dir>/,
     );
@@ -156,7 +157,7 @@ describe("resolveAllowedFile", () => {
 
   it("refuses symlinks that escape", async () => {
     await rejectsWith(
-      resolveAllowedFile(path.join(allowed, "escape.png"), [allowed], limits),
+      readAllowedFile(path.join(allowed, "escape.png"), [allowed], limits),
       "PATH_NOT_ALLOWED",
       /resolves to .*secret\.png", outside the allowed directories.*symbolic links/,
     );
@@ -164,24 +165,44 @@ describe("resolveAllowedFile", () => {
 
   it("reports missing files, directories, empty and oversized files", async () => {
     await rejectsWith(
-      resolveAllowedFile(path.join(allowed, "missing.png"), [allowed], limits),
+      readAllowedFile(path.join(allowed, "missing.png"), [allowed], limits),
       "IMAGE_NOT_FOUND",
       /does not exist/,
     );
     await rejectsWith(
-      resolveAllowedFile(path.join(allowed, "sub"), [allowed], limits),
+      readAllowedFile(path.join(allowed, "sub"), [allowed], limits),
       "INVALID_INPUT",
       /is a directory/,
     );
     await rejectsWith(
-      resolveAllowedFile(path.join(allowed, "empty.png"), [allowed], limits),
+      readAllowedFile(path.join(allowed, "empty.png"), [allowed], limits),
       "IMAGE_DECODE_FAILED",
       /is empty \(0 bytes\)/,
     );
     await rejectsWith(
-      resolveAllowedFile(path.join(allowed, "a.png"), [allowed], { maxBytes: 0.5 }),
+      readAllowedFile(path.join(allowed, "a.png"), [allowed], { maxBytes: 0.5 }),
       "IMAGE_TOO_LARGE",
       /over the limit.*--max-image-bytes/,
+    );
+  });
+
+  it("refuses a FIFO or a device at once, without blocking on it", async () => {
+    const fifo = path.join(allowed, "pipe.png");
+    execFileSync("mkfifo", [fifo]);
+    await rejectsWith(readAllowedFile(fifo, [allowed], limits), "INVALID_INPUT", /not a regular file/);
+    await rejectsWith(readAllowedFile("/dev/zero", ["/dev"], limits), "INVALID_INPUT", /not a regular file/);
+  });
+
+  it("turns system errors into sentences that name the file", async () => {
+    await rejectsWith(
+      readAllowedFile(path.join(allowed, `${"n".repeat(5000)}.png`), [allowed], limits),
+      "IMAGE_NOT_FOUND",
+      /too long a name/,
+    );
+    await rejectsWith(
+      readAllowedFile(path.join(allowed, "a.png", "inside-a-file.png"), [allowed], limits),
+      "IMAGE_NOT_FOUND",
+      /a part of the path is not a folder/,
     );
   });
 });
@@ -193,30 +214,30 @@ describe("output files", () => {
     await writeFile(file, "png");
     const uri = outputUri(out, file);
     expect(uri).toBe(`${OUTPUT_URI_PREFIX}mask-1.png`);
-    expect(await resolveOutputFile(out, uri)).toBe(file);
-    expect(await resolveOutputFile(out, "mask-1.png")).toBe(file);
+    expect((await readOutputFile(out, uri, 1000)).path).toBe(file);
+    expect((await readOutputFile(out, "mask-1.png", 1000)).bytes.toString()).toBe("png");
   });
 
   it("refuses names that leave the output directory or are not PNGs", async () => {
     const out = await ensureOutputDir(path.join(root, "out2"));
     await rejectsWith(
-      resolveOutputFile(out, `${OUTPUT_URI_PREFIX}..%2Foutside%2Fsecret.png`),
+      readOutputFile(out, `${OUTPUT_URI_PREFIX}..%2Foutside%2Fsecret.png`, 1000),
       "INVALID_INPUT",
       /does not name a mask file/,
     );
     await rejectsWith(
-      resolveOutputFile(out, `${OUTPUT_URI_PREFIX}notes.txt`),
+      readOutputFile(out, `${OUTPUT_URI_PREFIX}notes.txt`, 1000),
       "INVALID_INPUT",
       /does not name a mask file/,
     );
     await rejectsWith(
-      resolveOutputFile(out, `${OUTPUT_URI_PREFIX}gone.png`),
+      readOutputFile(out, `${OUTPUT_URI_PREFIX}gone.png`, 1000),
       "IMAGE_NOT_FOUND",
       /does not exist/,
     );
     await symlink(path.join(outside, "secret.png"), path.join(out, "link.png"));
     await rejectsWith(
-      resolveOutputFile(out, `${OUTPUT_URI_PREFIX}link.png`),
+      readOutputFile(out, `${OUTPUT_URI_PREFIX}link.png`, 1000),
       "PATH_NOT_ALLOWED",
       /outside the output directory/,
     );

@@ -12,7 +12,7 @@ function rows(positions: BigInt64Array, s: number): number[][] {
 }
 
 describe("ropeIndex", () => {
-  it("reproduces the spec 4.5 worked example (grid [1, 4, 6], 18 tokens)", () => {
+  it("reproduces a worked example of get_rope_index (grid [1, 4, 6], 18 tokens)", () => {
     // <im_start> user \n <vs> pad x6 <ve> q1 q2 <im_end> \n <im_start> assistant \n
     const ids = [
       151644,

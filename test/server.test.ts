@@ -10,8 +10,9 @@ import { type CallToolResult, ListRootsRequestSchema } from "@modelcontextprotoc
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createConfig, isLoopbackHost, parseListenAddress } from "../src/config.js";
+import { silentLogger } from "../src/logger.js";
 import { type HttpHandle, serveHttp } from "../src/server.js";
-import { segmentOutputSchema } from "../src/tools/segment.js";
+import { segmentTool } from "../src/tools/segment.js";
 import { FakeEngine } from "./helpers/fake-engine.js";
 
 const TOKEN = "s3cret-token-0123456789";
@@ -48,7 +49,7 @@ beforeAll(async () => {
     logLevel: "warn",
     http: { host: "127.0.0.1", port: 0, token: TOKEN },
   });
-  handle = await serveHttp(config, new FakeEngine());
+  handle = await serveHttp(config, new FakeEngine(), silentLogger);
 });
 
 afterAll(async () => {
@@ -70,7 +71,7 @@ describe("Streamable HTTP", () => {
       arguments: { image: "img.png", expression: "the square" },
     })) as CallToolResult;
     expect(result.isError).toBeFalsy();
-    const out = segmentOutputSchema.parse(result.structuredContent);
+    const out = segmentTool.output.parse(result.structuredContent);
     const meta = await sharp(out.instances[0]?.mask.path ?? "").metadata();
     expect([meta.width, meta.height]).toEqual([40, 30]);
     await transport.terminateSession();
@@ -166,7 +167,7 @@ describe("Streamable HTTP", () => {
 
   it("refuses a non-loopback address without a token", async () => {
     const config = createConfig({ cwd: root, logLevel: "silent", http: { host: "0.0.0.0", port: 0 } });
-    await expect(serveHttp(config, new FakeEngine())).rejects.toThrow(
+    await expect(serveHttp(config, new FakeEngine(), silentLogger)).rejects.toThrow(
       /non-loopback address 0.0.0.0 without a token/,
     );
   });
@@ -179,7 +180,7 @@ describe("idle HTTP sessions", () => {
       logLevel: "silent",
       http: { host: "127.0.0.1", port: 0, sessionIdleMs: 2000 },
     });
-    const idle = await serveHttp(config, new FakeEngine());
+    const idle = await serveHttp(config, new FakeEngine(), silentLogger);
     try {
       const init = await post(idle.url, {});
       expect(init.status).toBe(200);

@@ -14,15 +14,15 @@ import type { McpServer } from "@modelcontextprotocol/sdk/server/mcp.js";
 import { type CallToolResult, ListRootsRequestSchema } from "@modelcontextprotocol/sdk/types.js";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { deferredEngine } from "../src/cli.js";
 import { type Config, createConfig } from "../src/config.js";
 import { SegError } from "../src/errors.js";
-import { createEngine } from "../src/runtime/engine.js";
+import { silentLogger } from "../src/logger.js";
+import { createEngine, WorkerEngine } from "../src/runtime/engine.js";
 import type { Engine } from "../src/runtime/types.js";
 import { createServer } from "../src/server.js";
-import { describeRegionOutputSchema } from "../src/tools/describe-region.js";
-import { groundOutputSchema } from "../src/tools/ground.js";
-import { segmentOutputSchema } from "../src/tools/segment.js";
+import { describeRegionTool } from "../src/tools/describe-region.js";
+import { groundTool } from "../src/tools/ground.js";
+import { segmentTool } from "../src/tools/segment.js";
 import { FakeEngine } from "./helpers/fake-engine.js";
 
 let root: string;
@@ -62,7 +62,7 @@ beforeAll(async () => {
     cwd: work,
     outDir: path.join(root, "out"),
     allowDirs: [work],
-    maxPixels: 10_000,
+    maxInputPixels: 10_000,
     maxDataUriBytes: 4096,
     logLevel: "silent",
   });
@@ -73,7 +73,7 @@ afterAll(async () => {
 });
 
 async function connect(engine: Engine, options: { roots?: string[] } = {}) {
-  const server: McpServer = createServer(config, engine);
+  const server: McpServer = createServer(config, engine, silentLogger);
   const client = new Client(
     { name: "test-client", version: "1.0.0" },
     options.roots ? { capabilities: { roots: { listChanged: true } } } : {},
@@ -123,7 +123,7 @@ describe("tools with the real engine and the tiny pack", () => {
     engine = await createEngine({
       packDir: path.resolve(import.meta.dirname, "../models/tiny-random"),
       executionProvider: "cpu",
-      log: () => undefined,
+      log: silentLogger,
     });
     conn = await connect(engine);
   });
@@ -163,7 +163,7 @@ describe("tools with the real engine and the tiny pack", () => {
       max_instances: 2,
     });
     expect(result.isError, textOf(result)).toBeFalsy();
-    const out = groundOutputSchema.parse(result.structuredContent);
+    const out = groundTool.output.parse(result.structuredContent);
     expect(out.image).toEqual({ width: 64, height: 48 });
     expect(out.found).toBe(out.instances.length > 0);
     expect(out.instances.length).toBeLessThanOrEqual(2);
@@ -185,7 +185,7 @@ describe("tools with the real engine and the tiny pack", () => {
   it("segment with a box: one mask PNG of the input's size, with a resource link that reads back", async () => {
     const result = await conn.call("segment", { image: "cat.png", box: [4, 6, 40, 30], rle: true });
     expect(result.isError, textOf(result)).toBeFalsy();
-    const out = segmentOutputSchema.parse(result.structuredContent);
+    const out = segmentTool.output.parse(result.structuredContent);
     expect(out.found).toBe(true);
     expect(out.instances).toHaveLength(1);
     const inst = out.instances[0];
@@ -215,7 +215,7 @@ describe("tools with the real engine and the tiny pack", () => {
       max_instances: 1,
     });
     expect(result.isError, textOf(result)).toBeFalsy();
-    const out = segmentOutputSchema.parse(result.structuredContent);
+    const out = segmentTool.output.parse(result.structuredContent);
     expect(out.found).toBe(out.instances.length > 0);
     for (const inst of out.instances) {
       const meta = await sharp(inst.mask.path).metadata();
@@ -227,12 +227,12 @@ describe("tools with the real engine and the tiny pack", () => {
   it("describe_region: with a box, and with a mask written by segment", async () => {
     const byBox = await conn.call("describe_region", { image: "cat.png", box: [0, 0, 10, 10] });
     expect(byBox.isError, textOf(byBox)).toBeFalsy();
-    const out = describeRegionOutputSchema.parse(byBox.structuredContent);
+    const out = describeRegionTool.output.parse(byBox.structuredContent);
     expect(out.box).toEqual([0, 0, 10, 10]);
     expect(typeof out.description).toBe("string");
     expect(typeof out.label).toBe("string");
     expect(textOf(byBox)).toMatch(/^Region \[0, 0, 10, 10\] of the 64x48 image: /);
-    const seg = segmentOutputSchema.parse(
+    const seg = segmentTool.output.parse(
       (await conn.call("segment", { image: "cat.png", box: [8, 8, 30, 30] })).structuredContent,
     );
     const byMask = await conn.call("describe_region", {
@@ -240,7 +240,7 @@ describe("tools with the real engine and the tiny pack", () => {
       mask: seg.instances[0]?.mask.path,
     });
     expect(byMask.isError, textOf(byMask)).toBeFalsy();
-    expectBoxInside(describeRegionOutputSchema.parse(byMask.structuredContent).box, 64, 48);
+    expectBoxInside(describeRegionTool.output.parse(byMask.structuredContent).box, 64, 48);
     const byUri = await conn.call("describe_region", { image: "cat.png", mask: seg.instances[0]?.mask.uri });
     expect(byUri.isError, textOf(byUri)).toBeFalsy();
   });
@@ -253,7 +253,7 @@ describe("tools with the real engine and the tiny pack", () => {
       .toFile(path.join(work, "rotated.jpg"));
     const result = await conn.call("segment", { image: "rotated.jpg", box: [2, 2, 40, 60] });
     expect(result.isError, textOf(result)).toBeFalsy();
-    const out = segmentOutputSchema.parse(result.structuredContent);
+    const out = segmentTool.output.parse(result.structuredContent);
     expect(out.image).toEqual({ width: 48, height: 64 });
     const meta = await sharp(out.instances[0]?.mask.path ?? "").metadata();
     expect([meta.width, meta.height]).toEqual([48, 64]);
@@ -273,7 +273,7 @@ describe("tools with the real engine and the tiny pack", () => {
       box: [1, 1, 9, 9],
     });
     expect(result.isError, textOf(result)).toBeFalsy();
-    expect(describeRegionOutputSchema.parse(result.structuredContent).image).toEqual({
+    expect(describeRegionTool.output.parse(result.structuredContent).image).toEqual({
       width: 20,
       height: 10,
     });
@@ -357,7 +357,7 @@ describe("tools with the real engine and the tiny pack", () => {
         "segment",
         { image: "big.png", expression: "x" },
         "IMAGE_TOO_LARGE",
-        /is 200x100 = 20000 pixels, over the limit of 10000.*--max-pixels/,
+        /is 200x100 = 20000 pixels, over the limit of 10000.*--max-input-pixels/,
       ],
       [
         "unsupported format (SVG)",
@@ -469,14 +469,14 @@ describe("tool-layer mapping with a scripted engine", () => {
       expression: "nothing here",
     });
     expect(ground.isError).toBeFalsy();
-    expect(groundOutputSchema.parse(ground.structuredContent)).toMatchObject({
+    expect(groundTool.output.parse(ground.structuredContent)).toMatchObject({
       found: false,
       instances: [],
       image: { width: 64, height: 48 },
     });
     expect(textOf(ground)).toMatch(/No match for "nothing here".*found: false/);
     const seg = await conn.call("segment", { image: "cat.png", expression: "nothing at all" });
-    expect(segmentOutputSchema.parse(seg.structuredContent)).toMatchObject({ found: false, instances: [] });
+    expect(segmentTool.output.parse(seg.structuredContent)).toMatchObject({ found: false, instances: [] });
     expect(seg.content.filter((c) => c.type === "resource_link")).toHaveLength(0);
     await conn.close();
   });
@@ -484,7 +484,7 @@ describe("tool-layer mapping with a scripted engine", () => {
   it("several instances, max_instances, and the summary lists each", async () => {
     const conn = await connect(new FakeEngine());
     const two = await conn.call("ground", { image: "cat.png", expression: "two cats" });
-    const out = groundOutputSchema.parse(two.structuredContent);
+    const out = groundTool.output.parse(two.structuredContent);
     expect(out.instances).toEqual([
       { label: "two cats", box: [0, 0, 32, 24], score: 0.9 },
       { label: "two cats", box: [32, 24, 64, 48], score: 0.8 },
@@ -493,14 +493,14 @@ describe("tool-layer mapping with a scripted engine", () => {
       /^Found 2 instances of "two cats" in the 64x48 image.*\n1\. two cats \[0, 0, 32, 24\] score 0\.90/,
     );
     const one = await conn.call("ground", { image: "cat.png", expression: "two cats", max_instances: 1 });
-    expect(groundOutputSchema.parse(one.structuredContent).instances).toHaveLength(1);
+    expect(groundTool.output.parse(one.structuredContent).instances).toHaveLength(1);
     await conn.close();
   });
 
   it("preview returns a small inline image and an overlay link", async () => {
     const conn = await connect(new FakeEngine());
     const result = await conn.call("segment", { image: "cat.png", expression: "the cat", preview: true });
-    const out = segmentOutputSchema.parse(result.structuredContent);
+    const out = segmentTool.output.parse(result.structuredContent);
     expect(out.overlay?.uri).toMatch(/^qwen3-vl-seg:\/\/masks\//);
     const image = result.content.find((c) => c.type === "image");
     expect(image?.type === "image" && image.mimeType).toBe("image/jpeg");
@@ -532,8 +532,8 @@ describe("tool-layer mapping with a scripted engine", () => {
   });
 
   it("a pack that failed to load is reported by every call; the server stays up", async () => {
-    const failed = Promise.reject(new SegError("MODEL_NOT_FOUND", "model pack folder /nope does not exist"));
-    const conn = await connect(deferredEngine(failed));
+    const failed = new WorkerEngine({ packDir: "/nope", executionProvider: "cpu" });
+    const conn = await connect(failed);
     expectError(
       await conn.call("ground", { image: "cat.png", expression: "x" }),
       "MODEL_NOT_FOUND",
@@ -546,6 +546,7 @@ describe("tool-layer mapping with a scripted engine", () => {
       /missing/,
     );
     await conn.close();
+    await failed.dispose();
   });
 
   it("a call cancelled while queued never reaches the engine", async () => {
@@ -577,7 +578,7 @@ describe("tool-layer mapping with a scripted engine", () => {
       ),
     );
     expect(results.every((r) => !r.isError)).toBe(true);
-    const waits = results.map((r) => groundOutputSchema.parse(r.structuredContent).timings_ms.queue ?? 0);
+    const waits = results.map((r) => groundTool.output.parse(r.structuredContent).timings_ms.queue ?? 0);
     expect(Math.max(...waits)).toBeGreaterThan(40); // the last one waited for the others
     await conn.close();
   });

@@ -1,31 +1,33 @@
 /**
- * The runtime's public API. `createEngine` starts the pipeline in a worker thread, because
+ * The runtime's public API: a WorkerEngine runs the Pipeline in a worker thread, because
  * onnxruntime's `run()` blocks the event loop for a whole forward pass and the MCP connection must
- * keep answering pings, progress and cancellation meanwhile. A worker that dies is replaced on the
- * next call; the calls that were in flight fail with INFERENCE_FAILED.
+ * keep answering pings, progress and cancellation meanwhile. Calls wait in one SerialQueue and go to
+ * the worker one at a time. The worker loads the pack when `start()` is called or at the first call;
+ * a worker that dies is replaced on the next call (the call in flight fails with INFERENCE_FAILED).
  */
 
 import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { Worker } from "node:worker_threads";
-import { type ErrorCode, SegError } from "../errors.js";
-import type { EngineConfig } from "./local-engine.js";
-import type {
-  DescribeRequest,
-  DescribeResult,
-  Engine,
-  GroundRequest,
-  GroundResult,
-  PackInfo,
-  ProgressFn,
-  RequestOptions,
-  SegmentRequest,
-  SegmentResult,
+import { SegError, throwIfAborted } from "../errors.js";
+import { silentLogger } from "../logger.js";
+import { SerialQueue } from "./queue.js";
+import {
+  type DescribeRequest,
+  type DescribeResult,
+  ENGINE_DEFAULTS,
+  type Engine,
+  type EngineOptions,
+  type GroundRequest,
+  type GroundResult,
+  type PackInfo,
+  type ProgressFn,
+  type RequestOptions,
+  type SegmentRequest,
+  type SegmentResult,
+  type StageTimings,
 } from "./types.js";
-import type { WorkerMessage, WorkerRequest } from "./worker.js";
-
-export type { EngineConfig } from "./local-engine.js";
-export { LocalEngine } from "./local-engine.js";
+import type { EngineMethod, WorkerMessage, WorkerRequest } from "./worker.js";
 
 /** The compiled worker. Under vitest (sources run as .ts) the build output is used instead. */
 function workerUrl(): URL {
@@ -36,57 +38,69 @@ function workerUrl(): URL {
   throw new SegError("MODEL_LOAD_FAILED", "the engine worker is not built: run `npm run build` first");
 }
 
-interface Pending {
+interface InFlight {
   resolve: (value: unknown) => void;
   reject: (error: SegError) => void;
   onProgress: ProgressFn | undefined;
-  cleanup: () => void;
 }
 
-class WorkerEngine implements Engine {
-  readonly #config: Omit<EngineConfig, "log">;
-  readonly #log: (message: string) => void;
+export class WorkerEngine implements Engine {
+  readonly #options: Omit<EngineOptions, "log">;
+  readonly #log;
+  readonly #queue: SerialQueue;
   #worker: Worker | undefined;
-  #ready: Promise<void> | undefined;
+  #ready: Promise<PackInfo> | undefined;
   #nextId = 1;
-  readonly #pending = new Map<number, Pending>();
+  /** The one call the worker is running (the queue lets one through at a time). */
+  #inFlight: { id: number; call: InFlight } | undefined;
   #disposed = false;
 
-  constructor(config: EngineConfig) {
-    const { log, ...rest } = config;
-    this.#config = rest;
-    this.#log = log ?? ((m) => process.stderr.write(`${m}\n`));
+  constructor(options: EngineOptions) {
+    const { log, ...rest } = options;
+    this.#options = rest;
+    this.#log = log ?? silentLogger;
+    this.#queue = new SerialQueue(options.maxQueue ?? ENGINE_DEFAULTS.maxQueue);
   }
 
-  /** Start (or restart after a crash) the worker and wait until the pack is loaded. */
-  start(): Promise<void> {
+  /** Start (or restart after a crash) the worker; resolves with the pack's description once loaded. */
+  start(): Promise<PackInfo> {
     if (this.#ready) return this.#ready;
-    const worker = new Worker(workerUrl(), { workerData: this.#config });
+    const worker = new Worker(workerUrl(), { workerData: this.#options });
     this.#worker = worker;
-    this.#ready = new Promise<void>((resolve, reject) => {
+    this.#ready = new Promise<PackInfo>((resolve, reject) => {
       let started = false;
       worker.on("message", (msg: WorkerMessage) => {
-        if (msg.kind === "ready") {
-          started = true;
-          resolve();
-        } else if (msg.kind === "init-error") {
-          reject(new SegError(msg.error.code as ErrorCode, msg.error.message));
-          this.#reset(worker);
-          void worker.terminate();
-        } else if (msg.kind === "log") this.#log(msg.message);
-        else if (msg.kind === "progress") {
-          this.#pending.get(msg.id)?.onProgress?.(msg.progress as Parameters<ProgressFn>[0]);
-        } else if (msg.kind === "result" || msg.kind === "error") {
-          const pending = this.#pending.get(msg.id);
-          if (!pending) return;
-          this.#pending.delete(msg.id);
-          pending.cleanup();
-          if (msg.kind === "result") pending.resolve(msg.value);
-          else pending.reject(new SegError(msg.error.code as ErrorCode, msg.error.message));
+        switch (msg.kind) {
+          case "ready":
+            started = true;
+            resolve(msg.info);
+            break;
+          case "init-error":
+            reject(SegError.deserialize(msg.error));
+            this.#reset(worker);
+            void worker.terminate();
+            break;
+          case "log":
+            this.#log[msg.level](msg.message);
+            break;
+          case "progress":
+            if (this.#inFlight?.id === msg.id) this.#inFlight.call.onProgress?.(msg.progress);
+            break;
+          case "result":
+          case "error": {
+            if (this.#inFlight?.id !== msg.id) break;
+            const { call } = this.#inFlight;
+            this.#inFlight = undefined;
+            if (msg.kind === "result") call.resolve(msg.value);
+            else call.reject(SegError.deserialize(msg.error));
+            break;
+          }
+          default:
+            break;
         }
       });
       worker.on("error", (error) => {
-        this.#log(`engine worker crashed: ${error.message}`);
+        this.#log.error(`engine worker crashed: ${error.message}`);
         if (!started)
           reject(new SegError("MODEL_LOAD_FAILED", `engine worker failed to start: ${error.message}`));
       });
@@ -94,16 +108,14 @@ class WorkerEngine implements Engine {
         if (this.#worker !== worker) return;
         this.#reset(worker);
         if (!started) reject(new SegError("MODEL_LOAD_FAILED", `engine worker exited with code ${code}`));
-        for (const [id, pending] of this.#pending) {
-          this.#pending.delete(id);
-          pending.cleanup();
-          pending.reject(
-            new SegError(
-              "INFERENCE_FAILED",
-              `the inference worker stopped (exit code ${code}); it will restart`,
-            ),
-          );
-        }
+        const inFlight = this.#inFlight;
+        this.#inFlight = undefined;
+        inFlight?.call.reject(
+          new SegError(
+            "INFERENCE_FAILED",
+            `the inference worker stopped (exit code ${code}); it will restart`,
+          ),
+        );
       });
     });
     return this.#ready;
@@ -116,41 +128,48 @@ class WorkerEngine implements Engine {
     }
   }
 
-  async #call<T>(
-    method: "info" | "ground" | "segment" | "describe",
-    req: (RequestOptions & object) | undefined,
-  ): Promise<T> {
-    if (this.#disposed) throw new SegError("INFERENCE_FAILED", "the engine was disposed");
-    const { signal, onProgress, ...args } = (req ?? {}) as RequestOptions & Record<string, unknown>;
-    if (signal?.aborted) throw new SegError("CANCELLED", "the request was cancelled");
-    await this.start();
-    // Cancelled while the worker was (re)starting: the listener below would never fire.
-    if (signal?.aborted) throw new SegError("CANCELLED", "the request was cancelled");
-    const worker = this.#worker;
-    if (!worker) throw new SegError("INFERENCE_FAILED", "the inference worker is not running");
-    const id = this.#nextId++;
-    return new Promise<T>((resolve, reject) => {
+  async #call<T>(method: EngineMethod, req: RequestOptions & object): Promise<T> {
+    const { signal, onProgress, ...args } = req;
+    onProgress?.({ stage: "queued", fraction: 0 });
+    const { value, waitedMs } = await this.#queue.run(async () => {
+      if (this.#disposed) throw new SegError("INFERENCE_FAILED", "the engine was disposed");
+      if (!this.#ready) onProgress?.({ stage: "load", fraction: 0 });
+      await this.start();
+      // Cancelled while the worker was (re)starting: the listener below would never fire.
+      throwIfAborted(signal);
+      const worker = this.#worker;
+      if (!worker) throw new SegError("INFERENCE_FAILED", "the inference worker is not running");
+      const id = this.#nextId++;
       const onAbort = () => worker.postMessage({ kind: "cancel", id } satisfies WorkerRequest);
-      const cleanup = () => signal?.removeEventListener("abort", onAbort);
       signal?.addEventListener("abort", onAbort, { once: true });
-      this.#pending.set(id, { resolve: resolve as (v: unknown) => void, reject, onProgress, cleanup });
       try {
-        worker.postMessage({ kind: "call", id, method, args } satisfies WorkerRequest);
-      } catch (cause) {
-        this.#pending.delete(id);
-        cleanup();
-        reject(
-          new SegError(
-            "INVALID_INPUT",
-            `the request cannot be sent to the engine: ${(cause as Error).message}`,
-          ),
-        );
+        return await new Promise<T>((resolve, reject) => {
+          this.#inFlight = { id, call: { resolve: resolve as (v: unknown) => void, reject, onProgress } };
+          try {
+            worker.postMessage({ kind: "call", id, method, args } satisfies WorkerRequest);
+          } catch (cause) {
+            this.#inFlight = undefined;
+            reject(
+              new SegError(
+                "INVALID_INPUT",
+                `the request cannot be sent to the engine: ${(cause as Error).message}`,
+              ),
+            );
+          }
+        });
+      } finally {
+        signal?.removeEventListener("abort", onAbort);
       }
-    });
+    }, signal);
+    const timings = (value as { timings?: StageTimings }).timings;
+    if (timings) timings.queue = Math.round(waitedMs * 10) / 10;
+    return value;
   }
 
+  /** The loaded pack (loads it first if needed; never waits behind a running call). */
   info(): Promise<PackInfo> {
-    return this.#call("info", undefined);
+    if (this.#disposed) return Promise.reject(new SegError("INFERENCE_FAILED", "the engine was disposed"));
+    return this.start();
   }
   ground(req: GroundRequest): Promise<GroundResult> {
     return this.#call("ground", req);
@@ -168,8 +187,7 @@ class WorkerEngine implements Engine {
     const worker = this.#worker;
     if (!worker) return;
     await new Promise<void>((resolve) => {
-      const done = () => resolve();
-      worker.once("exit", done);
+      worker.once("exit", () => resolve());
       worker.on("message", (m: WorkerMessage) => {
         if (m.kind === "disposed") void worker.terminate();
       });
@@ -179,9 +197,14 @@ class WorkerEngine implements Engine {
   }
 }
 
-/** Start the engine in a worker thread and wait until the pack is loaded (errors surface here). */
-export async function createEngine(config: EngineConfig): Promise<Engine> {
-  const engine = new WorkerEngine(config);
-  await engine.start();
+/** An engine whose worker has loaded the pack (load errors surface here). */
+export async function createEngine(options: EngineOptions): Promise<Engine> {
+  const engine = new WorkerEngine(options);
+  try {
+    await engine.start();
+  } catch (error) {
+    await engine.dispose();
+    throw error;
+  }
   return engine;
 }

@@ -9,9 +9,11 @@
  *
  * Design: a character-level state machine; a token is allowed when all of its decoded characters
  * are accepted in sequence (tokens may span several parts, e.g. `"}]` or `],`). To stay fast over
- * the full vocabulary, tokens are indexed once by first character, and pure label tokens are sorted
- * by length, so a step walks only the few candidates that can start at the current state; the
- * allowed lists of the non-label states are cached by state.
+ * the full vocabulary, a BoxVocabulary (built once per engine) indexes tokens by first character and
+ * sorts pure label tokens by length, so a step walks only the few candidates that can start at the
+ * current state; it caches the allowed lists of the non-label states by state for every request.
+ * A BoxGrammar (one per answer) holds the state and records each box as it is written: its four
+ * coordinates and where its label lies in the token stream, so no text is ever parsed back.
  *
  * Fixed text (`{"bbox_2d": [` after `{`, `, ` between numbers, `], "label": "` after the 4th number,
  * `}` after the label's closing quote) is offered by `forced()` as its tokenisation, so the caller
@@ -26,9 +28,7 @@
  */
 import { SegError } from "../errors.js";
 
-export interface BoxGrammarOptions {
-  /** After this many objects only `]` is allowed. @default 50 */
-  maxBoxes?: number;
+export interface BoxVocabularyOptions {
   /** Longest label, in UTF-16 code units of the decoded token texts. @default 64 */
   maxLabelChars?: number;
   /**
@@ -36,6 +36,20 @@ export interface BoxGrammarOptions {
    * fixed text is split greedily into the longest matching tokens.
    */
   encode?: (text: string) => number[];
+}
+
+/** One box as the grammar saw it written. */
+export interface BoxRecord {
+  /** The four coordinates as written, integers in 0..1000 (not yet ordered). */
+  coords: [number, number, number, number];
+  /**
+   * Where the label lies in the answer's tokens (indices of advance() calls): it starts `trim[0]`
+   * characters into token `tokens[0]` and ends `trim[1]` characters before the end of token
+   * `tokens[1]`. Decoding that token span (UTF-8 joined across tokens) and cutting those structural
+   * ASCII characters gives the label exactly, even where one character is split over tokens.
+   */
+  labelTokens: [first: number, last: number];
+  labelTrim: [before: number, after: number];
 }
 
 export interface AdvanceEvent {
@@ -79,7 +93,7 @@ function isLabelChar(c: number): boolean {
 }
 
 /** The machine's state; a plain record so a walk can copy it cheaply. */
-interface State {
+export interface GrammarState {
   phase: Phase;
   lit: Lit;
   off: number;
@@ -92,14 +106,17 @@ interface State {
   boxes: number;
 }
 
-export class BoxGrammar {
-  readonly #texts: readonly string[];
-  readonly #eos: Int32Array;
-  readonly #eosSet: ReadonlySet<number>;
-  readonly #maxBoxes: number;
-  readonly #maxLabel: number;
+/**
+ * The vocabulary's index for the box grammar, built once per engine (one pass over ~152k token
+ * texts) and shared by every answer: first-character lists, label tokens by length, and the allowed
+ * lists of states already seen (they depend on the state alone, never on one answer).
+ */
+export class BoxVocabulary {
+  readonly texts: readonly string[];
+  readonly eos: Int32Array;
+  readonly eosSet: ReadonlySet<number>;
+  readonly maxLabel: number;
   readonly #encode: ((text: string) => number[]) | undefined;
-  readonly #vocabSize: number;
 
   /** First char code -> ids of tokens starting with it. */
   readonly #byFirst = new Map<number, Int32Array>();
@@ -111,36 +128,28 @@ export class BoxGrammar {
   readonly #labelEnders: Int32Array;
 
   /** Allowed ids per state key, for every phase but Label. */
-  readonly #cache = new Map<string, Int32Array>();
+  readonly #allowed = new Map<string, Int32Array>();
   /** Allowed label-ending ids per label length (x2, + 1 when no further box may start). */
-  readonly #enderCache = new Map<number, Int32Array>();
-  readonly #forcedCache = new Map<string, number[]>();
+  readonly #enders = new Map<number, Int32Array>();
+  readonly #forced = new Map<string, number[]>();
   #greedyIndex: Map<string, number> | undefined;
+  readonly #scratch: GrammarState = initialState();
 
-  #s: State = initialState();
-  readonly #scratch: State = initialState();
-
-  constructor(tokenTexts: readonly string[], eosIds: readonly number[], options: BoxGrammarOptions = {}) {
-    this.#texts = tokenTexts;
-    this.#vocabSize = tokenTexts.length;
-    this.#eos = Int32Array.from(eosIds);
-    this.#eosSet = new Set(eosIds);
-    this.#maxBoxes = options.maxBoxes ?? 50;
-    this.#maxLabel = options.maxLabelChars ?? 64;
+  constructor(tokenTexts: readonly string[], eosIds: readonly number[], options: BoxVocabularyOptions = {}) {
+    this.texts = tokenTexts;
+    this.eos = Int32Array.from(eosIds);
+    this.eosSet = new Set(eosIds);
+    this.maxLabel = options.maxLabelChars ?? 64;
     this.#encode = options.encode;
-    if (!Number.isInteger(this.#maxBoxes) || this.#maxBoxes < 0) {
-      throw new SegError("INVALID_INPUT", `maxBoxes must be a non-negative integer, got ${this.#maxBoxes}`);
+    if (!Number.isInteger(this.maxLabel) || this.maxLabel < 1) {
+      throw new SegError("INVALID_INPUT", `maxLabelChars must be a positive integer, got ${this.maxLabel}`);
     }
-    if (!Number.isInteger(this.#maxLabel) || this.#maxLabel < 1) {
-      throw new SegError("INVALID_INPUT", `maxLabelChars must be a positive integer, got ${this.#maxLabel}`);
-    }
-
     const byFirst = new Map<number, number[]>();
     const pure: number[] = [];
     const enders: number[] = [];
     for (let id = 0; id < tokenTexts.length; id++) {
       const t = tokenTexts[id] as string;
-      if (t.length === 0 || this.#eosSet.has(id)) continue;
+      if (t.length === 0 || this.eosSet.has(id)) continue;
       const c0 = t.charCodeAt(0);
       let list = byFirst.get(c0);
       if (list === undefined) {
@@ -156,171 +165,71 @@ export class BoxGrammar {
     for (const [c, ids] of byFirst) this.#byFirst.set(c, Int32Array.from(ids));
     pure.sort((a, b) => (tokenTexts[a] as string).length - (tokenTexts[b] as string).length || a - b);
     this.#labelPure = Int32Array.from(pure);
-    this.#labelPureUpTo = new Int32Array(this.#maxLabel + 1);
+    this.#labelPureUpTo = new Int32Array(this.maxLabel + 1);
     let n = 0;
-    for (let len = 0; len <= this.#maxLabel; len++) {
+    for (let len = 0; len <= this.maxLabel; len++) {
       while (n < pure.length && (tokenTexts[pure[n] as number] as string).length <= len) n++;
       this.#labelPureUpTo[len] = n;
     }
     this.#labelEnders = Int32Array.from(enders);
   }
 
-  /** Back to the start of an answer (the caches stay). */
-  reset(): void {
-    this.#s = initialState();
+  get size(): number {
+    return this.texts.length;
   }
 
-  /** After the closing `]` (only eos may follow) or after eos. */
-  isDone(): boolean {
-    return this.#s.phase === Phase.End || this.#s.phase === Phase.Done;
-  }
-
-  /** Boxes whose object was closed so far. */
-  get boxCount(): number {
-    return this.#s.boxes;
-  }
-
-  /**
-   * Tokens of the fixed text that must come next, empty at a choice point. Feeding all of them
-   * (advance each) is always valid.
-   */
-  forced(): number[] {
-    const s = this.#s;
-    let text = "";
-    if (s.phase === Phase.Literal) text = (LITERALS[s.lit] as string).slice(s.off);
-    else if ((s.phase === Phase.ListOpen || s.phase === Phase.AfterObject) && s.boxes >= this.#maxBoxes)
-      text = "]";
-    if (text === "") return [];
-    let ids = this.#forcedCache.get(text);
-    if (ids === undefined) {
-      ids = this.#encode ? this.#encode(text) : this.#greedy(text);
-      this.#forcedCache.set(text, ids);
-    }
-    return [...ids];
-  }
-
-  /** The highest-logit allowed token. */
-  pick(logits: Float32Array): number {
-    let best = -1;
-    let bestValue = Number.NEGATIVE_INFINITY;
-    for (const list of this.#allowedLists()) {
-      for (let i = 0; i < list.length; i++) {
-        const id = list[i] as number;
-        const v = logits[id] as number;
-        if (v > bestValue || best < 0) {
-          bestValue = v;
-          best = id;
-        }
-      }
-    }
-    if (best < 0)
-      throw new SegError("INFERENCE_FAILED", "the box grammar allows no token (the answer is complete)");
-    return best;
-  }
-
-  /** 1 = allowed, over the whole vocabulary. */
-  allowedMask(): Uint8Array {
-    const mask = new Uint8Array(this.#vocabSize);
-    for (const list of this.#allowedLists())
-      for (let i = 0; i < list.length; i++) mask[list[i] as number] = 1;
-    return mask;
-  }
-
-  /** The allowed ids (unordered), for sampling and tests. */
-  allowedIds(): Int32Array {
-    const lists = this.#allowedLists();
-    const out = new Int32Array(lists.reduce((n, l) => n + l.length, 0));
-    let at = 0;
-    for (const l of lists) {
-      out.set(l, at);
-      at += l.length;
-    }
-    return out;
-  }
-
-  /** Whether `advance(tokenId)` would succeed now (walks the token's text; no state change). */
-  accepts(tokenId: number): boolean {
-    const s = this.#s;
-    if (this.#eosSet.has(tokenId)) return s.phase === Phase.End;
-    const text = this.#texts[tokenId];
-    if (text === undefined || text.length === 0) return false;
-    const w = this.#scratch;
-    Object.assign(w, s);
-    for (let i = 0; i < text.length; i++)
-      if (!step(w, text.charCodeAt(i), this.#maxBoxes, this.#maxLabel)) return false;
-    return true;
-  }
-
-  /** Accepts a token. @throws SegError INFERENCE_FAILED when the token is not allowed. */
-  advance(tokenId: number): AdvanceEvent {
-    const s = this.#s;
-    if (this.#eosSet.has(tokenId)) {
-      if (s.phase !== Phase.End) throw this.#rejected(tokenId);
-      s.phase = Phase.Done;
-      return { boxClosed: false, coordinate: false, lastCoordinateInToken: false };
-    }
-    const text = this.#texts[tokenId];
-    if (text === undefined || text.length === 0) throw this.#rejected(tokenId);
-    const next = this.#scratch;
-    Object.assign(next, s);
-    let boxClosed = false;
-    let digitBeforeClose = false;
-    let coordinate = false;
-    for (let i = 0; i < text.length; i++) {
-      const c = text.charCodeAt(i);
-      if (next.phase === Phase.Number && c >= DIGIT_0 && c <= DIGIT_0 + 9) coordinate = true;
-      const closes = next.phase === Phase.Number && next.k === 3 && c === CLOSE_BRACKET;
-      if (!step(next, c, this.#maxBoxes, this.#maxLabel)) throw this.#rejected(tokenId);
-      if (closes) {
-        boxClosed = true;
-        digitBeforeClose = i > 0;
-      }
-    }
-    Object.assign(s, next);
-    return { boxClosed, coordinate, lastCoordinateInToken: digitBeforeClose };
-  }
-
-  #rejected(tokenId: number): SegError {
-    return new SegError(
-      "INFERENCE_FAILED",
-      `token ${tokenId} (${JSON.stringify(this.#texts[tokenId] ?? "")}) is not allowed by the box grammar here`,
-    );
-  }
-
-  /** The allowed ids as a few lists (possibly overlapping nothing; never copied for labels). */
-  #allowedLists(): Int32Array[] {
-    const s = this.#s;
+  /** The allowed ids from state `s` as a few lists (overlapping nothing; never copied for labels). */
+  allowedLists(s: GrammarState, maxBoxes: number): Int32Array[] {
     switch (s.phase) {
       case Phase.End:
-        return [this.#eos];
+        return [this.eos];
       case Phase.Done:
         return [];
       case Phase.Label: {
-        const room = this.#maxLabel - s.labelLen;
+        const room = this.maxLabel - s.labelLen;
         const pure = this.#labelPure.subarray(0, this.#labelPureUpTo[room] ?? 0);
         // Enders such as `"}, {` walk into the next object, which maxBoxes may forbid.
-        const key = s.labelLen * 2 + (s.boxes + 1 >= this.#maxBoxes ? 1 : 0);
-        let enders = this.#enderCache.get(key);
+        const key = s.labelLen * 2 + (s.boxes + 1 >= maxBoxes ? 1 : 0);
+        let enders = this.#enders.get(key);
         if (enders === undefined) {
-          enders = this.#walkAll([this.#labelEnders]);
-          this.#enderCache.set(key, enders);
+          enders = this.#walkAll(s, maxBoxes, [this.#labelEnders]);
+          this.#enders.set(key, enders);
         }
         return [pure, enders];
       }
       default: {
-        const key = stateKey(s, this.#maxBoxes);
-        let allowed = this.#cache.get(key);
+        const key = stateKey(s, maxBoxes);
+        let allowed = this.#allowed.get(key);
         if (allowed === undefined) {
-          allowed = this.#walkAll(this.#firstCharLists(s));
-          this.#cache.set(key, allowed);
+          allowed = this.#walkAll(s, maxBoxes, this.#firstCharLists(s));
+          this.#allowed.set(key, allowed);
         }
         return [allowed];
       }
     }
   }
 
+  /** Whether `text` can be consumed from state `s` (`s` is not changed). */
+  walks(s: GrammarState, text: string, maxBoxes: number): boolean {
+    const w = this.#scratch;
+    Object.assign(w, s);
+    for (let i = 0; i < text.length; i++)
+      if (!step(w, text.charCodeAt(i), maxBoxes, this.maxLabel)) return false;
+    return true;
+  }
+
+  /** Token ids of fixed text (the tokeniser's split, or a greedy longest match without one). */
+  tokensOf(text: string): readonly number[] {
+    let ids = this.#forced.get(text);
+    if (ids === undefined) {
+      ids = this.#encode ? this.#encode(text) : this.#greedy(text);
+      this.#forced.set(text, ids);
+    }
+    return ids;
+  }
+
   /** Candidate lists by the characters the state accepts first (not Label/End/Done). */
-  #firstCharLists(s: State): Int32Array[] {
+  #firstCharLists(s: GrammarState): Int32Array[] {
     const chars: number[] = [];
     switch (s.phase) {
       case Phase.Literal:
@@ -345,20 +254,13 @@ export class BoxGrammar {
     return lists;
   }
 
-  /** Candidates whose whole text the machine accepts from the current state. */
-  #walkAll(lists: readonly Int32Array[]): Int32Array {
+  /** Candidates whose whole text the machine accepts from state `s`. */
+  #walkAll(s: GrammarState, maxBoxes: number, lists: readonly Int32Array[]): Int32Array {
     const out: number[] = [];
-    const s = this.#s;
-    const w = this.#scratch;
     for (const list of lists) {
       for (let j = 0; j < list.length; j++) {
         const id = list[j] as number;
-        const t = this.#texts[id] as string;
-        Object.assign(w, s);
-        let ok = true;
-        for (let i = 0; i < t.length && ok; i++)
-          ok = step(w, t.charCodeAt(i), this.#maxBoxes, this.#maxLabel);
-        if (ok) out.push(id);
+        if (this.walks(s, this.texts[id] as string, maxBoxes)) out.push(id);
       }
     }
     return Int32Array.from(out);
@@ -368,8 +270,8 @@ export class BoxGrammar {
   #greedy(text: string): number[] {
     if (this.#greedyIndex === undefined) {
       const index = new Map<string, number>();
-      this.#texts.forEach((t, id) => {
-        if (t.length > 0 && t.length <= 16 && !this.#eosSet.has(id) && !index.has(t)) index.set(t, id);
+      this.texts.forEach((t, id) => {
+        if (t.length > 0 && t.length <= 16 && !this.eosSet.has(id) && !index.has(t)) index.set(t, id);
       });
       this.#greedyIndex = index;
     }
@@ -394,17 +296,187 @@ export class BoxGrammar {
   }
 }
 
-function initialState(): State {
+/** The grammar of one answer: its state, and a record of every box written so far. */
+export class BoxGrammar {
+  readonly #vocab: BoxVocabulary;
+  readonly #maxBoxes: number;
+  #s: GrammarState = initialState();
+  readonly #next: GrammarState = initialState();
+  /** Index of the next token advance() takes. */
+  #tokenIndex = 0;
+  #coords: [number, number, number, number] = [0, 0, 0, 0];
+  #labelStart: [token: number, char: number] = [0, 0];
+  /** The token holding the label's closing quote, and how many characters it has from the quote on. */
+  #labelEnd: [token: number, after: number] = [0, 0];
+  readonly #boxes: BoxRecord[] = [];
+
+  /** @param options.maxBoxes after this many objects only `]` is allowed. @default 50 */
+  constructor(vocab: BoxVocabulary, options: { maxBoxes?: number } = {}) {
+    this.#vocab = vocab;
+    this.#maxBoxes = options.maxBoxes ?? 50;
+    if (!Number.isInteger(this.#maxBoxes) || this.#maxBoxes < 0) {
+      throw new SegError("INVALID_INPUT", `maxBoxes must be a non-negative integer, got ${this.#maxBoxes}`);
+    }
+  }
+
+  /** Back to the start of an answer (the vocabulary's caches stay). */
+  reset(): void {
+    this.#s = initialState();
+    this.#tokenIndex = 0;
+    this.#boxes.length = 0;
+  }
+
+  /** After the closing `]` (only eos may follow) or after eos. */
+  isDone(): boolean {
+    return this.#s.phase === Phase.End || this.#s.phase === Phase.Done;
+  }
+
+  /** Boxes whose object was closed so far. */
+  get boxCount(): number {
+    return this.#s.boxes;
+  }
+
+  /** Every box whose object was closed, in the order written. */
+  get boxes(): readonly BoxRecord[] {
+    return this.#boxes;
+  }
+
+  /**
+   * Tokens of the fixed text that must come next, empty at a choice point. Feeding all of them
+   * (advance each) is always valid.
+   */
+  forced(): number[] {
+    const s = this.#s;
+    let text = "";
+    if (s.phase === Phase.Literal) text = (LITERALS[s.lit] as string).slice(s.off);
+    else if ((s.phase === Phase.ListOpen || s.phase === Phase.AfterObject) && s.boxes >= this.#maxBoxes)
+      text = "]";
+    return text === "" ? [] : [...this.#vocab.tokensOf(text)];
+  }
+
+  /** The highest-logit allowed token. */
+  pick(logits: Float32Array): number {
+    let best = -1;
+    let bestValue = Number.NEGATIVE_INFINITY;
+    for (const list of this.#vocab.allowedLists(this.#s, this.#maxBoxes)) {
+      for (let i = 0; i < list.length; i++) {
+        const id = list[i] as number;
+        const v = logits[id] as number;
+        if (v > bestValue || best < 0) {
+          bestValue = v;
+          best = id;
+        }
+      }
+    }
+    if (best < 0)
+      throw new SegError("INFERENCE_FAILED", "the box grammar allows no token (the answer is complete)");
+    return best;
+  }
+
+  /** 1 = allowed, over the whole vocabulary. */
+  allowedMask(): Uint8Array {
+    const mask = new Uint8Array(this.#vocab.size);
+    for (const list of this.#vocab.allowedLists(this.#s, this.#maxBoxes))
+      for (let i = 0; i < list.length; i++) mask[list[i] as number] = 1;
+    return mask;
+  }
+
+  /** The allowed ids (unordered), for sampling and tests. */
+  allowedIds(): Int32Array {
+    const lists = this.#vocab.allowedLists(this.#s, this.#maxBoxes);
+    const out = new Int32Array(lists.reduce((n, l) => n + l.length, 0));
+    let at = 0;
+    for (const l of lists) {
+      out.set(l, at);
+      at += l.length;
+    }
+    return out;
+  }
+
+  /** Whether `advance(tokenId)` would succeed now (walks the token's text; no state change). */
+  accepts(tokenId: number): boolean {
+    if (this.#vocab.eosSet.has(tokenId)) return this.#s.phase === Phase.End;
+    const text = this.#vocab.texts[tokenId];
+    return text !== undefined && text.length > 0 && this.#vocab.walks(this.#s, text, this.#maxBoxes);
+  }
+
+  /** Accepts a token. @throws SegError INFERENCE_FAILED when the token is not allowed. */
+  advance(tokenId: number): AdvanceEvent {
+    const s = this.#s;
+    const index = this.#tokenIndex;
+    if (this.#vocab.eosSet.has(tokenId)) {
+      if (s.phase !== Phase.End) throw this.#rejected(tokenId);
+      s.phase = Phase.Done;
+      this.#tokenIndex++;
+      return { boxClosed: false, coordinate: false, lastCoordinateInToken: false };
+    }
+    const text = this.#vocab.texts[tokenId];
+    if (text === undefined || text.length === 0) throw this.#rejected(tokenId);
+    const next = this.#next;
+    Object.assign(next, s);
+    // What this token writes, committed only when all of its characters are accepted.
+    const coords = [...this.#coords] as [number, number, number, number];
+    let labelStart = this.#labelStart;
+    let labelEnd = this.#labelEnd;
+    let closedObject = false;
+    let boxClosed = false;
+    let digitBeforeClose = false;
+    let coordinate = false;
+    for (let i = 0; i < text.length; i++) {
+      const c = text.charCodeAt(i);
+      const before = next.phase;
+      const isDigit = c >= DIGIT_0 && c <= DIGIT_0 + 9;
+      if (before === Phase.Number) {
+        if (isDigit) coordinate = true;
+        else coords[next.k] = next.value; // the character that ends a number
+      }
+      const closes = before === Phase.Number && next.k === 3 && c === CLOSE_BRACKET;
+      if (before === Phase.Label && c === QUOTE) labelEnd = [index, text.length - i];
+      const boxesBefore = next.boxes;
+      if (!step(next, c, this.#maxBoxes, this.#vocab.maxLabel)) throw this.#rejected(tokenId);
+      if (closes) {
+        boxClosed = true;
+        digitBeforeClose = i > 0;
+      }
+      if (before !== Phase.Label && next.phase === Phase.Label) {
+        labelStart = i + 1 < text.length ? [index, i + 1] : [index + 1, 0];
+      }
+      if (next.boxes > boxesBefore) closedObject = true;
+    }
+    Object.assign(s, next);
+    this.#coords = coords;
+    this.#labelStart = labelStart;
+    this.#labelEnd = labelEnd;
+    if (closedObject) {
+      this.#boxes.push({
+        coords,
+        labelTokens: [labelStart[0], labelEnd[0]],
+        labelTrim: [labelStart[1], labelEnd[1]],
+      });
+    }
+    this.#tokenIndex++;
+    return { boxClosed, coordinate, lastCoordinateInToken: digitBeforeClose };
+  }
+
+  #rejected(tokenId: number): SegError {
+    return new SegError(
+      "INFERENCE_FAILED",
+      `token ${tokenId} (${JSON.stringify(this.#vocab.texts[tokenId] ?? "")}) is not allowed by the box grammar here`,
+    );
+  }
+}
+
+function initialState(): GrammarState {
   return { phase: Phase.Literal, lit: Lit.Start, off: 0, k: 0, value: 0, digits: 0, labelLen: 0, boxes: 0 };
 }
 
 /** Everything that decides which texts the machine accepts from a non-label state. */
-function stateKey(s: State, maxBoxes: number): string {
+function stateKey(s: GrammarState, maxBoxes: number): string {
   return `${s.phase},${s.lit},${s.off},${s.k},${s.value},${s.digits},${s.boxes >= maxBoxes ? 1 : 0}`;
 }
 
 /** Consumes one character; false when it is not allowed (the state is then garbage). */
-function step(s: State, c: number, maxBoxes: number, maxLabel: number): boolean {
+function step(s: GrammarState, c: number, maxBoxes: number, maxLabel: number): boolean {
   switch (s.phase) {
     case Phase.Literal: {
       const lit = LITERALS[s.lit] as string;
@@ -460,14 +532,14 @@ function step(s: State, c: number, maxBoxes: number, maxLabel: number): boolean 
   }
 }
 
-function enterLiteral(s: State, lit: Lit, off: number): void {
+function enterLiteral(s: GrammarState, lit: Lit, off: number): void {
   s.phase = Phase.Literal;
   s.lit = lit;
   s.off = off;
 }
 
 /** Where each literal leads. */
-function endLiteral(s: State): void {
+function endLiteral(s: GrammarState): void {
   switch (s.lit) {
     case Lit.Start:
       s.phase = Phase.ListOpen;

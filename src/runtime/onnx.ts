@@ -8,8 +8,9 @@
 
 import ort from "onnxruntime-node";
 import { SegError } from "../errors.js";
+import { type Logger, silentLogger } from "../logger.js";
+import type { ExecutionProvider } from "./types.js";
 
-export type ExecutionProvider = "auto" | "cpu" | "cuda" | "webgpu";
 export type ConcreteProvider = Exclude<ExecutionProvider, "auto">;
 
 export type TensorData = Float32Array | BigInt64Array;
@@ -20,13 +21,13 @@ export interface HostTensor<T extends TensorData = TensorData> {
 }
 
 export type Feeds = Record<string, HostTensor>;
-export type Outputs = Record<string, HostTensor>;
-
-export type Logger = (message: string) => void;
 
 export interface SessionOptions {
+  provider: ExecutionProvider;
   /** Intra-op threads for the CPU provider; 0 lets onnxruntime decide. @default 0 */
   threads?: number;
+  /** Where skipped providers are reported. */
+  log?: Logger;
 }
 
 const ORDER: readonly ConcreteProvider[] = ["cuda", "webgpu", "cpu"];
@@ -43,31 +44,52 @@ export function i64(data: BigInt64Array, dims: readonly number[]): HostTensor<Bi
   return { data, dims };
 }
 
+/** A graph's outputs by name; a missing or mistyped output is INFERENCE_FAILED naming it. */
+export class RunOutputs {
+  readonly #tensors: Record<string, HostTensor>;
+  readonly #graph: string;
+
+  constructor(tensors: Record<string, HostTensor>, graph: string) {
+    this.#tensors = tensors;
+    this.#graph = graph;
+  }
+
+  tensor(name: string): HostTensor<Float32Array> {
+    const t = this.#tensors[name];
+    if (!t || !(t.data instanceof Float32Array)) {
+      throw new SegError("INFERENCE_FAILED", `${this.#graph} returned no float32 output ${name}`);
+    }
+    return t as HostTensor<Float32Array>;
+  }
+
+  float(name: string): Float32Array {
+    return this.tensor(name).data;
+  }
+}
+
 /** One ONNX graph loaded on one execution provider. The creator owns it and must call `dispose`. */
 export class OnnxSession {
   readonly provider: ConcreteProvider;
   readonly inputNames: readonly string[];
   readonly outputNames: readonly string[];
   readonly #session: ort.InferenceSession;
+  readonly #name: string;
   #disposed = false;
 
-  private constructor(session: ort.InferenceSession, provider: ConcreteProvider) {
+  private constructor(session: ort.InferenceSession, provider: ConcreteProvider, name: string) {
     this.#session = session;
     this.provider = provider;
+    this.#name = name;
     this.inputNames = session.inputNames;
     this.outputNames = session.outputNames;
   }
 
   /**
    * Create a session on the preferred provider. With `auto`, providers are tried in the order
-   * CUDA, WebGPU, CPU; `skipped` collects why each earlier one failed.
+   * CUDA, WebGPU, CPU; the log says why each earlier one failed.
    */
-  static async create(
-    file: string,
-    preference: ExecutionProvider,
-    options: SessionOptions = {},
-    log: Logger = () => {},
-  ): Promise<OnnxSession> {
+  static async create(file: string, options: SessionOptions): Promise<OnnxSession> {
+    const { provider: preference, log = silentLogger } = options;
     const candidates = preference === "auto" ? ORDER : [preference];
     const failures: string[] = [];
     for (const provider of candidates) {
@@ -79,8 +101,8 @@ export class OnnxSession {
           // 3 = errors only: a failed provider probe is reported through `log`, not ORT's own noise.
           logSeverityLevel: 3,
         });
-        if (failures.length > 0) log(`${file}: using ${provider}; skipped ${failures.join("; ")}`);
-        return new OnnxSession(session, provider);
+        if (failures.length > 0) log.info(`${file}: using ${provider}; skipped ${failures.join("; ")}`);
+        return new OnnxSession(session, provider, file.split(/[\\/]/).pop() ?? file);
       } catch (cause) {
         const reason = cause instanceof Error ? cause.message.split("\n")[0] : String(cause);
         failures.push(`${provider} (${reason?.slice(0, 200)})`);
@@ -94,11 +116,11 @@ export class OnnxSession {
   }
 
   /** Run the graph. Missing feeds are named before onnxruntime sees them. */
-  async run(feeds: Feeds, outputNames?: readonly string[]): Promise<Outputs> {
-    if (this.#disposed) throw new SegError("INFERENCE_FAILED", "session used after dispose");
+  async run(feeds: Feeds, outputNames?: readonly string[]): Promise<RunOutputs> {
+    if (this.#disposed) throw new SegError("INFERENCE_FAILED", `${this.#name} used after dispose`);
     const missing = this.inputNames.filter((n) => !(n in feeds));
     if (missing.length > 0) {
-      throw new SegError("INFERENCE_FAILED", `missing graph inputs: ${missing.join(", ")}`);
+      throw new SegError("INFERENCE_FAILED", `${this.#name}: missing graph inputs: ${missing.join(", ")}`);
     }
     const ortFeeds: Record<string, ort.Tensor> = {};
     for (const name of this.inputNames) {
@@ -111,18 +133,27 @@ export class OnnxSession {
         ? await this.#session.run(ortFeeds, outputNames as string[])
         : await this.#session.run(ortFeeds);
     } catch (cause) {
-      throw new SegError("INFERENCE_FAILED", `onnxruntime failed: ${(cause as Error).message}`, { cause });
+      throw new SegError(
+        "INFERENCE_FAILED",
+        `onnxruntime failed on ${this.#name}: ${(cause as Error).message}`,
+        {
+          cause,
+        },
+      );
     }
-    const out: Outputs = {};
+    const out: Record<string, HostTensor> = {};
     for (const [name, value] of Object.entries(results)) {
       const tensor = value as ort.Tensor;
       const data = tensor.data;
       if (!(data instanceof Float32Array || data instanceof BigInt64Array)) {
-        throw new SegError("INFERENCE_FAILED", `output ${name} has unsupported type ${tensor.type}`);
+        throw new SegError(
+          "INFERENCE_FAILED",
+          `${this.#name}: output ${name} has unsupported type ${tensor.type}`,
+        );
       }
       out[name] = { data, dims: tensor.dims };
     }
-    return out;
+    return new RunOutputs(out, this.#name);
   }
 
   async dispose(): Promise<void> {

@@ -10,10 +10,10 @@
 
 import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
-import { readFile, rename, unlink, writeFile } from "node:fs/promises";
+import { rename, unlink, writeFile } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import { deflateSync } from "node:zlib";
-import sharp, { type OutputInfo } from "sharp";
+import sharp from "sharp";
 import { SegError } from "../errors.js";
 
 // ---------------------------------------------------------------------------------------------
@@ -140,59 +140,6 @@ export async function writeMaskPng(
   await writeFileAtomic(path, encodeMaskPng(bitmap, width, height));
 }
 
-/**
- * Read a mask PNG (ours or any other PNG/JPEG/WebP mask) as a row-major 0/1 bitmap: luminance >= 128
- * is the object, transparent pixels are background. INVALID_INPUT when its size is not
- * expectedW x expectedH.
- */
-export async function readMaskPng(path: string, expectedW: number, expectedH: number): Promise<Uint8Array> {
-  let bytes: Buffer;
-  try {
-    bytes = await readFile(path);
-  } catch (e) {
-    throw new SegError("IMAGE_NOT_FOUND", `cannot read mask file ${path}: ${(e as Error).message}`, {
-      cause: e,
-      details: { path },
-    });
-  }
-  let data: Buffer;
-  let info: OutputInfo;
-  try {
-    const pipeline = sharp(bytes, { limitInputPixels: Math.max(1, expectedW * expectedH), failOn: "error" });
-    const meta = await pipeline.metadata();
-    if (meta.width !== expectedW || meta.height !== expectedH) {
-      throw new SegError(
-        "INVALID_INPUT",
-        `mask ${path} is ${meta.width}x${meta.height} but the image is ${expectedW}x${expectedH}; the mask must be the image's size`,
-        {
-          details: {
-            path,
-            maskWidth: meta.width,
-            maskHeight: meta.height,
-            width: expectedW,
-            height: expectedH,
-          },
-        },
-      );
-    }
-    ({ data, info } = await sharp(bytes, { failOn: "error" })
-      .flatten({ background: { r: 0, g: 0, b: 0 } })
-      .toColourspace("b-w")
-      .raw({ depth: "uchar" })
-      .toBuffer({ resolveWithObject: true }));
-  } catch (e) {
-    if (e instanceof SegError) throw e;
-    throw new SegError("IMAGE_DECODE_FAILED", `could not decode mask ${path}: ${(e as Error).message}`, {
-      cause: e,
-      details: { path },
-    });
-  }
-  const ch = info.channels;
-  const out = new Uint8Array(expectedW * expectedH);
-  for (let i = 0; i < out.length; i++) out[i] = (data[i * ch] as number) >= 128 ? 1 : 0;
-  return out;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Overlay preview
 
@@ -209,19 +156,24 @@ const OVERLAY_COLOURS: readonly (readonly [number, number, number])[] = [
   [0, 128, 128],
 ];
 
+/** An RGB image in memory: [height, width, 3] uint8. */
+export interface RgbImage {
+  rgb: Uint8Array;
+  width: number;
+  height: number;
+}
+
 /**
- * A small preview: the image scaled so its longer side is at most `maxSide`; outside every mask the
- * image is dimmed, each mask is tinted in its own colour and outlined in it at full strength, so a
- * mask stays visible on an object of its own colour. Written atomically as an RGB PNG.
+ * The overlay: the image scaled so its longer side is at most `maxSide`; outside every mask the image
+ * is dimmed, each mask is tinted in its own colour and outlined in it at full strength, so a mask
+ * stays visible on an object of its own colour.
  */
-export async function writeOverlayPng(
-  rgb: Uint8Array,
-  width: number,
-  height: number,
+export async function renderOverlay(
+  image: RgbImage,
   masks: readonly Uint8Array[],
-  path: string,
   maxSide = 512,
-): Promise<void> {
+): Promise<RgbImage> {
+  const { rgb, width, height } = image;
   if (rgb.length !== width * height * 3) {
     throw new SegError("INVALID_INPUT", `RGB buffer has ${rgb.length} bytes, expected ${width}x${height}x3`);
   }
@@ -233,55 +185,69 @@ export async function writeOverlayPng(
   const scale = Math.min(1, maxSide / Math.max(width, height));
   const ow = Math.max(1, Math.round(width * scale));
   const oh = Math.max(1, Math.round(height * scale));
+  const small =
+    ow === width && oh === height
+      ? Buffer.from(rgb)
+      : await sharp(Buffer.from(rgb.buffer, rgb.byteOffset, rgb.byteLength), {
+          raw: { width, height, channels: 3 },
+        })
+          .resize(ow, oh, { fit: "fill" })
+          .raw()
+          .toBuffer();
+  // Per preview pixel, the last mask covering it (nearest-neighbour lookup), or -1: [oh * ow].
+  const owner = new Int16Array(ow * oh).fill(-1);
+  const srcX = new Int32Array(ow);
+  for (let x = 0; x < ow; x++) srcX[x] = Math.min(width - 1, Math.floor(((x + 0.5) * width) / ow));
+  for (let y = 0; y < oh; y++) {
+    const sy = Math.min(height - 1, Math.floor(((y + 0.5) * height) / oh)) * width;
+    for (let x = 0; x < ow; x++) {
+      const s = sy + (srcX[x] as number);
+      for (let i = 0; i < masks.length; i++) if ((masks[i] as Uint8Array)[s] !== 0) owner[y * ow + x] = i;
+    }
+  }
+  const ownerAt = (x: number, y: number) => (x < 0 || y < 0 || x >= ow || y >= oh ? -1 : owner[y * ow + x]);
+  for (let y = 0; y < oh; y++) {
+    for (let x = 0; x < ow; x++) {
+      const k = owner[y * ow + x] as number;
+      const o = (y * ow + x) * 3;
+      if (k < 0) {
+        for (let c = 0; c < 3; c++) small[o + c] = ((small[o + c] as number) * 2) / 5;
+        continue;
+      }
+      const colour = OVERLAY_COLOURS[k % OVERLAY_COLOURS.length] as readonly [number, number, number];
+      const edge =
+        ownerAt(x - 1, y) !== k ||
+        ownerAt(x + 1, y) !== k ||
+        ownerAt(x, y - 1) !== k ||
+        ownerAt(x, y + 1) !== k;
+      for (let c = 0; c < 3; c++) {
+        small[o + c] = edge
+          ? (colour[c] as number)
+          : ((small[o + c] as number) * 2 + (colour[c] as number)) / 3;
+      }
+    }
+  }
+  return { rgb: small, width: ow, height: oh };
+}
+
+/** Write an RGB image as a PNG, atomically. */
+export async function writeRgbPng(image: RgbImage, path: string): Promise<void> {
   let png: Buffer;
   try {
-    const small =
-      ow === width && oh === height
-        ? Buffer.from(rgb)
-        : await sharp(Buffer.from(rgb.buffer, rgb.byteOffset, rgb.byteLength), {
-            raw: { width, height, channels: 3 },
-          })
-            .resize(ow, oh, { fit: "fill" })
-            .raw()
-            .toBuffer();
-    // Per preview pixel, the last mask covering it (nearest-neighbour lookup), or -1: [oh * ow].
-    const owner = new Int16Array(ow * oh).fill(-1);
-    const srcX = new Int32Array(ow);
-    for (let x = 0; x < ow; x++) srcX[x] = Math.min(width - 1, Math.floor(((x + 0.5) * width) / ow));
-    for (let y = 0; y < oh; y++) {
-      const sy = Math.min(height - 1, Math.floor(((y + 0.5) * height) / oh)) * width;
-      for (let x = 0; x < ow; x++) {
-        const s = sy + (srcX[x] as number);
-        for (let i = 0; i < masks.length; i++) if ((masks[i] as Uint8Array)[s] !== 0) owner[y * ow + x] = i;
-      }
-    }
-    const ownerAt = (x: number, y: number) => (x < 0 || y < 0 || x >= ow || y >= oh ? -1 : owner[y * ow + x]);
-    for (let y = 0; y < oh; y++) {
-      for (let x = 0; x < ow; x++) {
-        const k = owner[y * ow + x] as number;
-        const o = (y * ow + x) * 3;
-        if (k < 0) {
-          for (let c = 0; c < 3; c++) small[o + c] = ((small[o + c] as number) * 2) / 5;
-          continue;
-        }
-        const colour = OVERLAY_COLOURS[k % OVERLAY_COLOURS.length] as readonly [number, number, number];
-        const edge =
-          ownerAt(x - 1, y) !== k ||
-          ownerAt(x + 1, y) !== k ||
-          ownerAt(x, y - 1) !== k ||
-          ownerAt(x, y + 1) !== k;
-        for (let c = 0; c < 3; c++) {
-          small[o + c] = edge
-            ? (colour[c] as number)
-            : ((small[o + c] as number) * 2 + (colour[c] as number)) / 3;
-        }
-      }
-    }
-    png = await sharp(small, { raw: { width: ow, height: oh, channels: 3 } })
+    png = await sharp(image.rgb, { raw: { width: image.width, height: image.height, channels: 3 } })
       .png()
       .toBuffer();
   } catch (e) {
     throw writeFailed(path, e);
   }
   await writeFileAtomic(path, png);
+}
+
+/** A JPEG of an RGB image at most `maxSide` pixels a side (for inline previews). */
+export async function jpegPreview(image: RgbImage, maxSide: number): Promise<Uint8Array> {
+  const jpeg = await sharp(image.rgb, { raw: { width: image.width, height: image.height, channels: 3 } })
+    .resize({ width: maxSide, height: maxSide, fit: "inside", withoutEnlargement: true })
+    .jpeg({ quality: 75 })
+    .toBuffer();
+  return new Uint8Array(jpeg.buffer, jpeg.byteOffset, jpeg.byteLength);
 }

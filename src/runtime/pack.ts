@@ -9,6 +9,7 @@ import { readFile, stat } from "node:fs/promises";
 import path from "node:path";
 import { z } from "zod";
 import { SegError } from "../errors.js";
+import type { EngineOptions } from "./types.js";
 
 const ioSpec = z.object({
   name: z.string(),
@@ -53,7 +54,8 @@ const manifestSchema = z.object({
       deepstack_visual_indexes: z.array(z.number().int()).length(3),
       out_hidden_size: z.number().int().positive(),
     }),
-    mask_decoder: z.record(z.string(), z.unknown()),
+    // The sizes are the graph's business; the runtime reads only how small the mask logits are.
+    mask_decoder: z.looseObject({ output_stride: z.number().int().positive() }),
   }),
   preprocess: z.object({
     patch_size: z.number().int().positive(),
@@ -86,7 +88,7 @@ const manifestSchema = z.object({
   tokenizer: z.object({ file: z.string(), config: z.string() }),
   graphs: z.object({
     vision_encoder: graphSpec,
-    decoder: graphSpec,
+    language_model: graphSpec,
     mask_decoder: graphSpec,
   }),
   files: z.record(
@@ -106,7 +108,7 @@ export interface LoadedPack {
   file(relative: string): string;
 }
 
-export type VerifyMode = "full" | "size";
+export type VerifyMode = NonNullable<EngineOptions["verify"]>;
 
 /**
  * Load and validate `pack.json`, check every listed file exists with the recorded size and (in `full`

@@ -1,8 +1,8 @@
 /**
- * Image decoding and Qwen3-VL preprocessing (spec section 2).
+ * Image decoding and Qwen3-VL preprocessing (transformers' Qwen2VLImageProcessor, which Qwen3-VL uses).
  *
- * decodeImage: sharp, hardened for untrusted input (pixel/byte limits, header-checked format
- * allow-list, EXIF orientation, first GIF frame, alpha over white) -> packed RGB uint8 HWC.
+ * decodeImage: sharp over bytes tools/inputs.ts already checked (EXIF orientation, first GIF frame,
+ * alpha over white) -> packed RGB uint8 HWC.
  * preprocess: smart_resize (factor 32, Python rounding) -> bicubic resize -> normalise -> patchify
  * in merge-window order, plus the CHW `hr_image` the mask decoder takes.
  *
@@ -14,18 +14,9 @@
  * parity test), which would be a systematic input shift for the ViT and the mask decoder.
  */
 
-import { constants } from "node:fs";
-import { type FileHandle, open } from "node:fs/promises";
-import sharp, { type Metadata, type SharpOptions } from "sharp";
+import sharp from "sharp";
 import { SegError } from "../errors.js";
-import type { ImageSource } from "./types.js";
-
-export interface DecodeLimits {
-  /** Largest width * height accepted (checked from the header, before decoding). */
-  maxInputPixels: number;
-  /** Largest encoded size in bytes. */
-  maxBytes: number;
-}
+import type { CheckedImage } from "./types.js";
 
 export interface DecodedImage {
   /** [height, width, 3] uint8, packed RGB, EXIF orientation applied, alpha composited on white. */
@@ -58,156 +49,57 @@ export interface Preprocessed {
   hrImage: Float32Array;
 }
 
-export const SUPPORTED_FORMATS = ["jpeg", "png", "webp", "gif", "tiff"] as const;
-const SUPPORTED_TEXT = "JPEG, PNG, WebP, GIF (first frame) and TIFF";
-
 /** The aspect-ratio limit of HF's smart_resize. */
 export const MAX_ASPECT_RATIO = 200;
 
 // ---------------------------------------------------------------------------------------------
 // Decoding
 
-async function readSource(source: ImageSource, maxBytes: number): Promise<{ bytes: Buffer; label: string }> {
-  if ("bytes" in source) {
-    const b = source.bytes;
-    checkByteSize(b.byteLength, maxBytes, "the image bytes");
-    return { bytes: Buffer.from(b.buffer, b.byteOffset, b.byteLength), label: "the image bytes" };
-  }
-  return { bytes: await readImageFile(source.path, maxBytes), label: source.path };
-}
-
 /**
- * Read an image file through one handle: fstat (regular file, size limit) and read the same open
- * file, so nothing swapped in after the check is read. O_NONBLOCK keeps a FIFO from blocking the
- * open; `noFollow` refuses a symlink as the last component (for paths already resolved to real ones).
- * Errors: IMAGE_NOT_FOUND (missing, not a regular file, unreadable), IMAGE_TOO_LARGE, and
- * IMAGE_DECODE_FAILED for an empty file.
+ * Decode checked image bytes (tools/inputs.ts verified format, header and pixel count) to packed RGB
+ * uint8: EXIF orientation applied, first frame of animations, alpha composited on white, raw stored
+ * values (no ICC transform, like PIL in the reference and the training pipeline).
  */
-export async function readImageFile(path: string, maxBytes: number, options: { noFollow?: boolean } = {}) {
-  const flags = constants.O_RDONLY | constants.O_NONBLOCK | (options.noFollow ? constants.O_NOFOLLOW : 0);
-  let handle: FileHandle;
+export async function decodeImage(image: CheckedImage): Promise<DecodedImage> {
   try {
-    handle = await open(path, flags);
-  } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
-    const what =
-      code === "ENOENT" || code === "ENOTDIR"
-        ? `image file not found: ${path}`
-        : code === "ELOOP"
-          ? `${path} became a symbolic link after it was checked; pass the file itself`
-          : `cannot open image file ${path}: ${(e as Error).message}`;
-    throw new SegError("IMAGE_NOT_FOUND", what, { cause: e, details: { path } });
-  }
-  try {
-    const st = await handle.stat();
-    if (!st.isFile()) {
-      throw new SegError("IMAGE_NOT_FOUND", `${path} is not a regular file`, { details: { path } });
-    }
-    checkByteSize(st.size, maxBytes, path);
-    // One byte more than stat said, to notice a file that grew since.
-    const buf = Buffer.alloc(st.size + 1);
-    let n = 0;
-    for (;;) {
-      const { bytesRead } = await handle.read(buf, n, buf.length - n, n);
-      if (bytesRead === 0) break;
-      n += bytesRead;
-      if (n === buf.length) break;
-    }
-    if (n !== st.size) {
-      throw new SegError("IMAGE_DECODE_FAILED", `${path} changed while it was being read; try again`, {
-        details: { path },
-      });
-    }
-    return buf.subarray(0, n);
-  } catch (e) {
-    if (e instanceof SegError) throw e;
-    throw new SegError("IMAGE_NOT_FOUND", `cannot read image file ${path}: ${(e as Error).message}`, {
-      cause: e,
-      details: { path },
-    });
-  } finally {
-    await handle.close();
-  }
-}
-
-function checkByteSize(size: number, maxBytes: number, label: string): void {
-  if (size > maxBytes) {
-    throw new SegError(
-      "IMAGE_TOO_LARGE",
-      `${label} is ${size} bytes, over the limit of ${maxBytes} bytes; downscale or recompress it`,
-      { details: { bytes: size, maxBytes } },
-    );
-  }
-  if (size === 0) {
-    throw new SegError(
-      "IMAGE_DECODE_FAILED",
-      `${label} is empty (0 bytes); supported formats: ${SUPPORTED_TEXT}`,
-    );
-  }
-}
-
-/**
- * Decode an image to packed RGB uint8. Errors: IMAGE_NOT_FOUND (missing/unreadable path),
- * IMAGE_TOO_LARGE (bytes or pixels over the limits), UNSUPPORTED_FORMAT (a recognised format
- * outside the allow-list, e.g. SVG, HEIF/AVIF, PDF), IMAGE_DECODE_FAILED (empty, corrupt or
- * unrecognised data).
- */
-export async function decodeImage(source: ImageSource, limits: DecodeLimits): Promise<DecodedImage> {
-  const { bytes, label } = await readSource(source, limits.maxBytes);
-  const options: SharpOptions = {
-    limitInputPixels: Math.max(1, Math.floor(limits.maxInputPixels)),
-    failOn: "error", // truncated-but-readable files pass; real decode errors fail
-    pages: 1, // first frame of animated GIF/WebP, first page of TIFF
-    ignoreIcc: true, // like PIL (the reference and the training pipeline): raw stored values
-  };
-
-  let meta: Metadata;
-  try {
-    // Header only; no pixel limit here so the size check below can report the numbers.
-    meta = await sharp(bytes, { failOn: "error", pages: 1 }).metadata();
-  } catch (e) {
-    throw decodeError(e, label);
-  }
-  const format = meta.format as string | undefined;
-  if (format === undefined || !(SUPPORTED_FORMATS as readonly string[]).includes(format)) {
-    throw new SegError(
-      "UNSUPPORTED_FORMAT",
-      `${label} is ${format === undefined ? "in an unknown format" : `a ${format.toUpperCase()} image`}; supported formats: ${SUPPORTED_TEXT}`,
-      { details: { format } },
-    );
-  }
-  const w0 = meta.width;
-  const h0 = meta.height;
-  if (w0 === undefined || h0 === undefined || w0 <= 0 || h0 <= 0) {
-    throw new SegError("IMAGE_DECODE_FAILED", `${label} has no readable dimensions`);
-  }
-  if (w0 * h0 > limits.maxInputPixels) {
-    throw new SegError(
-      "IMAGE_TOO_LARGE",
-      `${label} is ${w0}x${h0} = ${w0 * h0} pixels, over the limit of ${limits.maxInputPixels} pixels; downscale it first`,
-      { details: { width: w0, height: h0, pixels: w0 * h0, maxInputPixels: limits.maxInputPixels } },
-    );
-  }
-
-  try {
-    const hasAlpha = meta.hasAlpha === true;
-    const { data, info } = await sharp(bytes, options)
+    const input = sharp(image.bytes, { failOn: "error", pages: 1, ignoreIcc: true });
+    const hasAlpha = (await input.metadata()).hasAlpha === true;
+    const { data, info } = await input
       .rotate() // EXIF orientation
       .toColourspace("srgb")
       [hasAlpha ? "ensureAlpha" : "removeAlpha"]()
       .raw({ depth: "uchar" })
       .toBuffer({ resolveWithObject: true });
     const channels = hasAlpha ? 4 : 3;
-    if (info.channels !== channels || data.length !== info.width * info.height * channels) {
-      throw new Error(`unexpected decoder output: ${info.width}x${info.height}x${info.channels}`);
+    if (info.channels !== channels || info.width !== image.width || info.height !== image.height) {
+      throw new Error(
+        `decoded ${info.width}x${info.height}x${info.channels}, expected ${image.width}x${image.height}x${channels}`,
+      );
     }
     const rgb = hasAlpha
       ? compositeOnWhite(data, info.width * info.height)
       : new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
     return { rgb, width: info.width, height: info.height };
-  } catch (e) {
-    throw decodeError(e, label);
+  } catch (cause) {
+    throw new SegError(
+      "IMAGE_DECODE_FAILED",
+      `the image passed its header checks but its pixels cannot be decoded (${(cause as Error).message.trim()}): the file is corrupt or truncated; re-export it`,
+      { cause },
+    );
   }
+}
+
+/** The pixels of `box` ([x1, y1, x2, y2) integers inside the image). */
+export function cropRgb(image: DecodedImage, box: readonly [number, number, number, number]): DecodedImage {
+  const [x1, y1, x2, y2] = box;
+  const w = x2 - x1;
+  const h = y2 - y1;
+  const rgb = new Uint8Array(w * h * 3); // [h, w, 3]
+  for (let y = 0; y < h; y++) {
+    const from = ((y1 + y) * image.width + x1) * 3;
+    rgb.set(image.rgb.subarray(from, from + w * 3), y * w * 3);
+  }
+  return { rgb, width: w, height: h };
 }
 
 /**
@@ -230,26 +122,6 @@ function compositeOnWhite(rgba: Uint8Array, pixels: number): Uint8Array {
     }
   }
   return out;
-}
-
-function decodeError(e: unknown, label: string): SegError {
-  if (e instanceof SegError) return e;
-  const message = e instanceof Error ? e.message : String(e);
-  if (/pixel limit/i.test(message)) {
-    return new SegError("IMAGE_TOO_LARGE", `${label} exceeds the pixel limit: ${message}`, { cause: e });
-  }
-  if (/unsupported image format/i.test(message)) {
-    return new SegError(
-      "IMAGE_DECODE_FAILED",
-      `${label} is not a recognised image; supported formats: ${SUPPORTED_TEXT}`,
-      { cause: e },
-    );
-  }
-  return new SegError(
-    "IMAGE_DECODE_FAILED",
-    `could not decode ${label} (${message.trim()}); supported formats: ${SUPPORTED_TEXT}`,
-    { cause: e },
-  );
 }
 
 // ---------------------------------------------------------------------------------------------

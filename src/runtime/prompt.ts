@@ -212,3 +212,31 @@ export function groundingAnswerIds(
   choose("]");
   return { ids, lastCoordinate };
 }
+
+/** Margin of describe_mode "crop", as a fraction of the image's shorter side (modelkit answers.py). */
+export const CROP_MARGIN = 0.15;
+
+/**
+ * The region describe_mode "crop" shows the model: `box` grown by CROP_MARGIN of the image's shorter
+ * side on every side (a margin tied to the image keeps the object's relative size visible), clamped,
+ * as integer pixels [x1, y1, x2, y2).
+ */
+export function cropBox(box: Readonly<Box>, width: number, height: number): Box {
+  const m = CROP_MARGIN * Math.min(width, height);
+  const x1 = Math.max(0, Math.trunc(box[0] - m));
+  const y1 = Math.max(0, Math.trunc(box[1] - m));
+  const x2 = Math.min(width, Math.trunc(box[2] + m + 0.999999));
+  const y2 = Math.min(height, Math.trunc(box[3] + m + 0.999999));
+  return [x1, y1, Math.max(x2, x1 + 1), Math.max(y2, y1 + 1)];
+}
+
+/** A short label from a description: drop a leading article, keep up to 4 words before punctuation. */
+export function shortLabel(description: string): string {
+  const first = description.split(/[.,;:!?\n]/)[0] ?? "";
+  const words = first
+    .trim()
+    .split(/\s+/)
+    .filter((w) => w.length > 0);
+  if (words.length > 1 && /^(a|an|the)$/i.test(words[0] as string)) words.shift();
+  return words.slice(0, 4).join(" ").toLowerCase();
+}

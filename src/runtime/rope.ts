@@ -1,5 +1,5 @@
 /**
- * 3-axis (T, H, W) position ids for Qwen3-VL's interleaved M-RoPE (spec 4.5), images only.
+ * 3-axis (T, H, W) position ids for Qwen3-VL's interleaved M-RoPE (transformers' get_rope_index), images only.
  * Port of modelkit/modelkit/rope.py (== transformers' Qwen3VLModel.get_rope_index for one
  * unpadded sequence): text counts up on all three axes; the merged tokens of an image with grid
  * (t, h, w) get (start + ti, start + hi, start + wi) row-major over (t, h/merge, w/merge); the text

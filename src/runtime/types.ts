@@ -4,20 +4,43 @@
  * (after EXIF orientation), x1 < x2, y1 < y2.
  */
 
+import type { Logger } from "../logger.js";
+
 export type Box = [x1: number, y1: number, x2: number, y2: number];
 
-/** An image the caller already resolved: an absolute path inside the allowed directories, or bytes. */
-export type ImageSource = { readonly path: string } | { readonly bytes: Uint8Array };
+export const EXECUTION_PROVIDERS = ["auto", "cpu", "cuda", "webgpu"] as const;
+/** `auto` tries CUDA, then WebGPU, then the CPU. */
+export type ExecutionProvider = (typeof EXECUTION_PROVIDERS)[number];
 
-export type Stage = "load" | "decode" | "vision" | "prefill" | "generate" | "mask" | "postprocess" | "write";
+/**
+ * An image checked by tools/inputs.ts (allowed, read once, format, size and pixel limits): its encoded
+ * bytes and its size after EXIF orientation. The runtime trusts it and never re-checks.
+ */
+export interface CheckedImage {
+  readonly bytes: Uint8Array;
+  readonly width: number;
+  readonly height: number;
+}
+
+export type Stage =
+  | "queued"
+  | "load"
+  | "decode"
+  | "vision"
+  | "prefill"
+  | "generate"
+  | "mask"
+  | "postprocess"
+  | "write";
 
 export type ProgressFn = (progress: { stage: Stage; fraction: number; message?: string }) => void;
 
 /**
- * Milliseconds per stage; `total` is wall time of the whole request; `per_step` is the mean time of
- * one decoder call during generation (a step feeds one sampled token or one forced chunk).
+ * Milliseconds per stage; `queue` is the time spent waiting for the engine, `total` the wall time of
+ * the whole request; `per_step` is the mean time of one decoder call during generation (a step feeds
+ * one sampled token or one forced chunk).
  */
-export type StageTimings = Partial<Record<Stage | "total" | "per_step", number>>;
+export type StageTimings = Partial<Record<Exclude<Stage, "queued"> | "queue" | "total" | "per_step", number>>;
 
 export interface ImageInfo {
   width: number;
@@ -30,9 +53,9 @@ export interface RequestOptions {
 }
 
 export interface GroundRequest extends RequestOptions {
-  image: ImageSource;
+  image: CheckedImage;
   expression: string;
-  /** At most this many instances are returned (highest score first). @default 20 */
+  /** At most this many instances are returned (highest score first). @default DEFAULT_MAX_INSTANCES */
   maxInstances?: number;
 }
 
@@ -53,20 +76,27 @@ export interface GroundResult {
   cached: boolean;
 }
 
-export interface SegmentRequest extends RequestOptions {
-  image: ImageSource;
-  /** Referring expression; required unless `box` is given. */
-  expression?: string;
-  /** A box the agent already has: skips grounding. */
-  box?: Box;
-  maxInstances?: number;
-  /** Absolute directory the mask PNGs are written to (the tool layer validated it). */
-  outputDir: string;
-  /** Also write an overlay preview PNG of all masks on the image. @default false */
-  overlay?: boolean;
-  /** Include a run-length encoding of each mask in the result. @default false */
-  rle?: boolean;
-}
+/** What to segment: the objects an expression names, or the object in a box the agent already has. */
+export type SegmentTarget =
+  | { expression: string; maxInstances?: number }
+  | {
+      box: Box;
+      /** What the box holds, if the agent knows; the model is asked about this label. @default "region" */
+      label?: string;
+    };
+
+export type SegmentRequest = RequestOptions &
+  SegmentTarget & {
+    image: CheckedImage;
+    /** Absolute directory the mask PNGs are written to (the tool layer validated it). */
+    outputDir: string;
+    /** Also write an overlay PNG of all masks on the image. @default false */
+    overlay?: boolean;
+    /** Also return a JPEG of the overlay at most this many pixels a side (implies the overlay). */
+    previewMaxSide?: number;
+    /** Include a run-length encoding of each mask in the result. @default false */
+    rle?: boolean;
+  };
 
 export interface MaskInfo {
   /** Absolute path of a 1-bit PNG the size of the original image. */
@@ -88,17 +118,17 @@ export interface SegmentResult {
   image: ImageInfo;
   instances: SegmentInstance[];
   overlayPath?: string;
+  /** JPEG bytes of the overlay, when a preview was asked and there is an instance. */
+  preview?: Uint8Array;
   text: string;
   timings: StageTimings;
   cached: boolean;
 }
 
 export interface DescribeRequest extends RequestOptions {
-  image: ImageSource;
-  /** The region; when only `mask` is given, the mask's tight box is used. */
-  box?: Box;
-  /** A mask PNG (absolute, validated path) the size of the image. */
-  maskPath?: string;
+  image: CheckedImage;
+  /** The region (a mask is turned into its tight box by the tool layer). */
+  box: Box;
 }
 
 export interface DescribeResult {
@@ -122,7 +152,7 @@ export interface PackInfo {
   executionProvider: string;
 }
 
-/** The engine's API as seen by tools, CLI and server (implemented in engine.ts, proxied to a worker). */
+/** The engine's API as seen by tools, CLI and server (engine.ts runs it in a worker thread). */
 export interface Engine {
   info(): Promise<PackInfo>;
   ground(req: GroundRequest): Promise<GroundResult>;
@@ -130,3 +160,31 @@ export interface Engine {
   describe(req: DescribeRequest): Promise<DescribeResult>;
   dispose(): Promise<void>;
 }
+
+/** How to build an engine. Every field but `packDir` has a default in ENGINE_DEFAULTS. */
+export interface EngineOptions {
+  /** Folder of the model pack (holds pack.json). */
+  packDir: string;
+  executionProvider?: ExecutionProvider;
+  /** Memory budget for encoded images (vision outputs + prompt-prefix KV); 0 disables the cache. */
+  cacheBytes?: number;
+  /** CPU intra-op threads; 0 = onnxruntime's choice. */
+  threads?: number;
+  /** Checksum verification of pack files at load: every byte, or sizes only. */
+  verify?: "full" | "size";
+  /** Calls waiting for the engine beyond this are refused with BUSY (it runs one at a time). */
+  maxQueue?: number;
+  /** Where diagnostics go (never stdout). */
+  log?: Logger;
+}
+
+/** Instances a ground or segment call returns at most unless it asks otherwise. */
+export const DEFAULT_MAX_INSTANCES = 20;
+
+export const ENGINE_DEFAULTS = {
+  executionProvider: "auto",
+  cacheBytes: 1024 ** 3,
+  threads: 0,
+  verify: "full",
+  maxQueue: 16,
+} as const satisfies Required<Omit<EngineOptions, "packDir" | "log">>;

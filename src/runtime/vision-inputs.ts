@@ -1,5 +1,5 @@
 /**
- * Host-side inputs of vision_encoder.onnx (spec 3.2, 3.3, appendix A): bilinear taps into the
+ * Host-side inputs of vision_encoder.onnx (transformers' Qwen3VLVisionModel fast_pos_embed_interpolate and rot_pos_emb): bilinear taps into the
  * learned side x side position table and the ViT's 2-D rotary tables, one row per patch in
  * merge-window order. Port of modelkit/modelkit/vision_inputs.py; every float step is a float32
  * step in the reference's order (Math.fround), so indices match exactly and floats to the bit

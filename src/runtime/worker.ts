@@ -1,25 +1,28 @@
 /**
- * Worker-thread side of the engine: owns the LocalEngine (and so every onnxruntime session), answers
- * requests from engine.ts, reports progress, and aborts a request when asked.
+ * Worker-thread side of the engine: owns the Pipeline (and so every onnxruntime session), runs the
+ * calls engine.ts sends (one at a time), reports progress, and aborts a call when asked.
  */
 
 import { parentPort, workerData } from "node:worker_threads";
-import { toSegError } from "../errors.js";
-import { type EngineConfig, LocalEngine } from "./local-engine.js";
-import type { DescribeRequest, Engine, GroundRequest, SegmentRequest } from "./types.js";
+import { type SerializedError, toSegError } from "../errors.js";
+import { forwardingLogger, type MessageLevel } from "../logger.js";
+import { Pipeline } from "./pipeline.js";
+import type { DescribeRequest, EngineOptions, GroundRequest, PackInfo, SegmentRequest } from "./types.js";
+
+export type EngineMethod = "ground" | "segment" | "describe";
 
 export type WorkerRequest =
-  | { kind: "call"; id: number; method: "info" | "ground" | "segment" | "describe"; args: unknown }
+  | { kind: "call"; id: number; method: EngineMethod; args: unknown }
   | { kind: "cancel"; id: number }
   | { kind: "dispose" };
 
 export type WorkerMessage =
-  | { kind: "ready" }
-  | { kind: "init-error"; error: { code: string; message: string } }
+  | { kind: "ready"; info: PackInfo }
+  | { kind: "init-error"; error: SerializedError }
   | { kind: "result"; id: number; value: unknown }
-  | { kind: "error"; id: number; error: { code: string; message: string } }
-  | { kind: "progress"; id: number; progress: unknown }
-  | { kind: "log"; message: string }
+  | { kind: "error"; id: number; error: SerializedError }
+  | { kind: "progress"; id: number; progress: Parameters<NonNullable<GroundRequest["onProgress"]>>[0] }
+  | { kind: "log"; level: MessageLevel; message: string }
   | { kind: "disposed" };
 
 const port = parentPort;
@@ -27,15 +30,17 @@ if (!port) throw new Error("worker.ts must run in a worker thread");
 
 const post = (m: WorkerMessage) => port.postMessage(m);
 const controllers = new Map<number, AbortController>();
-let engine: Engine | undefined;
+let pipeline: Pipeline | undefined;
 
 try {
-  const config = workerData as Omit<EngineConfig, "log">;
-  engine = await LocalEngine.create({ ...config, log: (message) => post({ kind: "log", message }) });
-  post({ kind: "ready" });
+  const options = workerData as Omit<EngineOptions, "log">;
+  pipeline = await Pipeline.create({
+    ...options,
+    log: forwardingLogger((level, message) => post({ kind: "log", level, message })),
+  });
+  post({ kind: "ready", info: await pipeline.info() });
 } catch (e) {
-  const err = toSegError(e, "MODEL_LOAD_FAILED");
-  post({ kind: "init-error", error: { code: err.code, message: err.message } });
+  post({ kind: "init-error", error: toSegError(e, "MODEL_LOAD_FAILED").serialize() });
 }
 
 port.on("message", async (msg: WorkerRequest) => {
@@ -44,30 +49,31 @@ port.on("message", async (msg: WorkerRequest) => {
     return;
   }
   if (msg.kind === "dispose") {
-    await engine?.dispose();
+    await pipeline?.dispose();
     post({ kind: "disposed" });
     return;
   }
-  const live = engine;
+  const live = pipeline;
   if (!live) return;
   const controller = new AbortController();
   controllers.set(msg.id, controller);
   const common = {
     signal: controller.signal,
-    onProgress: (progress: unknown) => post({ kind: "progress", id: msg.id, progress }),
+    onProgress: (progress: Parameters<NonNullable<GroundRequest["onProgress"]>>[0]) =>
+      post({ kind: "progress", id: msg.id, progress }),
   };
   try {
-    let value: unknown;
     // Arguments were typed on the other side of the thread boundary (engine.ts).
     const args = msg.args as object;
-    if (msg.method === "info") value = await live.info();
-    else if (msg.method === "ground") value = await live.ground({ ...(args as GroundRequest), ...common });
-    else if (msg.method === "segment") value = await live.segment({ ...(args as SegmentRequest), ...common });
-    else value = await live.describe({ ...(args as DescribeRequest), ...common });
+    const value =
+      msg.method === "ground"
+        ? await live.ground({ ...(args as GroundRequest), ...common })
+        : msg.method === "segment"
+          ? await live.segment({ ...(args as SegmentRequest), ...common })
+          : await live.describe({ ...(args as DescribeRequest), ...common });
     post({ kind: "result", id: msg.id, value });
   } catch (e) {
-    const err = toSegError(e);
-    post({ kind: "error", id: msg.id, error: { code: err.code, message: err.message } });
+    post({ kind: "error", id: msg.id, error: toSegError(e).serialize() });
   } finally {
     controllers.delete(msg.id);
   }

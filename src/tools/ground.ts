@@ -1,15 +1,13 @@
 /** The `ground` tool: every instance matching a referring expression, as pixel boxes with scores. */
 
-import type { McpServer } from "@modelcontextprotocol/sdk/server/mcp.js";
 import { z } from "zod";
 import { prepareImage, validateExpression } from "./inputs.js";
 import {
   boxOutput,
-  type CallOptions,
   cachedOutput,
+  callEngine,
   expressionField,
   formatBox,
-  handleTool,
   imageField,
   imageInfoOutput,
   inputContext,
@@ -18,20 +16,17 @@ import {
   roundBox,
   roundScore,
   strictInput,
-  type ToolDeps,
+  type ToolDefinition,
   timingsOutput,
-  timingsWithQueue,
-  toolSuccess,
 } from "./shared.js";
 
-export const groundInputSchema = strictInput("ground", {
+const input = strictInput("ground", {
   image: imageField,
   expression: expressionField,
   max_instances: maxInstancesField.optional(),
 });
-export type GroundInput = z.infer<typeof groundInputSchema>;
 
-export const groundOutputSchema = z.object({
+const output = z.object({
   found: z
     .boolean()
     .describe("False when nothing in the image matches the expression (instances is then empty)"),
@@ -49,72 +44,54 @@ export const groundOutputSchema = z.object({
   timings_ms: timingsOutput,
   cached: cachedOutput,
 });
-export type GroundOutput = z.infer<typeof groundOutputSchema>;
 
-/** Validate, queue and run one grounding request; returns exactly the tool's structuredContent. */
-export async function runGround(
-  deps: ToolDeps,
-  args: GroundInput,
-  opts: CallOptions = {},
-): Promise<GroundOutput> {
-  const expression = validateExpression(args.expression, deps.config.maxExpressionChars);
-  const image = await prepareImage(args.image, await inputContext(deps));
-  const [info, { value: result, waitedMs }] = await Promise.all([
-    deps.packInfo(),
-    deps.queue.run(
-      () =>
-        deps.engine.ground({
-          image: image.source,
-          expression,
-          ...(args.max_instances === undefined ? {} : { maxInstances: args.max_instances }),
-          ...opts,
-        }),
-      opts.signal,
-    ),
-  ]);
-  const instances = result.instances.map((inst) => ({
-    label: inst.label,
-    box: roundBox(inst.box),
-    score: roundScore(inst.score),
-  }));
-  return {
-    found: instances.length > 0,
-    image: { width: result.image.width, height: result.image.height },
-    instances,
-    model: info.name,
-    timings_ms: timingsWithQueue(result.timings, waitedMs),
-    cached: result.cached,
-  };
-}
+export type GroundInput = z.output<typeof input>;
+export type GroundOutput = z.output<typeof output>;
 
-export function groundSummary(expression: string, out: GroundOutput): string {
-  const size = `${out.image.width}x${out.image.height}`;
-  if (!out.found) return `No match for "${expression.trim()}" in the ${size} image (found: false).`;
-  const lines = out.instances.map(
-    (inst, i) => `${i + 1}. ${inst.label} ${formatBox(inst.box)} score ${inst.score.toFixed(2)}`,
-  );
-  const n = out.instances.length;
-  return [
-    `Found ${n} instance${n === 1 ? "" : "s"} of "${expression.trim()}" in the ${size} image (boxes are [x1, y1, x2, y2] pixels):`,
-    ...lines,
-  ].join("\n");
-}
+export const groundTool: ToolDefinition<typeof input, typeof output> = {
+  name: "ground",
+  title: "Ground a referring expression",
+  description:
+    "Find every object in an image that matches a free-form referring expression and return pixel boxes [x1, y1, x2, y2] with labels and confidence scores. Returns found: false when nothing matches. Use segment for pixel masks, describe_region to ask what is inside a box.",
+  input,
+  output,
+  annotations: { readOnlyHint: true, destructiveHint: false, idempotentHint: true, openWorldHint: false },
 
-export function registerGroundTool(server: McpServer, deps: ToolDeps): void {
-  server.registerTool(
-    "ground",
-    {
-      title: "Ground a referring expression",
-      description:
-        "Find every object in an image that matches a free-form referring expression and return pixel boxes [x1, y1, x2, y2] with labels and confidence scores. Returns found: false when nothing matches. Use segment for pixel masks, describe_region to ask what is inside a box.",
-      inputSchema: groundInputSchema,
-      outputSchema: groundOutputSchema,
-      annotations: { readOnlyHint: true, destructiveHint: false, idempotentHint: true, openWorldHint: false },
-    },
-    (args, extra) =>
-      handleTool(deps, extra, async (opts, callDeps) => {
-        const out = await runGround(callDeps, args, opts);
-        return toolSuccess(out, groundSummary(args.expression, out));
+  async run(deps, args, opts) {
+    const expression = validateExpression(args.expression, deps.config.maxExpressionChars);
+    const image = await prepareImage(args.image, await inputContext(deps));
+    const { result, common } = await callEngine(deps, () =>
+      deps.engine.ground({
+        image,
+        expression,
+        ...(args.max_instances === undefined ? {} : { maxInstances: args.max_instances }),
+        ...opts,
       }),
-  );
-}
+    );
+    const instances = result.instances.map((inst) => ({
+      label: inst.label,
+      box: roundBox(inst.box),
+      score: roundScore(inst.score),
+    }));
+    return {
+      structured: { found: instances.length > 0, image: result.image, instances, ...common },
+      blocks: [],
+    };
+  },
+
+  summary(args, out) {
+    const size = `${out.image.width}x${out.image.height}`;
+    const expression = args.expression.trim();
+    if (!out.found) return `No match for "${expression}" in the ${size} image (found: false).`;
+    const lines = out.instances.map(
+      (inst, i) => `${i + 1}. ${inst.label} ${formatBox(inst.box)} score ${inst.score.toFixed(2)}`,
+    );
+    const n = out.instances.length;
+    return [
+      `Found ${n} instance${n === 1 ? "" : "s"} of "${expression}" in the ${size} image (boxes are [x1, y1, x2, y2] pixels):`,
+      ...lines,
+    ].join("\n");
+  },
+};
+
+export const groundOutputSchema = output;

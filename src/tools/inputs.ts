@@ -1,31 +1,30 @@
 /**
- * Turning what a caller passed (tool arguments or CLI arguments) into validated engine inputs:
- * the image (path safety, size, format, pixel limit, dimensions), the mask, the box, the expression.
- * Only image headers are read here; the engine decodes the pixels.
+ * The one reader and checker of what a caller passes (tool arguments or CLI arguments): the image
+ * (path safety, read once, format, byte and pixel limits, size after EXIF orientation), the mask (read
+ * once, same size as the image, turned into its tight box), the box and the expression. The engine
+ * receives the checked bytes and their size and trusts them.
  */
 
-import { open } from "node:fs/promises";
-import sharp, { type Metadata } from "sharp";
+import path from "node:path";
+import sharp, { type Metadata, type OutputInfo } from "sharp";
 import type { Config } from "../config.js";
 import { SegError } from "../errors.js";
-import { OUTPUT_URI_PREFIX, parseImageRef, resolveAllowedFile, resolveOutputFile } from "../paths.js";
-import { readImageFile, type SUPPORTED_FORMATS } from "../runtime/preprocess.js";
-import type { Box, ImageInfo, ImageSource } from "../runtime/types.js";
+import { OUTPUT_URI_PREFIX, parseImageRef, readAllowedFile, readOutputFile, truncate } from "../paths.js";
+import { tightBox } from "../runtime/mask-post.js";
+import type { Box, CheckedImage, ImageInfo } from "../runtime/types.js";
 
-type SupportedFormat = (typeof SUPPORTED_FORMATS)[number];
+export const SUPPORTED_FORMATS = ["png", "jpeg", "webp", "gif", "tiff"] as const;
+export type SupportedFormat = (typeof SUPPORTED_FORMATS)[number];
 
 const FORMAT_LIST = "PNG, JPEG, WebP, GIF or TIFF";
 
 export interface InputContext {
-  config: Config;
+  config: Pick<Config, "cwd" | "maxDataUriBytes" | "maxImageBytes" | "maxInputPixels" | "outDir">;
   /** Allowed input directories for this request (config + MCP roots). */
   allowDirs: readonly string[];
 }
 
-export interface PreparedImage {
-  source: ImageSource;
-  /** Size after EXIF orientation: the coordinate system of every box. */
-  size: ImageInfo;
+export interface PreparedImage extends CheckedImage {
   format: SupportedFormat;
   /** For messages: the real path, or "data: URI". */
   label: string;
@@ -48,55 +47,17 @@ export function sniffFormat(head: Uint8Array): SupportedFormat | { other: string
   return { other: "unknown" };
 }
 
-async function readHead(file: string, n = 512): Promise<Uint8Array> {
-  const handle = await open(file, "r");
-  try {
-    const buf = new Uint8Array(n);
-    const { bytesRead } = await handle.read(buf, 0, n, 0);
-    return buf.subarray(0, bytesRead);
-  } finally {
-    await handle.close();
-  }
-}
-
-/** Resolve, check and measure the `image` argument. */
-export async function prepareImage(ref: string, ctx: InputContext, field = "image"): Promise<PreparedImage> {
-  const parsed = parseImageRef(ref, {
-    cwd: ctx.config.cwd,
-    maxDataUriBytes: ctx.config.maxDataUriBytes,
-    field,
-  });
-  let source: ImageSource;
-  let label: string;
-  let head: Uint8Array;
-  if (parsed.kind === "path") {
-    const file = await resolveAllowedFile(parsed.path, ctx.allowDirs, {
-      maxBytes: ctx.config.maxImageBytes,
-      field,
-    });
-    // The checked real path is read once, here, through one handle (no symlink followed): the engine
-    // gets bytes, so nothing swapped in after the check is ever read.
-    const bytes = await readImageFile(file.path, ctx.config.maxImageBytes, { noFollow: true });
-    source = { bytes };
-    label = file.path;
-    head = bytes.subarray(0, 512);
-  } else {
-    source = { bytes: parsed.bytes };
-    label = "data: URI";
-    head = parsed.bytes.subarray(0, 512);
-  }
-  const { format, size } = await measureImage(source, head, label, ctx.config.maxPixels, field);
-  return { source, size, format, label };
-}
-
-async function measureImage(
-  source: ImageSource,
-  head: Uint8Array,
+/**
+ * Check encoded image bytes: a supported format by its signature, a readable header, and at most
+ * `maxInputPixels` pixels. Only the header is parsed; the engine decodes the pixels.
+ */
+export async function checkImage(
+  bytes: Uint8Array,
   label: string,
-  maxPixels: number,
-  field: string,
-): Promise<{ format: SupportedFormat; size: ImageInfo }> {
-  const format = sniffFormat(head);
+  maxInputPixels: number,
+  field = "image",
+): Promise<PreparedImage> {
+  const format = sniffFormat(bytes.subarray(0, 512));
   if (typeof format !== "string") {
     const what = format.other === "unknown" ? "not a recognised image" : `a ${format.other} file`;
     throw new SegError(
@@ -107,12 +68,12 @@ async function measureImage(
   }
   let meta: Metadata;
   try {
-    // Header only; no pixel limit here so that the limit below can say how large the image is.
-    meta = await sharp("path" in source ? source.path : source.bytes, { limitInputPixels: false }).metadata();
+    // Header only; no pixel limit here so that the check below can say how large the image is.
+    meta = await sharp(bytes, { limitInputPixels: false, failOn: "error", pages: 1 }).metadata();
   } catch (cause) {
     throw new SegError(
       "IMAGE_DECODE_FAILED",
-      `${field} ${label} looks like ${format.toUpperCase()} but cannot be decoded (${(cause as Error).message}): the file is corrupt or truncated; re-export it`,
+      `${field} ${label} looks like ${format.toUpperCase()} but cannot be decoded (${(cause as Error).message.trim()}): the file is corrupt or truncated; re-export it`,
       { cause },
     );
   }
@@ -121,24 +82,51 @@ async function measureImage(
   if (!(width > 0 && height > 0)) {
     throw new SegError("IMAGE_DECODE_FAILED", `${field} ${label} has no pixels: re-export it`);
   }
-  if (width * height > maxPixels) {
+  if (width * height > maxInputPixels) {
     throw new SegError(
       "IMAGE_TOO_LARGE",
-      `${field} ${label} is ${width}x${height} = ${width * height} pixels, over the limit of ${maxPixels}: downscale it, or raise --max-pixels`,
-      { details: { width, height, limit: maxPixels } },
+      `${field} ${label} is ${width}x${height} = ${width * height} pixels, over the limit of ${maxInputPixels}: downscale it, or raise --max-input-pixels`,
+      { details: { width, height, limit: maxInputPixels } },
     );
   }
-  return { format, size: { width, height } };
+  return { bytes, width, height, format, label };
+}
+
+/** Resolve, read once and check the `image` argument. */
+export async function prepareImage(ref: string, ctx: InputContext, field = "image"): Promise<PreparedImage> {
+  const { config } = ctx;
+  const parsed = parseImageRef(ref, { cwd: config.cwd, maxDataUriBytes: config.maxDataUriBytes, field });
+  if (parsed.kind === "data") return checkImage(parsed.bytes, "data: URI", config.maxInputPixels, field);
+  const file = await readAllowedFile(parsed.path, ctx.allowDirs, { maxBytes: config.maxImageBytes, field });
+  return checkImage(file.bytes, file.path, config.maxInputPixels, field);
 }
 
 /**
- * Resolve the `mask` argument: a path inside the allowed directories or the output directory (where
- * `segment` writes), or a qwen3-vl-seg://masks/ URI. It must be an image of exactly the image's size.
+ * A local image file for programs that are their own caller (benchmarks, evaluations): read once and
+ * checked like a tool argument, with the folder it lies in as the only allowed one.
  */
-export async function prepareMask(ref: string, image: ImageInfo, ctx: InputContext): Promise<string> {
-  let file: string;
+export async function imageFromFile(
+  file: string,
+  limits: { maxImageBytes: number; maxInputPixels: number } = {
+    maxImageBytes: 50 * 1024 ** 2,
+    maxInputPixels: 40_000_000,
+  },
+): Promise<PreparedImage> {
+  const abs = path.resolve(file);
+  const read = await readAllowedFile(abs, [path.dirname(abs)], { maxBytes: limits.maxImageBytes });
+  return checkImage(read.bytes, read.path, limits.maxInputPixels);
+}
+
+/**
+ * The region a `mask` argument selects, as its tight box: a PNG path inside the allowed directories
+ * or the output directory (where `segment` writes), or a qwen3-vl-seg://masks/ URI. It must be an
+ * image of exactly the image's size with at least one white pixel.
+ */
+export async function prepareMaskBox(ref: string, image: ImageInfo, ctx: InputContext): Promise<Box> {
+  const { config } = ctx;
+  let file: { path: string; bytes: Uint8Array };
   if (ref.startsWith(OUTPUT_URI_PREFIX)) {
-    file = await resolveOutputFile(ctx.config.outDir, ref);
+    file = await readOutputFile(config.outDir, ref, config.maxImageBytes);
   } else {
     if (/^data:/i.test(ref)) {
       throw new SegError(
@@ -146,33 +134,60 @@ export async function prepareMask(ref: string, image: ImageInfo, ctx: InputConte
         "mask must be a file path or a qwen3-vl-seg://masks/ URI returned by segment, not a data: URI",
       );
     }
-    const parsed = parseImageRef(ref, { cwd: ctx.config.cwd, maxDataUriBytes: 0, field: "mask" });
+    const parsed = parseImageRef(ref, { cwd: config.cwd, maxDataUriBytes: 0, field: "mask" });
     if (parsed.kind !== "path") {
       throw new SegError(
         "INVALID_INPUT",
         "mask must be a file path or a qwen3-vl-seg://masks/ URI returned by segment",
       );
     }
-    const dirs = [...ctx.allowDirs, ctx.config.outDir];
-    file = (
-      await resolveAllowedFile(parsed.path, dirs, { maxBytes: ctx.config.maxImageBytes, field: "mask" })
-    ).path;
+    file = await readAllowedFile(parsed.path, [...ctx.allowDirs, config.outDir], {
+      maxBytes: config.maxImageBytes,
+      field: "mask",
+    });
   }
-  const { size } = await measureImage(
-    { path: file },
-    await readHead(file),
-    file,
-    ctx.config.maxPixels,
-    "mask",
-  );
-  if (size.width !== image.width || size.height !== image.height) {
+  const mask = await checkImage(file.bytes, file.path, config.maxInputPixels, "mask");
+  if (mask.width !== image.width || mask.height !== image.height) {
     throw new SegError(
       "INVALID_INPUT",
-      `mask ${file} is ${size.width}x${size.height} but the image is ${image.width}x${image.height}: pass a mask written by segment for this same image`,
-      { details: { mask: size, image } },
+      `mask ${file.path} is ${mask.width}x${mask.height} but the image is ${image.width}x${image.height}: pass a mask written by segment for this same image`,
+      { details: { mask: { width: mask.width, height: mask.height }, image } },
     );
   }
-  return file;
+  const box = tightBox(await decodeMaskBitmap(mask), mask.width, mask.height);
+  if (!box) {
+    throw new SegError(
+      "INVALID_INPUT",
+      `mask ${file.path} is empty: it selects no pixel to describe; pass a mask with white pixels, or a box`,
+    );
+  }
+  return box;
+}
+
+/**
+ * A mask image as a row-major 0/1 bitmap: luminance >= 128 is the object, transparent pixels are
+ * background (ours are 1-bit PNGs; any PNG/JPEG/WebP mask works).
+ */
+export async function decodeMaskBitmap(mask: PreparedImage): Promise<Uint8Array> {
+  let decoded: { data: Buffer; info: OutputInfo };
+  try {
+    decoded = await sharp(mask.bytes, { failOn: "error", pages: 1 })
+      .rotate()
+      .flatten({ background: { r: 0, g: 0, b: 0 } })
+      .toColourspace("b-w")
+      .raw({ depth: "uchar" })
+      .toBuffer({ resolveWithObject: true });
+  } catch (cause) {
+    throw new SegError(
+      "IMAGE_DECODE_FAILED",
+      `mask ${mask.label} cannot be decoded (${(cause as Error).message.trim()}): pass a PNG written by segment`,
+      { cause },
+    );
+  }
+  const { data, info } = decoded;
+  const out = new Uint8Array(info.width * info.height);
+  for (let i = 0; i < out.length; i++) out[i] = (data[i * info.channels] as number) >= 128 ? 1 : 0;
+  return out;
 }
 
 /** Check a caller's box against the image: finite, ordered, inside [0, width] x [0, height]. */
@@ -209,7 +224,7 @@ export function validateExpression(expression: string, maxChars: number): string
   if (text.length > maxChars) {
     throw new SegError(
       "INVALID_INPUT",
-      `expression has ${text.length} characters, over the limit of ${maxChars}: shorten it to a phrase or a sentence that identifies the object`,
+      `expression has ${text.length} characters, over the limit of ${maxChars}: shorten it to a phrase or a sentence that identifies the object (it begins "${truncate(text, 60)}")`,
       { details: { length: text.length, limit: maxChars } },
     );
   }

@@ -1,20 +1,29 @@
 /**
- * What the three tools share: their dependencies, the engine queue, common schema pieces, progress
- * reporting, result building, and THE one place where errors become tool results.
+ * What the three tools share: their dependencies and declaration, the engine call, common schema
+ * pieces, progress reporting, result building, and THE one place where errors become tool results.
  */
 
 import path from "node:path";
+import type { McpServer } from "@modelcontextprotocol/sdk/server/mcp.js";
 import type { RequestHandlerExtra } from "@modelcontextprotocol/sdk/shared/protocol.js";
 import type {
   CallToolResult,
   ContentBlock,
   ServerNotification,
   ServerRequest,
+  ToolAnnotations,
 } from "@modelcontextprotocol/sdk/types.js";
 import { z } from "zod";
-import type { Config, Logger } from "../config.js";
+import type { Config } from "../config.js";
 import { SegError, toSegError } from "../errors.js";
-import type { Engine, PackInfo, Stage, StageTimings } from "../runtime/types.js";
+import type { Logger } from "../logger.js";
+import {
+  DEFAULT_MAX_INSTANCES,
+  type Engine,
+  type ProgressFn,
+  type Stage,
+  type StageTimings,
+} from "../runtime/types.js";
 import type { InputContext } from "./inputs.js";
 
 export type ToolExtra = RequestHandlerExtra<ServerRequest, ServerNotification>;
@@ -22,95 +31,84 @@ export type ToolExtra = RequestHandlerExtra<ServerRequest, ServerNotification>;
 export interface ToolDeps {
   config: Config;
   engine: Engine;
-  queue: EngineQueue;
   logger: Logger;
   /**
    * Allowed input directories for one call: the configured ones plus the client's MCP roots
    * (asked through `extra`, so the request travels on the call's own stream).
    */
   allowDirs(extra?: ToolExtra): Promise<readonly string[]>;
-  /** The pack's description (asked once). */
-  packInfo(): Promise<PackInfo>;
 }
 
 export interface CallOptions {
   signal?: AbortSignal;
-  /** Wider than the engine's ProgressFn (it also takes "queued"), so it can be passed straight on. */
-  onProgress?: ServerProgressFn;
+  onProgress?: ProgressFn;
 }
 
 export async function inputContext(deps: ToolDeps): Promise<InputContext> {
   return { config: deps.config, allowDirs: await deps.allowDirs() };
 }
 
-/** Memoise engine.info(): every result names the model. */
-export function packInfoOnce(engine: Engine): () => Promise<PackInfo> {
-  let pending: Promise<PackInfo> | undefined;
-  return () => {
-    pending ??= engine.info().catch((error: unknown) => {
-      pending = undefined;
-      throw error;
-    });
-    return pending;
-  };
+/** What a tool's run gives back: its structuredContent and any blocks after the text (links, images). */
+export interface ToolOutput<O> {
+  structured: O;
+  blocks: ContentBlock[];
 }
 
-// ---------------------------------------------------------------------------------------------
-// Engine queue
+/**
+ * A tool, declared once: its MCP registration, and `run`/`summary`, which the CLI calls directly so
+ * both surfaces validate, run and print the same things.
+ */
+export interface ToolDefinition<I extends z.ZodType, O extends z.ZodType> {
+  name: string;
+  title: string;
+  description: string;
+  input: I;
+  output: O;
+  annotations: ToolAnnotations;
+  run(deps: ToolDeps, args: z.output<I>, opts: CallOptions): Promise<ToolOutput<z.output<O>>>;
+  summary(args: z.output<I>, out: z.output<O>): string;
+}
+
+/** Register a tool: every call runs through handleTool (signal, progress, roots, error mapping). */
+export function registerTool<I extends z.ZodObject, O extends z.ZodObject>(
+  server: McpServer,
+  deps: ToolDeps,
+  tool: ToolDefinition<I, O>,
+): void {
+  server.registerTool(
+    tool.name,
+    {
+      title: tool.title,
+      description: tool.description,
+      inputSchema: tool.input,
+      outputSchema: tool.output,
+      annotations: tool.annotations,
+    },
+    // The SDK validated `args` against `tool.input`.
+    ((args: z.output<I>, extra: ToolExtra) =>
+      handleTool(deps, extra, async (opts, callDeps) => {
+        const out = await tool.run(callDeps, args, opts);
+        return toolSuccess(
+          out.structured as Record<string, unknown>,
+          tool.summary(args, out.structured),
+          out.blocks,
+        );
+      })) as never,
+  );
+}
 
 /**
- * Runs engine calls one at a time in arrival order. The engine serialises internally too; the queue
- * exists so that a call cancelled while waiting leaves at once, waiting time is measured, and a
- * flood of calls is refused instead of piling up.
+ * The engine call every tool makes, with what every result shares: the model's name, the stage
+ * timings (rounded to 0.1 ms; `queue` is the time spent waiting for the engine) and the cache flag.
  */
-export class EngineQueue {
-  private running = false;
-  private readonly waiting: Array<() => void> = [];
-
-  constructor(private readonly maxWaiting: number) {}
-
-  get pending(): number {
-    return this.waiting.length + (this.running ? 1 : 0);
-  }
-
-  /** Run `fn` when it is its turn; resolves with its result and the milliseconds spent waiting. */
-  async run<T>(fn: () => Promise<T>, signal?: AbortSignal): Promise<{ value: T; waitedMs: number }> {
-    const start = performance.now();
-    // A finished call hands its turn straight to the next waiter (`running` stays true), so a call
-    // arriving in between cannot slip past the queue.
-    if (this.running) {
-      if (this.waiting.length >= this.maxWaiting) {
-        throw new SegError(
-          "INFERENCE_FAILED",
-          `the server is busy (${this.waiting.length} requests waiting): retry in a little while`,
-        );
-      }
-      await new Promise<void>((resolve, reject) => {
-        const turn = () => {
-          signal?.removeEventListener("abort", onAbort);
-          resolve();
-        };
-        const onAbort = () => {
-          const i = this.waiting.indexOf(turn);
-          if (i >= 0) this.waiting.splice(i, 1);
-          reject(new SegError("CANCELLED", "the request was cancelled while waiting for the engine"));
-        };
-        if (signal?.aborted) return onAbort();
-        signal?.addEventListener("abort", onAbort, { once: true });
-        this.waiting.push(turn);
-      });
-    }
-    this.running = true;
-    const waitedMs = performance.now() - start;
-    try {
-      if (signal?.aborted) throw new SegError("CANCELLED", "the request was cancelled");
-      return { value: await fn(), waitedMs };
-    } finally {
-      const next = this.waiting.shift();
-      if (next) next();
-      else this.running = false;
-    }
-  }
+export async function callEngine<R extends { timings: StageTimings; cached: boolean }>(
+  deps: ToolDeps,
+  call: () => Promise<R>,
+): Promise<{ result: R; common: { model: string; timings_ms: Record<string, number>; cached: boolean } }> {
+  const [info, result] = await Promise.all([deps.engine.info(), call()]);
+  const timings: Record<string, number> = {};
+  for (const [k, v] of Object.entries(result.timings)) if (typeof v === "number") timings[k] = round1(v);
+  return { result, common: { model: info.name, timings_ms: timings, cached: result.cached } };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -142,7 +140,7 @@ export const maxInstancesField = z
   .int({ error: "max_instances must be an integer" })
   .min(1, { error: "max_instances must be at least 1" })
   .max(100, { error: "max_instances must be at most 100" })
-  .describe("Return at most this many instances, highest score first. Default 20.");
+  .describe(`Return at most this many instances, highest score first. Default ${DEFAULT_MAX_INSTANCES}.`);
 
 /** Strict object: unknown fields are refused with a message that lists the accepted ones. */
 export function strictInput<T extends z.ZodRawShape>(tool: string, shape: T) {
@@ -175,13 +173,6 @@ export const modelOutput = z.string().describe("Name of the model pack that prod
 
 export const cachedOutput = z.boolean().describe("True when the image's encoding came from the cache");
 
-/** Milliseconds, rounded to 0.1 ms, with the time spent queued. */
-export function timingsWithQueue(timings: StageTimings, waitedMs: number): Record<string, number> {
-  const out: Record<string, number> = { queue: round1(waitedMs) };
-  for (const [k, v] of Object.entries(timings)) if (typeof v === "number") out[k] = round1(v);
-  return out;
-}
-
 function round1(v: number): number {
   return Math.round(v * 10) / 10;
 }
@@ -202,7 +193,7 @@ export function formatBox(box: readonly number[]): string {
 // ---------------------------------------------------------------------------------------------
 // Progress
 
-const STAGE_ORDER: readonly (Stage | "queued")[] = [
+const STAGE_ORDER: readonly Stage[] = [
   "queued",
   "load",
   "decode",
@@ -218,13 +209,7 @@ const STAGE_ORDER: readonly (Stage | "queued")[] = [
  * A ProgressFn that turns engine stages into `notifications/progress` for clients that sent a
  * progress token (0..100 over the pipeline, strictly increasing as the protocol requires).
  */
-export type ServerProgressFn = (progress: {
-  stage: Stage | "queued";
-  fraction: number;
-  message?: string;
-}) => void;
-
-export function progressNotifier(extra: ToolExtra, logger: Logger): ServerProgressFn | undefined {
+export function progressNotifier(extra: ToolExtra, logger: Logger): ProgressFn | undefined {
   const token = extra._meta?.progressToken;
   if (token === undefined) return undefined;
   let last = -1;
@@ -289,7 +274,6 @@ export async function handleTool(
   const onProgress = progressNotifier(extra, deps.logger);
   const callDeps: ToolDeps = { ...deps, allowDirs: () => deps.allowDirs(extra) };
   try {
-    onProgress?.({ stage: "queued", fraction: 0 });
     return await body({ signal: extra.signal, ...(onProgress ? { onProgress } : {}) }, callDeps);
   } catch (error) {
     return toolError(error, deps.logger);

@@ -1,14 +1,16 @@
 /**
  * A scripted Engine for testing the tool layer in isolation: error mapping, queueing, progress and
  * cancellation paths that the real engine cannot be made to hit on demand (an INFERENCE_FAILED
- * mid-call, a slow call to cancel). Results follow the Engine contract: boxes in pixels of the
- * image, mask PNGs the image's size written in outputDir under names the caller does not control.
+ * mid-call, a slow call to cancel). Like the real engine it runs calls one at a time through the
+ * runtime's SerialQueue. Results follow the Engine contract: boxes in pixels of the image, mask PNGs
+ * the image's size written in outputDir under names the caller does not control.
  */
 
 import { randomUUID } from "node:crypto";
 import path from "node:path";
 import sharp from "sharp";
 import { SegError } from "../../src/errors.js";
+import { SerialQueue } from "../../src/runtime/queue.js";
 import type {
   Box,
   DescribeRequest,
@@ -16,12 +18,11 @@ import type {
   Engine,
   GroundRequest,
   GroundResult,
-  ImageInfo,
-  ImageSource,
   PackInfo,
   RequestOptions,
   SegmentRequest,
   SegmentResult,
+  StageTimings,
 } from "../../src/runtime/types.js";
 
 export interface FakeEngineOptions {
@@ -34,7 +35,19 @@ export interface FakeEngineOptions {
 export class FakeEngine implements Engine {
   readonly calls: Array<{ method: string; signal: AbortSignal | undefined; expression?: string }> = [];
   disposed = false;
+  readonly #queue = new SerialQueue(16);
   constructor(public options: FakeEngineOptions = {}) {}
+
+  /** Run a scripted call through the queue, as the real engine does; `queue` timing included. */
+  private async queued<T extends { timings: StageTimings }>(
+    req: RequestOptions,
+    fn: () => Promise<T>,
+  ): Promise<T> {
+    req.onProgress?.({ stage: "queued", fraction: 0 });
+    const { value, waitedMs } = await this.#queue.run(fn, req.signal);
+    value.timings.queue = waitedMs;
+    return value;
+  }
 
   async info(): Promise<PackInfo> {
     return {
@@ -67,13 +80,11 @@ export class FakeEngine implements Engine {
     if (this.options.failWith) throw this.options.failWith;
   }
 
-  private async size(image: ImageSource): Promise<ImageInfo> {
-    const meta = await sharp("path" in image ? image.path : image.bytes).metadata();
-    return { width: meta.autoOrient.width, height: meta.autoOrient.height };
-  }
-
   /** "nothing" finds nothing; "two ..." finds two instances; anything else one, in the centre. */
-  private boxes(size: ImageInfo, expression: string): Array<{ label: string; box: Box; score: number }> {
+  private boxes(
+    size: { width: number; height: number },
+    expression: string,
+  ): Array<{ label: string; box: Box; score: number }> {
     if (expression.includes("nothing")) return [];
     const { width: w, height: h } = size;
     const centre: Box = [
@@ -91,25 +102,35 @@ export class FakeEngine implements Engine {
     return [{ label: expression, box: centre, score: 0.75 }];
   }
 
-  async ground(req: GroundRequest): Promise<GroundResult> {
-    await this.work("ground", req);
-    const image = await this.size(req.image);
-    const instances = this.boxes(image, req.expression).slice(0, req.maxInstances ?? 20);
-    return { found: instances.length > 0, image, instances, text: "", timings: { total: 1 }, cached: false };
+  ground(req: GroundRequest): Promise<GroundResult> {
+    return this.queued(req, async () => {
+      await this.work("ground", req);
+      const image = { width: req.image.width, height: req.image.height };
+      const instances = this.boxes(image, req.expression).slice(0, req.maxInstances ?? 20);
+      return {
+        found: instances.length > 0,
+        image,
+        instances,
+        text: "",
+        timings: { total: 1 },
+        cached: false,
+      };
+    });
   }
 
-  async segment(req: SegmentRequest): Promise<SegmentResult> {
-    await this.work("segment", {
-      ...req,
-      ...(req.expression === undefined ? {} : { expression: req.expression }),
-    });
-    const image = await this.size(req.image);
+  segment(req: SegmentRequest): Promise<SegmentResult> {
+    return this.queued(req, () => this.segmentNow(req));
+  }
+
+  private async segmentNow(req: SegmentRequest): Promise<SegmentResult> {
+    await this.work("segment", req);
+    const image = { width: req.image.width, height: req.image.height };
     const found =
-      req.box === undefined
-        ? this.boxes(image, req.expression ?? "")
-        : [{ label: req.expression ?? "region", box: req.box, score: 0.7 }];
+      "box" in req
+        ? [{ label: req.label ?? "region", box: req.box, score: 0.7 }]
+        : this.boxes(image, req.expression).slice(0, req.maxInstances ?? 20);
     const instances = [];
-    for (const inst of found.slice(0, req.maxInstances ?? 20)) {
+    for (const inst of found) {
       const [x1, y1, x2, y2] = inst.box.map(Math.round) as Box;
       const pixels = Buffer.alloc(image.width * image.height);
       for (let y = y1; y < y2; y++) pixels.fill(255, y * image.width + x1, y * image.width + x2);
@@ -140,28 +161,40 @@ export class FakeEngine implements Engine {
         .png()
         .toFile(overlayPath);
     }
+    const preview =
+      req.previewMaxSide !== undefined && instances.length > 0
+        ? new Uint8Array(
+            await sharp({
+              create: { width: req.previewMaxSide, height: 8, channels: 3, background: "#808080" },
+            })
+              .jpeg()
+              .toBuffer(),
+          )
+        : undefined;
     return {
       found: instances.length > 0,
       image,
       instances,
       ...(overlayPath === undefined ? {} : { overlayPath }),
+      ...(preview === undefined ? {} : { preview }),
       text: "",
       timings: { total: 1 },
       cached: false,
     };
   }
 
-  async describe(req: DescribeRequest): Promise<DescribeResult> {
-    await this.work("describe", req);
-    const image = await this.size(req.image);
-    return {
-      image,
-      box: req.box ?? [0, 0, image.width, image.height],
-      description: req.maskPath ? "a masked region" : "a boxed region",
-      label: "region",
-      timings: { total: 1 },
-      cached: false,
-    };
+  describe(req: DescribeRequest): Promise<DescribeResult> {
+    return this.queued(req, async () => {
+      await this.work("describe", req);
+      return {
+        image: { width: req.image.width, height: req.image.height },
+        box: req.box,
+        description: "a boxed region",
+        label: "region",
+        timings: { total: 1 },
+        cached: false,
+      };
+    });
   }
 
   async dispose(): Promise<void> {

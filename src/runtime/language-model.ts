@@ -1,0 +1,263 @@
+/**
+ * Stage 2: the language model, decoder_model_merged.onnx (docs/design.md): one graph for prefill
+ * and KV-cache decoding. `step` feeds tokens after a cache; `generate` decodes greedily from the state
+ * after a prefill, with stop tokens, a token budget, cancellation between steps and an optional
+ * grammar constraint whose fixed text is fed as one chunk.
+ */
+
+import { SegError, throwIfAborted } from "../errors.js";
+import { f32, type HostTensor, i64, OnnxSession, type SessionOptions } from "./onnx.js";
+import type { LoadedPack } from "./pack.js";
+import { decodePositions } from "./rope.js";
+
+export interface LmDims {
+  layers: number;
+  kvHeads: number;
+  headDim: number;
+  hidden: number;
+  vocab: number;
+}
+
+/** Past keys/values after k_norm and RoPE: 2L tensors [1, nKV, length, hd]. Immutable once made. */
+export interface KvCache {
+  readonly length: number;
+  readonly tensors: readonly HostTensor<Float32Array>[];
+}
+
+export interface StepResult {
+  /** [V] logits of the last position. */
+  logits: Float32Array;
+  /** [S, H] final-norm hidden states of every fed position. */
+  hidden: Float32Array;
+  cache: KvCache;
+}
+
+/** What a constrained decoder needs from a grammar (implemented by grammar.ts's BoxGrammar). */
+export interface TokenConstraint {
+  /** Tokens the grammar forces next (fixed text), possibly empty. */
+  forced(): number[];
+  /** Best allowed token under `logits`. */
+  pick(logits: Float32Array): number;
+  /**
+   * Accept a token. `boxClosed`: it closed a box's coordinate list (T_seg capture); `coordinate`: it
+   * holds coordinate digits (box scores); `lastCoordinateInToken`: the closing token also holds the
+   * last digit, which would make T_seg the next step's row (no Qwen token does this).
+   */
+  advance(token: number): { boxClosed: boolean; coordinate: boolean; lastCoordinateInToken: boolean };
+  isDone(): boolean;
+}
+
+export interface GenerateOptions {
+  maxNewTokens: number;
+  stopTokens: ReadonlySet<number>;
+  ropeDelta: number;
+  constraint?: TokenConstraint;
+  signal?: AbortSignal;
+  onToken?: (generated: number) => void;
+}
+
+export interface GenerateResult {
+  tokens: number[];
+  /** Probability of each generated token (forced tokens count as 1). */
+  probs: number[];
+  /** Final-norm hidden state [H] that predicted each box-closing token (T_seg per box). */
+  boxHidden: Float32Array[];
+  /** Per box: geometric-mean probability of its coordinate tokens (the model's confidence in it). */
+  boxScores: number[];
+  /** Decoder calls made (one per sampled token or forced chunk). */
+  steps: number;
+  stoppedBy: "stop" | "budget" | "grammar";
+}
+
+export class LanguageModel {
+  readonly dims: LmDims;
+  readonly #session: OnnxSession;
+  readonly #pastNames: string[] = [];
+  readonly #presentNames: string[] = [];
+
+  private constructor(session: OnnxSession, dims: LmDims) {
+    this.#session = session;
+    this.dims = dims;
+    for (let i = 0; i < dims.layers; i++) {
+      this.#pastNames.push(`past_key_values.${i}.key`, `past_key_values.${i}.value`);
+      this.#presentNames.push(`present.${i}.key`, `present.${i}.value`);
+    }
+  }
+
+  static async load(pack: LoadedPack, options: SessionOptions): Promise<LanguageModel> {
+    const t = pack.manifest.model.text;
+    const session = await OnnxSession.create(pack.file(pack.manifest.graphs.language_model.file), options);
+    return new LanguageModel(session, {
+      layers: t.num_hidden_layers,
+      kvHeads: t.num_key_value_heads,
+      headDim: t.head_dim,
+      hidden: t.hidden_size,
+      vocab: t.vocab_size,
+    });
+  }
+
+  emptyCache(): KvCache {
+    const dims = [1, this.dims.kvHeads, 0, this.dims.headDim];
+    return { length: 0, tensors: this.#pastNames.map(() => f32(new Float32Array(0), dims)) };
+  }
+
+  /**
+   * Feed S tokens after `cache`. `positions` is [3, S] (T, H, W rows); `visual` is [4, S, H] for a
+   * prefill containing image pads (see docs/design.md) and zeros otherwise.
+   */
+  async step(
+    ids: readonly number[],
+    positions: BigInt64Array,
+    cache: KvCache,
+    visual?: Float32Array,
+  ): Promise<StepResult> {
+    const s = ids.length;
+    const { hidden: h, vocab } = this.dims;
+    if (positions.length !== 3 * s) {
+      throw new SegError(
+        "INFERENCE_FAILED",
+        `position ids hold ${positions.length} values, expected ${3 * s}`,
+      );
+    }
+    const visualEmbeds = visual ?? new Float32Array(4 * s * h); // [4, 1, S, H]
+    if (visualEmbeds.length !== 4 * s * h) {
+      throw new SegError(
+        "INFERENCE_FAILED",
+        `visual embeds hold ${visualEmbeds.length} values, expected ${4 * s * h}`,
+      );
+    }
+    const total = cache.length + s;
+    const feeds: Record<string, HostTensor> = {
+      input_ids: i64(
+        BigInt64Array.from(ids, (v) => BigInt(v)),
+        [1, s],
+      ),
+      visual_embeds: f32(visualEmbeds, [4, 1, s, h]),
+      attention_mask: i64(new BigInt64Array(total).fill(1n), [1, total]),
+      position_ids: i64(positions, [3, 1, s]),
+    };
+    this.#pastNames.forEach((name, k) => {
+      feeds[name] = cache.tensors[k] as HostTensor;
+    });
+    const out = await this.#session.run(feeds);
+    const logits = out.float("logits"); // [1, 1, V]
+    const hidden = out.float("last_hidden_state"); // [1, S, H]
+    if (logits.length !== vocab || hidden.length !== s * h) {
+      throw new SegError(
+        "INFERENCE_FAILED",
+        `the language model returned ${logits.length} logits and ${hidden.length} hidden values, expected ${vocab} and ${s * h}`,
+      );
+    }
+    const tensors = this.#presentNames.map((name) => out.tensor(name)); // [1, nKV, past + S, hd] each
+    return { logits, hidden, cache: { length: total, tensors } };
+  }
+
+  /**
+   * Greedy decoding from the state after a prefill. `start` holds the last logits and the hidden
+   * state that produced them ([H]); each step feeds the chosen token (or a forced chunk) and continues.
+   */
+  async generate(
+    start: { logits: Float32Array; lastHidden: Float32Array; cache: KvCache },
+    options: GenerateOptions,
+  ): Promise<GenerateResult> {
+    const { constraint, stopTokens, ropeDelta, signal } = options;
+    const h = this.dims.hidden;
+    const tokens: number[] = [];
+    const probs: number[] = [];
+    const boxHidden: Float32Array[] = [];
+    const boxScores: number[] = [];
+    let coordLogProb = 0;
+    let coordCount = 0;
+    let steps = 0;
+    let { logits, lastHidden, cache } = start;
+    const result = (stoppedBy: GenerateResult["stoppedBy"]): GenerateResult => ({
+      tokens,
+      probs,
+      boxHidden,
+      boxScores,
+      steps,
+      stoppedBy,
+    });
+    while (tokens.length < options.maxNewTokens) {
+      throwIfAborted(signal, "during generation");
+      if (constraint?.isDone()) return result("grammar");
+      const forced = constraint ? constraint.forced() : [];
+      let chunk: number[];
+      if (forced.length > 0) {
+        chunk = forced.slice(0, options.maxNewTokens - tokens.length);
+        for (const t of chunk) {
+          // The token closing a box follows a number, which the grammar never forces.
+          if (constraint?.advance(t).boxClosed)
+            throw new SegError("INFERENCE_FAILED", "a forced token closed a box");
+          tokens.push(t);
+          probs.push(1);
+        }
+      } else {
+        const token = constraint ? constraint.pick(logits) : argmax(logits);
+        const p = tokenProbability(logits, token);
+        const event = constraint?.advance(token);
+        if (event?.lastCoordinateInToken) {
+          throw new SegError("INFERENCE_FAILED", "this vocabulary merges a coordinate digit with `]`");
+        }
+        if (event?.coordinate) {
+          coordLogProb += Math.log(Math.max(p, 1e-12));
+          coordCount++;
+        }
+        if (event?.boxClosed) {
+          // T_seg: the state that predicted the closing token, i.e. the one at the last digit.
+          boxHidden.push(lastHidden.slice());
+          boxScores.push(coordCount > 0 ? Math.exp(coordLogProb / coordCount) : 0);
+          coordLogProb = 0;
+          coordCount = 0;
+        }
+        tokens.push(token);
+        probs.push(p);
+        if (stopTokens.has(token)) return result("stop");
+        chunk = [token];
+      }
+      options.onToken?.(tokens.length);
+      if (constraint?.isDone()) return result("grammar");
+      if (tokens.length >= options.maxNewTokens) break;
+      const next = await this.step(chunk, decodePositions(cache.length, chunk.length, ropeDelta), cache);
+      steps++;
+      logits = next.logits;
+      lastHidden = next.hidden.subarray((chunk.length - 1) * h, chunk.length * h);
+      cache = next.cache;
+    }
+    return result("budget");
+  }
+
+  dispose(): Promise<void> {
+    return this.#session.dispose();
+  }
+}
+
+export function argmax(logits: Float32Array): number {
+  let best = 0;
+  let bestValue = Number.NEGATIVE_INFINITY;
+  for (let i = 0; i < logits.length; i++) {
+    const v = logits[i] as number;
+    if (v > bestValue) {
+      bestValue = v;
+      best = i;
+    }
+  }
+  return best;
+}
+
+/**
+ * Softmax probability of `token` under `logits`. Logits more than 30 below the maximum are skipped
+ * in the normaliser: each weighs under 1e-13, so even 151,936 of them move the result by < 2e-8,
+ * and skipping their exp() makes this a scan instead of 151,936 exponentials per step.
+ */
+export function tokenProbability(logits: Float32Array, token: number): number {
+  let max = Number.NEGATIVE_INFINITY;
+  for (let i = 0; i < logits.length; i++) if ((logits[i] as number) > max) max = logits[i] as number;
+  const floor = max - 30;
+  let sum = 0;
+  for (let i = 0; i < logits.length; i++) {
+    const v = logits[i] as number;
+    if (v > floor) sum += Math.exp(v - max);
+  }
+  return Math.exp((logits[token] as number) - max) / sum;
+}

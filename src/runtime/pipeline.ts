@@ -1,0 +1,502 @@
+/**
+ * The inference pipeline in the current thread: ground, segment and describe as short compositions
+ * of three stages (VisionEncoder, LanguageModel, MaskDecoder) around a cache of encoded images.
+ * engine.ts runs it inside a worker and hands it one request at a time.
+ *
+ *   encode:   bytes -> decode -> preprocess -> vision encoder -> prefill of the image prefix (cached)
+ *   ground:   encode -> prefill the question -> grammar-constrained decoding -> boxes + T_seg states
+ *   segment:  encode -> (ground | prefill the question and the given box) -> mask decoder -> PNG files
+ *   describe: encode (the image, or a crop around the box) -> prefill the question -> decoding -> text
+ */
+
+import { createHash } from "node:crypto";
+import { SegError, throwIfAborted } from "../errors.js";
+import { ByteLru, byteSize } from "./cache.js";
+import { BoxGrammar, type BoxRecord, BoxVocabulary } from "./grammar.js";
+import { type GenerateResult, type KvCache, LanguageModel } from "./language-model.js";
+import { MaskDecoder, type MaskDecoderImage, type MaskQuery } from "./mask-decoder.js";
+import { type MaskResult, maskFromLogits } from "./mask-post.js";
+import type { SessionOptions } from "./onnx.js";
+import { type LoadedPack, loadPack } from "./pack.js";
+import { cropRgb, type DecodedImage, decodeImage, preprocess } from "./preprocess.js";
+import {
+  type Box1000,
+  boxPrefixText,
+  boxTo1000,
+  buildChatIds,
+  cropBox,
+  describeQuestion,
+  groundingAnswerIds,
+  groundQuestion,
+  shortLabel,
+} from "./prompt.js";
+import { ropeIndex } from "./rope.js";
+import { Timer } from "./timer.js";
+import { QwenTokenizer } from "./tokenizer.js";
+import type {
+  Box,
+  CheckedImage,
+  DescribeRequest,
+  DescribeResult,
+  Engine,
+  EngineOptions,
+  GroundRequest,
+  GroundResult,
+  PackInfo,
+  RequestOptions,
+  SegmentRequest,
+  SegmentResult,
+} from "./types.js";
+import { DEFAULT_MAX_INSTANCES, ENGINE_DEFAULTS } from "./types.js";
+import { VisionEncoder } from "./vision-encoder.js";
+import { writeMasks } from "./write.js";
+
+const MAX_DESCRIBE_TOKENS = 48;
+/** Generous budget per box: `{"bbox_2d": [1000, 1000, 1000, 1000], "label": "<64 chars>"}, `. */
+const TOKENS_PER_BOX = 96;
+
+/** Everything derived from one image that later questions reuse. */
+interface EncodedImage extends MaskDecoderImage {
+  width: number;
+  height: number;
+  /** [Hr, Wr] the size the model saw. */
+  resized: [number, number];
+  /** Tokens of `<|im_start|>user\n<|vision_start|> pads <|vision_end|>` and their KV cache. */
+  prefixIds: number[];
+  prefixCache: KvCache;
+}
+
+interface Prefilled {
+  logits: Float32Array;
+  /** [H] final-norm hidden state of the last fed token. */
+  lastHidden: Float32Array;
+  cache: KvCache;
+  ropeDelta: number;
+}
+
+/** A box to segment: where, what it is called, how sure the model is, and its T_seg state. */
+interface Query extends MaskQuery {
+  label: string;
+  box: Box;
+  score: number;
+}
+
+export class Pipeline implements Engine {
+  readonly #pack: LoadedPack;
+  readonly #tokenizer: QwenTokenizer;
+  readonly #vision: VisionEncoder;
+  readonly #lm: LanguageModel;
+  readonly #maskDecoder: MaskDecoder;
+  readonly #vocab: BoxVocabulary;
+  readonly #stop: ReadonlySet<number>;
+  readonly #cache: ByteLru<EncodedImage>;
+  #current: Promise<unknown> | undefined;
+
+  private constructor(
+    pack: LoadedPack,
+    tokenizer: QwenTokenizer,
+    stages: { vision: VisionEncoder; lm: LanguageModel; maskDecoder: MaskDecoder },
+    cacheBytes: number,
+  ) {
+    this.#pack = pack;
+    this.#tokenizer = tokenizer;
+    this.#vision = stages.vision;
+    this.#lm = stages.lm;
+    this.#maskDecoder = stages.maskDecoder;
+    this.#stop = new Set(pack.manifest.tokens.stop);
+    this.#cache = new ByteLru(cacheBytes);
+    // Rows past the tokenizer's last id exist in the embedding but are never valid output ('' text).
+    this.#vocab = new BoxVocabulary(
+      tokenizer.grammarTokenTexts(stages.lm.dims.vocab),
+      pack.manifest.tokens.stop,
+      {
+        encode: (t) => tokenizer.encodePlain(t),
+      },
+    );
+  }
+
+  static async create(options: EngineOptions): Promise<Pipeline> {
+    const pack = await loadPack(options.packDir, options.verify ?? ENGINE_DEFAULTS.verify);
+    const m = pack.manifest;
+    const tokenizer = await QwenTokenizer.fromFiles(
+      pack.file(m.tokenizer.file),
+      pack.file(m.tokenizer.config),
+    );
+    const session: SessionOptions = {
+      provider: options.executionProvider ?? ENGINE_DEFAULTS.executionProvider,
+      threads: options.threads ?? ENGINE_DEFAULTS.threads,
+      ...(options.log ? { log: options.log } : {}),
+    };
+    const loaded: { dispose(): Promise<void> }[] = [];
+    const load = async <T extends { dispose(): Promise<void> }>(stage: Promise<T>): Promise<T> => {
+      const s = await stage;
+      loaded.push(s);
+      return s;
+    };
+    try {
+      const vision = await load(VisionEncoder.load(pack, session));
+      const lm = await load(LanguageModel.load(pack, session));
+      const maskDecoder = await load(MaskDecoder.load(pack, session));
+      return new Pipeline(
+        pack,
+        tokenizer,
+        { vision, lm, maskDecoder },
+        options.cacheBytes ?? ENGINE_DEFAULTS.cacheBytes,
+      );
+    } catch (e) {
+      await Promise.all(loaded.map((s) => s.dispose()));
+      throw e;
+    }
+  }
+
+  async info(): Promise<PackInfo> {
+    const m = this.#pack.manifest;
+    return {
+      name: m.name,
+      description: m.description,
+      dir: this.#pack.dir,
+      dtype: m.dtype,
+      provenance: m.provenance,
+      model: m.model as Record<string, unknown>,
+      preprocess: {
+        minPixels: m.preprocess.min_pixels,
+        maxPixels: m.preprocess.max_pixels,
+        patchSize: m.preprocess.patch_size,
+        mergeSize: m.preprocess.merge_size,
+      },
+      executionProvider: this.#vision.provider,
+    };
+  }
+
+  ground(req: GroundRequest): Promise<GroundResult> {
+    return this.#exclusive(req, async (timer) => {
+      const { image, cached } = await this.#encode(req.image, timer, req.signal);
+      const { queries, text } = await this.#ground(
+        image,
+        req.expression,
+        req.maxInstances,
+        timer,
+        req.signal,
+      );
+      return {
+        found: queries.length > 0,
+        image: { width: image.width, height: image.height },
+        instances: queries.map(({ label, box, score }) => ({ label, box, score })),
+        text,
+        timings: timer.finish(),
+        cached,
+      };
+    });
+  }
+
+  segment(req: SegmentRequest): Promise<SegmentResult> {
+    return this.#exclusive(req, async (timer) => {
+      const { image, cached, decoded } = await this.#encode(req.image, timer, req.signal);
+      const { queries, text } =
+        "box" in req
+          ? await this.#boxQuery(image, req.box, req.label ?? "region", timer, req.signal)
+          : await this.#ground(image, req.expression, req.maxInstances, timer, req.signal);
+      const masks = await this.#masks(image, queries, timer, req.signal);
+      const written = await writeMasks(masks, {
+        ...req,
+        size: { width: image.width, height: image.height },
+        pixels: async () => decoded ?? (await decodeImage(req.image)),
+        timer,
+      });
+      return {
+        found: written.instances.length > 0,
+        image: { width: image.width, height: image.height },
+        ...written,
+        text,
+        timings: timer.finish(),
+        cached,
+      };
+    });
+  }
+
+  describe(req: DescribeRequest): Promise<DescribeResult> {
+    return this.#exclusive(req, async (timer) => {
+      const { width, height } = req.image;
+      const prompts = this.#pack.manifest.prompts;
+      // describe_mode "crop" shows the model a crop around the region (modelkit answers.crop_box)
+      // instead of the region's coordinates; only the crop is encoded.
+      const crop = prompts.describe_mode === "crop" ? cropBox(req.box, width, height) : undefined;
+      const { image, cached } = await this.#encode(req.image, timer, req.signal, crop);
+      const question = describeQuestion(prompts, boxTo1000(req.box, width, height));
+      const prefill = await this.#prefill(image, question, [], timer, req.signal);
+      timer.progress("generate", 0);
+      const gen = await this.#lm.generate(prefill, {
+        maxNewTokens: MAX_DESCRIBE_TOKENS,
+        stopTokens: this.#stop,
+        ropeDelta: prefill.ropeDelta,
+        ...(req.signal ? { signal: req.signal } : {}),
+        onToken: (n) => timer.progress("generate", n / MAX_DESCRIBE_TOKENS),
+      });
+      timer.lap("generate");
+      timer.perStep(gen.steps);
+      const description = this.#text(gen).trim();
+      return {
+        image: { width, height },
+        box: req.box,
+        description,
+        label: shortLabel(description),
+        timings: timer.finish(),
+        cached,
+      };
+    });
+  }
+
+  async dispose(): Promise<void> {
+    await this.#current?.catch(() => undefined);
+    this.#cache.clear();
+    await Promise.all([this.#vision.dispose(), this.#lm.dispose(), this.#maskDecoder.dispose()]);
+  }
+
+  /** One request at a time: engine.ts's queue guarantees it; this only refuses a second one. */
+  async #exclusive<T>(req: RequestOptions, body: (timer: Timer) => Promise<T>): Promise<T> {
+    if (this.#current) {
+      throw new SegError(
+        "INFERENCE_FAILED",
+        "the pipeline runs one request at a time: queue calls (engine.ts does)",
+      );
+    }
+    throwIfAborted(req.signal);
+    const run = body(new Timer(req.onProgress));
+    this.#current = run;
+    try {
+      return await run;
+    } finally {
+      this.#current = undefined;
+    }
+  }
+
+  /** Decode + vision encoder + image-prefix prefill, or a cache hit keyed by content and settings. */
+  async #encode(
+    source: CheckedImage,
+    timer: Timer,
+    signal: AbortSignal | undefined,
+    crop?: Box,
+  ): Promise<{ image: EncodedImage; cached: boolean; decoded?: DecodedImage }> {
+    timer.progress("decode", 0);
+    const { preprocess: pre, name, tokens, prompts } = this.#pack.manifest;
+    const key = createHash("sha256")
+      .update(source.bytes)
+      .update(`|${pre.min_pixels}|${pre.max_pixels}|${name}${crop ? `|crop:${crop.join(",")}` : ""}`)
+      .digest("hex");
+    const hit = this.#cache.get(key);
+    if (hit) {
+      timer.lap("decode");
+      return { image: hit, cached: true };
+    }
+    const decoded = await decodeImage(source);
+    const pixels = crop ? cropRgb(decoded, crop) : decoded;
+    const prep = preprocess(pixels.rgb, pixels.width, pixels.height, {
+      patchSize: pre.patch_size,
+      mergeSize: pre.merge_size,
+      temporalPatchSize: pre.temporal_patch_size,
+      imageMean: pre.image_mean as [number, number, number],
+      imageStd: pre.image_std as [number, number, number],
+      minPixels: pre.min_pixels,
+      maxPixels: pre.max_pixels,
+    });
+    timer.lap("decode", "vision");
+    throwIfAborted(signal);
+    const features = await this.#vision.encode(prep);
+    timer.lap("vision", "prefill");
+    throwIfAborted(signal);
+
+    // Prefix = chat tokens up to and including <|vision_end|>; it does not depend on the question.
+    const merge = pre.merge_size;
+    const m = (prep.grid[1] * prep.grid[2]) / (merge * merge);
+    const chat = buildChatIds(this.#tokenizer, prompts.chat, "", m, tokens);
+    const prefixIds = chat.ids.slice(0, chat.ids.indexOf(tokens.vision_end) + 1);
+    const s = prefixIds.length;
+    const h = this.#lm.dims.hidden;
+    const pad = chat.imagePadStart;
+    const visual = new Float32Array(4 * s * h); // [4, 1, S, H]: features at the pad rows, zeros elsewhere
+    visual.set(features.imageFeatures, pad * h);
+    for (let k = 0; k < 3; k++) {
+      visual.set(features.deepstack.subarray(k * m * h, (k + 1) * m * h), ((k + 1) * s + pad) * h);
+    }
+    const rope = ropeIndex(prefixIds, [prep.grid], tokens.image_pad, tokens.vision_start, merge);
+    const out = await this.#lm.step(prefixIds, rope.positions, this.#lm.emptyCache(), visual);
+    const image: EncodedImage = {
+      width: pixels.width,
+      height: pixels.height,
+      grid: prep.grid,
+      resized: prep.resized,
+      hrImage: prep.hrImage,
+      vitMs: features.vitMs,
+      mmEmbeds: out.hidden.slice(pad * h, (pad + m) * h), // [M, H] T_mm
+      prefixIds,
+      prefixCache: out.cache,
+    };
+    timer.lap("prefill");
+    this.#cache.set(
+      key,
+      image,
+      byteSize(image.hrImage, image.vitMs, image.mmEmbeds, ...out.cache.tensors.map((t) => t.data)),
+    );
+    return { image, cached: false, decoded };
+  }
+
+  /**
+   * Feed the question (and optional forced answer tokens) after the cached image prefix. Positions
+   * come from get_rope_index over the whole sequence, so text after the image continues from the
+   * image's largest position.
+   */
+  async #prefill(
+    image: EncodedImage,
+    question: string,
+    answerPrefix: readonly number[],
+    timer: Timer,
+    signal: AbortSignal | undefined,
+  ): Promise<Prefilled> {
+    throwIfAborted(signal);
+    timer.progress("prefill", 0);
+    const { tokens, prompts, preprocess: pre } = this.#pack.manifest;
+    const m = (image.grid[1] * image.grid[2]) / (pre.merge_size * pre.merge_size);
+    const chat = buildChatIds(this.#tokenizer, prompts.chat, question, m, tokens);
+    const ids = [...chat.ids, ...answerPrefix];
+    const s0 = image.prefixIds.length;
+    if (image.prefixIds.some((id, i) => ids[i] !== id)) {
+      throw new SegError("INFERENCE_FAILED", "prompt template does not start with the cached image prefix");
+    }
+    const rope = ropeIndex(ids, [image.grid], tokens.image_pad, tokens.vision_start, pre.merge_size);
+    const n = ids.length;
+    const suffix = ids.slice(s0);
+    const positions = new BigInt64Array(3 * suffix.length); // [3, S'] the suffix's columns
+    for (let a = 0; a < 3; a++)
+      positions.set(rope.positions.subarray(a * n + s0, (a + 1) * n), a * suffix.length);
+    const out = await this.#lm.step(suffix, positions, image.prefixCache);
+    const h = this.#lm.dims.hidden;
+    timer.lap("prefill");
+    return {
+      logits: out.logits,
+      lastHidden: out.hidden.slice((suffix.length - 1) * h),
+      cache: out.cache,
+      ropeDelta: rope.ropeDelta,
+    };
+  }
+
+  /** Grounding: the boxes the model writes for `expression`, each with its T_seg state and score. */
+  async #ground(
+    image: EncodedImage,
+    expression: string,
+    maxInstances: number | undefined,
+    timer: Timer,
+    signal: AbortSignal | undefined,
+  ): Promise<{ queries: Query[]; text: string }> {
+    const limit = maxInstances ?? DEFAULT_MAX_INSTANCES;
+    const prefill = await this.#prefill(
+      image,
+      groundQuestion(this.#pack.manifest.prompts, expression),
+      [],
+      timer,
+      signal,
+    );
+    timer.progress("generate", 0);
+    const grammar = new BoxGrammar(this.#vocab, { maxBoxes: limit });
+    const budget = 8 + TOKENS_PER_BOX * limit;
+    const gen = await this.#lm.generate(prefill, {
+      maxNewTokens: budget,
+      stopTokens: this.#stop,
+      ropeDelta: prefill.ropeDelta,
+      constraint: grammar,
+      ...(signal ? { signal } : {}),
+      onToken: (n) => timer.progress("generate", Math.min(1, n / budget)),
+    });
+    timer.lap("generate");
+    timer.perStep(gen.steps);
+    // Boxes come from the grammar's own record, paired by order with the states generation captured;
+    // boxes without area and repeats are dropped.
+    const seen = new Set<string>();
+    const queries: Query[] = [];
+    grammar.boxes.forEach((record, i) => {
+      const box1000 = orderedBox(record.coords);
+      const hidden = gen.boxHidden[i];
+      if (!hidden) throw new SegError("INFERENCE_FAILED", `box ${i} of the answer has no hidden state`);
+      if (box1000 === null || seen.has(box1000.join())) return;
+      seen.add(box1000.join());
+      const [x1, y1, x2, y2] = box1000;
+      const { width: w, height: h } = image;
+      queries.push({
+        label: this.#label(gen.tokens, record),
+        box: [(x1 / 1000) * w, (y1 / 1000) * h, (x2 / 1000) * w, (y2 / 1000) * h],
+        box1000,
+        score: gen.boxScores[i] ?? 0,
+        hidden,
+      });
+    });
+    queries.sort((a, b) => b.score - a.score);
+    return { queries, text: this.#text(gen) };
+  }
+
+  /** A box the agent gave: the question and the box's text are prefilled; T_seg is the last row. */
+  async #boxQuery(
+    image: EncodedImage,
+    box: Box,
+    label: string,
+    timer: Timer,
+    signal: AbortSignal | undefined,
+  ): Promise<{ queries: Query[]; text: string }> {
+    const box1000 = boxTo1000(box, image.width, image.height);
+    const answer = groundingAnswerIds(this.#tokenizer, [box1000], [label], { close: false });
+    const question = groundQuestion(this.#pack.manifest.prompts, label);
+    const prefill = await this.#prefill(image, question, answer.ids, timer, signal);
+    return {
+      queries: [{ label, box, box1000, score: 1, hidden: prefill.lastHidden }],
+      text: `${boxPrefixText(box1000)}], "label": ${JSON.stringify(label)}}]`,
+    };
+  }
+
+  /** Mask decoder + post-processing: one mask per query at the original size, best predicted IoU first. */
+  async #masks(
+    image: EncodedImage,
+    queries: readonly Query[],
+    timer: Timer,
+    signal: AbortSignal | undefined,
+  ): Promise<{ query: Query; mask: MaskResult; score: number }[]> {
+    if (queries.length === 0) return [];
+    throwIfAborted(signal);
+    timer.progress("mask", 0);
+    const out = await this.#maskDecoder.decode(image, queries);
+    timer.lap("mask", "postprocess");
+    const plane = out.height * out.width;
+    const masks = queries.map((query, i) => ({
+      query,
+      mask: maskFromLogits(
+        out.logits.subarray(i * plane, (i + 1) * plane),
+        out.height,
+        out.width,
+        image.resized,
+        [image.height, image.width],
+      ),
+      score: Math.min(1, Math.max(0, out.iou[i] ?? 0)),
+    }));
+    timer.lap("postprocess", "write");
+    return masks.sort((a, b) => b.score - a.score);
+  }
+
+  /** The answer's text without stop tokens. */
+  #text(gen: GenerateResult): string {
+    return this.#tokenizer.decode(
+      gen.tokens.filter((t) => !this.#stop.has(t)),
+      { skipSpecial: true },
+    );
+  }
+
+  /** A box's label, decoded from its token span (exact for characters split across tokens). */
+  #label(tokens: readonly number[], record: BoxRecord): string {
+    const [first, last] = record.labelTokens;
+    const [before, after] = record.labelTrim;
+    const text = this.#tokenizer.decode(tokens.slice(first, last + 1));
+    return text.slice(before, text.length - after).trim();
+  }
+}
+
+/** Corners ordered; null when the box has no area. */
+function orderedBox([a, b, c, d]: readonly [number, number, number, number]): Box1000 | null {
+  const box: Box1000 = [Math.min(a, c), Math.min(b, d), Math.max(a, c), Math.max(b, d)];
+  return box[2] > box[0] && box[3] > box[1] ? box : null;
+}

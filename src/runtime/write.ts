@@ -1,0 +1,87 @@
+/**
+ * Writing a segment result into the output directory: one 1-bit mask PNG per instance, and on request
+ * an overlay PNG and a JPEG preview of it (made from the pixels in memory, never read back from disk).
+ * Nothing is written after a cancellation, and a call that fails half way removes what it wrote.
+ */
+
+import { unlink } from "node:fs/promises";
+import { throwIfAborted } from "../errors.js";
+import type { MaskResult } from "./mask-post.js";
+import { rleEncode } from "./mask-post.js";
+import {
+  jpegPreview,
+  newOutputName,
+  type RgbImage,
+  renderOverlay,
+  writeMaskPng,
+  writeRgbPng,
+} from "./output.js";
+import type { Timer } from "./timer.js";
+import type { Box, ImageInfo, SegmentInstance } from "./types.js";
+
+export interface WriteOptions {
+  outputDir: string;
+  size: ImageInfo;
+  /** The image's pixels, for the overlay (decoded only if an overlay or preview is asked). */
+  pixels: () => Promise<RgbImage>;
+  rle?: boolean;
+  overlay?: boolean;
+  previewMaxSide?: number;
+  signal?: AbortSignal;
+  timer: Timer;
+}
+
+export interface Written {
+  instances: SegmentInstance[];
+  overlayPath?: string;
+  preview?: Uint8Array;
+}
+
+export async function writeMasks(
+  masks: readonly { query: { label: string; box: Box }; mask: MaskResult; score: number }[],
+  opts: WriteOptions,
+): Promise<Written> {
+  const { width, height } = opts.size;
+  const files: string[] = [];
+  const instances: SegmentInstance[] = [];
+  try {
+    for (const [i, { query, mask, score }] of masks.entries()) {
+      throwIfAborted(opts.signal, "before its masks were written");
+      const file = newOutputName(opts.outputDir, "mask", i);
+      await writeMaskPng(mask.bitmap, width, height, file);
+      files.push(file);
+      instances.push({
+        label: query.label,
+        box: query.box,
+        score,
+        maskBox: mask.box ?? query.box,
+        mask: {
+          path: file,
+          areaPx: mask.areaPx,
+          areaFraction: mask.areaPx / (width * height),
+          ...(opts.rle ? { rle: rleEncode(mask.bitmap, height, width) } : {}),
+        },
+      });
+    }
+    const out: Written = { instances };
+    if (masks.length > 0 && (opts.overlay || opts.previewMaxSide !== undefined)) {
+      const overlay = await renderOverlay(
+        await opts.pixels(),
+        masks.map((m) => m.mask.bitmap),
+      );
+      if (opts.overlay) {
+        throwIfAborted(opts.signal, "before its overlay was written");
+        const file = newOutputName(opts.outputDir, "overlay");
+        await writeRgbPng(overlay, file);
+        files.push(file);
+        out.overlayPath = file;
+      }
+      if (opts.previewMaxSide !== undefined) out.preview = await jpegPreview(overlay, opts.previewMaxSide);
+    }
+    if (masks.length > 0) opts.timer.lap("write");
+    return out;
+  } catch (error) {
+    await Promise.all(files.map((f) => unlink(f).catch(() => undefined)));
+    throw error;
+  }
+}
