@@ -37,7 +37,7 @@ describe("ByteLru", () => {
   });
 
   it("rejects a negative budget with a message naming the value", () => {
-    expect(() => new ByteLru(-1)).toThrow("Expected a non-negative byte budget but received -1");
+    expect(() => new ByteLru(-1)).toThrow(/non-negative byte budget for the cache but received -1/);
   });
 
   it("byteSize sums typed arrays", () => {

@@ -1,3 +1,5 @@
+import { SegError } from "../errors.js";
+
 /**
  * A least-recently-used map bounded by a byte budget. Used for encoded images (vision outputs and the
  * prompt prefix's KV cache), which are large typed arrays: the budget, not an entry count, is what
@@ -11,7 +13,10 @@ export class ByteLru<V> {
   /** @param budgetBytes total bytes the cache may hold; 0 disables caching. */
   constructor(budgetBytes: number) {
     if (!Number.isFinite(budgetBytes) || budgetBytes < 0) {
-      throw new RangeError(`Expected a non-negative byte budget but received ${budgetBytes}`);
+      throw new SegError(
+        "INVALID_INPUT",
+        `expected a non-negative byte budget for the cache but received ${budgetBytes}`,
+      );
     }
     this.#budget = budgetBytes;
   }

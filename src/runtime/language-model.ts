@@ -102,6 +102,27 @@ export class LanguageModel {
   }
 
   /**
+   * Prefill of a prompt holding one image's pads from `padStart`: the image features replace the pad
+   * rows' embeddings and the DeepStack features are added after layers 0..2 there (docs/design.md).
+   */
+  prefillImage(
+    ids: readonly number[],
+    positions: BigInt64Array,
+    padStart: number,
+    features: { imageFeatures: Float32Array; deepstack: Float32Array },
+  ): Promise<StepResult> {
+    const s = ids.length;
+    const h = this.dims.hidden;
+    const m = features.imageFeatures.length / h;
+    const visual = new Float32Array(4 * s * h); // [4, 1, S, H]: features at the pad rows, zeros elsewhere
+    visual.set(features.imageFeatures, padStart * h);
+    for (let k = 0; k < 3; k++) {
+      visual.set(features.deepstack.subarray(k * m * h, (k + 1) * m * h), ((k + 1) * s + padStart) * h);
+    }
+    return this.step(ids, positions, this.emptyCache(), visual);
+  }
+
+  /**
    * Feed S tokens after `cache`. `positions` is [3, S] (T, H, W rows); `visual` is [4, S, H] for a
    * prefill containing image pads (see docs/design.md) and zeros otherwise.
    */

@@ -30,7 +30,7 @@ import {
   groundQuestion,
   shortLabel,
 } from "./prompt.js";
-import { ropeIndex } from "./rope.js";
+import { positionsFrom, ropeIndex } from "./rope.js";
 import { Timer } from "./timer.js";
 import { QwenTokenizer } from "./tokenizer.js";
 import type {
@@ -310,16 +310,10 @@ export class Pipeline implements Engine {
     const m = (prep.grid[1] * prep.grid[2]) / (merge * merge);
     const chat = buildChatIds(this.#tokenizer, prompts.chat, "", m, tokens);
     const prefixIds = chat.ids.slice(0, chat.ids.indexOf(tokens.vision_end) + 1);
-    const s = prefixIds.length;
-    const h = this.#lm.dims.hidden;
     const pad = chat.imagePadStart;
-    const visual = new Float32Array(4 * s * h); // [4, 1, S, H]: features at the pad rows, zeros elsewhere
-    visual.set(features.imageFeatures, pad * h);
-    for (let k = 0; k < 3; k++) {
-      visual.set(features.deepstack.subarray(k * m * h, (k + 1) * m * h), ((k + 1) * s + pad) * h);
-    }
     const rope = ropeIndex(prefixIds, [prep.grid], tokens.image_pad, tokens.vision_start, merge);
-    const out = await this.#lm.step(prefixIds, rope.positions, this.#lm.emptyCache(), visual);
+    const out = await this.#lm.prefillImage(prefixIds, rope.positions, pad, features);
+    const h = this.#lm.dims.hidden;
     const image: EncodedImage = {
       width: pixels.width,
       height: pixels.height,
@@ -363,12 +357,8 @@ export class Pipeline implements Engine {
       throw new SegError("INFERENCE_FAILED", "prompt template does not start with the cached image prefix");
     }
     const rope = ropeIndex(ids, [image.grid], tokens.image_pad, tokens.vision_start, pre.merge_size);
-    const n = ids.length;
     const suffix = ids.slice(s0);
-    const positions = new BigInt64Array(3 * suffix.length); // [3, S'] the suffix's columns
-    for (let a = 0; a < 3; a++)
-      positions.set(rope.positions.subarray(a * n + s0, (a + 1) * n), a * suffix.length);
-    const out = await this.#lm.step(suffix, positions, image.prefixCache);
+    const out = await this.#lm.step(suffix, positionsFrom(rope.positions, s0), image.prefixCache);
     const h = this.#lm.dims.hidden;
     timer.lap("prefill");
     return {

@@ -116,3 +116,11 @@ export function decodePositions(cacheLength: number, count: number, ropeDelta: n
   }
   return out;
 }
+
+/** Columns `start..` of position ids [3, S]: the positions of a suffix fed after a cached prefix. */
+export function positionsFrom(positions: BigInt64Array, start: number): BigInt64Array {
+  const n = positions.length / 3;
+  const out = new BigInt64Array(3 * (n - start)); // [3, S - start]
+  for (let a = 0; a < 3; a++) out.set(positions.subarray(a * n + start, (a + 1) * n), a * (n - start));
+  return out;
+}

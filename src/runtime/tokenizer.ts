@@ -29,7 +29,8 @@ export class QwenTokenizer {
   private constructor(tok: Tokenizer) {
     this.#tok = tok;
     const model = tok.model;
-    if (model === null) throw new Error("tokenizer.json has no model");
+    if (model === null)
+      throw new SegError("MODEL_LOAD_FAILED", "tokenizer.json has no model: re-copy or re-export the pack");
     this.#vocab = model.vocab;
     const added = tok.get_added_tokens_decoder();
     this.#addedIds = new Set(added.keys());
@@ -70,14 +71,19 @@ export class QwenTokenizer {
     if (text.length === 0) return [];
     const tok = this.#tok;
     const model = tok.model;
-    if (model === null) throw new Error("tokenizer.json has no model");
+    if (model === null)
+      throw new SegError("MODEL_LOAD_FAILED", "tokenizer.json has no model: re-copy or re-export the pack");
     const normalized = tok.normalizer === null ? text : tok.normalizer(text);
     const pieces = tok.pre_tokenizer === null ? [normalized] : tok.pre_tokenizer(normalized);
     const tokens: string[] = model(pieces);
     return tokens.map((t) => {
       const id = model.tokens_to_ids.get(t);
-      if (id === undefined)
-        throw new Error(`BPE produced a token outside the vocabulary: ${JSON.stringify(t)}`);
+      if (id === undefined) {
+        throw new SegError(
+          "MODEL_LOAD_FAILED",
+          `the pack's tokenizer produced a token outside its own vocabulary (${JSON.stringify(t)}): its tokenizer.json is inconsistent; re-export the pack`,
+        );
+      }
       return id;
     });
   }

@@ -6,17 +6,15 @@ import { prepareImage, prepareMaskBox, validateBox } from "./inputs.js";
 import {
   boxField,
   boxOutput,
-  cachedOutput,
   callEngine,
+  commonOutput,
   formatBox,
   imageField,
   imageInfoOutput,
   inputContext,
-  modelOutput,
   roundBox,
   strictInput,
   type ToolDefinition,
-  timingsOutput,
 } from "./shared.js";
 
 const input = strictInput("describe_region", {
@@ -35,13 +33,8 @@ const output = z.object({
   box: boxOutput.describe("The region that was described, [x1, y1, x2, y2] in pixels"),
   description: z.string().describe("What is in the region, in a short phrase or sentence"),
   label: z.string().describe("A short label for the region (a noun phrase)"),
-  model: modelOutput,
-  timings_ms: timingsOutput,
-  cached: cachedOutput,
+  ...commonOutput,
 });
-
-export type DescribeRegionInput = z.output<typeof input>;
-export type DescribeRegionOutput = z.output<typeof output>;
 
 export const describeRegionTool: ToolDefinition<typeof input, typeof output> = {
   name: "describe_region",
@@ -82,5 +75,3 @@ export const describeRegionTool: ToolDefinition<typeof input, typeof output> = {
     return `Region ${formatBox(out.box)} of the ${out.image.width}x${out.image.height} image: ${out.description} (label: ${out.label})`;
   },
 };
-
-export const describeRegionOutputSchema = output;

@@ -4,20 +4,18 @@ import { z } from "zod";
 import { prepareImage, validateExpression } from "./inputs.js";
 import {
   boxOutput,
-  cachedOutput,
   callEngine,
+  commonOutput,
   expressionField,
   formatBox,
   imageField,
   imageInfoOutput,
   inputContext,
   maxInstancesField,
-  modelOutput,
   roundBox,
   roundScore,
   strictInput,
   type ToolDefinition,
-  timingsOutput,
 } from "./shared.js";
 
 const input = strictInput("ground", {
@@ -40,13 +38,8 @@ const output = z.object({
       }),
     )
     .describe("Matching instances, highest score first"),
-  model: modelOutput,
-  timings_ms: timingsOutput,
-  cached: cachedOutput,
+  ...commonOutput,
 });
-
-export type GroundInput = z.output<typeof input>;
-export type GroundOutput = z.output<typeof output>;
 
 export const groundTool: ToolDefinition<typeof input, typeof output> = {
   name: "ground",
@@ -93,5 +86,3 @@ export const groundTool: ToolDefinition<typeof input, typeof output> = {
     ].join("\n");
   },
 };
-
-export const groundOutputSchema = output;

@@ -8,8 +8,8 @@ import { prepareImage, validateBox, validateExpression } from "./inputs.js";
 import {
   boxField,
   boxOutput,
-  cachedOutput,
   callEngine,
+  commonOutput,
   expressionField,
   fileLink,
   formatBox,
@@ -17,12 +17,10 @@ import {
   imageInfoOutput,
   inputContext,
   maxInstancesField,
-  modelOutput,
   roundBox,
   roundScore,
   strictInput,
   type ToolDefinition,
-  timingsOutput,
 } from "./shared.js";
 
 /** Inline previews stay far below the 1 MiB a client accepts in one result. */
@@ -91,13 +89,8 @@ const output = z.object({
     )
     .describe("One entry per instance, highest score first"),
   overlay: fileOutput.optional().describe("All masks drawn on the image, when overlay or preview was asked"),
-  model: modelOutput,
-  timings_ms: timingsOutput,
-  cached: cachedOutput,
+  ...commonOutput,
 });
-
-export type SegmentInput = z.output<typeof input>;
-export type SegmentOutput = z.output<typeof output>;
 
 export const segmentTool: ToolDefinition<typeof input, typeof output> = {
   name: "segment",
@@ -197,5 +190,3 @@ export const segmentTool: ToolDefinition<typeof input, typeof output> = {
     return [head, ...lines, ...(out.overlay ? [`Overlay: ${out.overlay.path}`] : [])].join("\n");
   },
 };
-
-export const segmentOutputSchema = output;

@@ -165,13 +165,14 @@ export const imageInfoOutput = z
   })
   .describe("Size of the input image; all boxes use its pixel coordinates");
 
-export const timingsOutput = z
-  .record(z.string(), z.number())
-  .describe("Milliseconds per stage (queue, decode, vision, prefill, generate, mask, write, total)");
-
-export const modelOutput = z.string().describe("Name of the model pack that produced this result");
-
-export const cachedOutput = z.boolean().describe("True when the image's encoding came from the cache");
+/** The fields every tool's result ends with (callEngine fills them). */
+export const commonOutput = {
+  model: z.string().describe("Name of the model pack that produced this result"),
+  timings_ms: z
+    .record(z.string(), z.number())
+    .describe("Milliseconds per stage (queue, decode, vision, prefill, generate, mask, write, total)"),
+  cached: z.boolean().describe("True when the image's encoding came from the cache"),
+};
 
 function round1(v: number): number {
   return Math.round(v * 10) / 10;
