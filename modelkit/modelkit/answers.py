@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+from .errors import ModelkitError
 
 CHAT_TEMPLATE = (
     "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n"
@@ -47,10 +50,36 @@ def pack_prompts(describe_mode: str = "box") -> dict[str, str]:
     return prompts
 
 
-class Tokenizer:
+class Tokenizer(Protocol):
     """What this module needs from a tokenizer (transformers' or `tokenizers`')."""
 
     def encode(self, text: str) -> list[int]: ...  # pragma: no cover - protocol
+
+
+class ChatTokenizer(Tokenizer, Protocol):
+    """A tokenizer that can also encode user text without added-token matching (tokenizer.py)."""
+
+    def encode_plain(self, text: str) -> list[int]: ...  # pragma: no cover - protocol
+
+
+def chat_prompt_ids(
+    tok: ChatTokenizer, chat_template: str, question: str, num_image_tokens: int, image_pad: int
+) -> list[int]:
+    """Prompt ids as prompt.ts's buildChatIds builds them: the template split at `{question}`, its
+    parts encoded with added tokens recognised, the question without; the single `<|image_pad|>`
+    then expanded to `num_image_tokens` copies by id (docs/design.md)."""
+    parts = chat_template.split("{question}")
+    if len(parts) != 2:
+        raise ModelkitError(
+            "INVALID_INPUT", f"the chat template must contain {{question}} once, found {len(parts) - 1}"
+        )
+    ids = tok.encode(parts[0]) + tok.encode_plain(question) + tok.encode(parts[1])
+    if ids.count(image_pad) != 1:
+        raise ModelkitError(
+            "INVALID_INPUT", f"the chat prompt must hold exactly one image pad, found {ids.count(image_pad)}"
+        )
+    at = ids.index(image_pad)
+    return ids[:at] + [image_pad] * num_image_tokens + ids[at + 1 :]
 
 
 def round_half_up(v: float) -> int:

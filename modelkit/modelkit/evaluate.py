@@ -385,40 +385,10 @@ def format_report(result: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_evaluate_commands(subparsers: Any) -> None:
-    """Register `score` and `predict` (modelkit.cli)."""
-    s = subparsers.add_parser("score", help="score a predictions file against annotations")
-    s.add_argument("--data", type=Path, required=True, help="annotations.json (or its folder)")
-    s.add_argument("--pred", type=Path, required=True, help="predictions JSON")
-    s.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    s.set_defaults(run=cmd_score)
-
-    p = subparsers.add_parser("predict", help="PyTorch predictions (ground | box | describe) for scoring")
-    p.add_argument("--checkpoint", type=Path, required=True, help="HF Qwen3-VL folder")
-    p.add_argument("--decoder", type=Path, help="mask decoder checkpoint (ground and box modes)")
-    p.add_argument("--data", type=Path, required=True, help="annotations.json (or its folder)")
-    p.add_argument("--out", type=Path, required=True, help="predictions JSON to write")
-    p.add_argument("--mode", choices=("ground", "box", "describe"), required=True)
-    p.add_argument("--min-pixels", type=int, default=16384, help="the pack's smart_resize minimum")
-    p.add_argument("--max-pixels", type=int, default=81920, help="the pack's smart_resize maximum")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="ground answer budget")
-    p.add_argument("--max-images", type=int, help="predict only the first N images")
-    p.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: the checkpoint's)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
-    p.set_defaults(run=_cmd_predict)
+# the command (its arguments are declared in cli.py)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     result = score(load_refdata(args.data), load_predictions(args.pred))
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import cmd_predict
-
-    return cmd_predict(args)

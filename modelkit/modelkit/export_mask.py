@@ -1,7 +1,7 @@
 """Export of the mask decoder (mask_decoder.py) to `mask_decoder.onnx` (docs/design.md).
 
 The graph is traced once at a small example size with every size marked dynamic (P, M, Q, K, Hr,
-Wr); the decoder derives gh, gw from hr_image's shape in-graph, so one file serves every image size.
+Wr); the mask decoder derives gh, gw from hr_image's shape in-graph, so one file serves every image size.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def mask_io(num_levels: int, cv: int, h: int) -> tuple[list[TensorSpec], list[Te
 def example_inputs(
     model: MaskDecoder, gh: int = 4, gw: int = 6, q: int = 2, k: int = 2
 ) -> tuple[torch.Tensor, ...]:
-    """Random inputs of the decoder's widths for a (gh, gw) patch grid (gh, gw even)."""
+    """Random inputs at the mask decoder's widths for a (gh, gw) patch grid (gh, gw even)."""
     c = model.config
     gen = torch.Generator().manual_seed(0)
     p = gh * gw

@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 from torch import nn
 
+from .answers import chat_prompt_ids
 from .errors import ModelkitError
 from .images import write_fixture_images
 from .preprocess import load_rgb, preprocess_image
+from .tokenizer import TextTokenizer
 from .vision_inputs import vision_host_inputs
 
 NUM_GREEDY = 20
@@ -95,18 +96,6 @@ def render_question(prompts: dict[str, str], case: FixtureCase) -> str:
     raise ModelkitError("INVALID_INPUT", f"unknown fixture task {case.task!r}")
 
 
-def tokenize_prompt(tokenizer: Tokenizer, prompt_text: str, image_pad: int, num_pads: int) -> np.ndarray:
-    """Token ids with the single image pad expanded to `num_pads` copies (by id, never by string)."""
-    ids = tokenizer.encode(prompt_text, add_special_tokens=False).ids
-    if ids.count(image_pad) != 1:
-        raise ModelkitError(
-            "INVALID_INPUT", f"prompt must contain exactly one image pad, got {ids.count(image_pad)}"
-        )
-    at = ids.index(image_pad)
-    expanded = ids[:at] + [image_pad] * num_pads + ids[at + 1 :]
-    return np.asarray(expanded, dtype=np.int64)  # [S]
-
-
 @contextlib.contextmanager
 def _deterministic_torch() -> Iterator[None]:
     # One thread: CPU reductions then run in a fixed order, so re-recording is byte-identical.
@@ -126,9 +115,9 @@ def _vision_taps(model: nn.Module) -> list[int]:
 
 def record_case(
     model: nn.Module,
-    decoder: nn.Module,
+    mask_decoder: nn.Module,
     manifest: dict[str, Any],
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     case: FixtureCase,
     image_path: Path,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -171,7 +160,8 @@ def record_case(
 
     question = render_question(manifest["prompts"], case)
     prompt_text = manifest["prompts"]["chat"].replace("{question}", question)
-    ids_np = tokenize_prompt(tokenizer, prompt_text, image_pad, num_merged)  # [S]
+    chat_ids = chat_prompt_ids(tokenizer, manifest["prompts"]["chat"], question, num_merged, image_pad)
+    ids_np = np.asarray(chat_ids, dtype=np.int64)  # [S]
     seq = ids_np.shape[0]
     input_ids = torch.from_numpy(ids_np)[None]  # [1, S]
     mm_types = (input_ids == image_pad).to(torch.int32)  # [1, S]: 1 at image pads
@@ -234,7 +224,7 @@ def record_case(
     gate_boxes = boxes[:, None, :].clone()  # [Q, K=1, 4]
     gate_valid = torch.ones(boxes.shape[0], 1, dtype=torch.float32)  # [Q, 1]
     hr_image = torch.from_numpy(prep.hr_image)  # [1, 3, 16gh, 16gw]
-    mask_logits, mask_coarse, iou_pred = decoder(
+    mask_logits, mask_coarse, iou_pred = mask_decoder(
         vit_ms, mm_embeds, query_hidden, boxes, gate_boxes, gate_valid, hr_image
     )
 
@@ -313,7 +303,7 @@ def write_case(case_dir: Path, image_rel: str, tensors: dict[str, np.ndarray], i
 
 def record_fixtures(
     model: nn.Module,
-    decoder: nn.Module,
+    mask_decoder: nn.Module,
     pack_dir: Path,
     out_dir: Path,
     images_dir: Path,
@@ -322,10 +312,10 @@ def record_fixtures(
     """Record `cases` into `out_dir` (replaced atomically) and write the images; returns case names."""
     pack_dir, out_dir, images_dir = Path(pack_dir), Path(out_dir), Path(images_dir)
     manifest = json.loads((pack_dir / "pack.json").read_text(encoding="utf-8"))
-    tokenizer = Tokenizer.from_file(os.fspath(pack_dir / manifest["tokenizer"]["file"]))
+    tokenizer = TextTokenizer(pack_dir, manifest["tokenizer"]["file"])
     image_paths = write_fixture_images(images_dir)
     model.eval()
-    decoder.eval()
+    mask_decoder.eval()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial"
@@ -334,7 +324,7 @@ def record_fixtures(
         with _deterministic_torch():
             for case in cases:
                 tensors, info = record_case(
-                    model, decoder, manifest, tokenizer, case, image_paths[case.image]
+                    model, mask_decoder, manifest, tokenizer, case, image_paths[case.image]
                 )
                 image_rel = os.path.relpath(image_paths[case.image], (out_dir / case.name)).replace(
                     os.sep, "/"

@@ -396,7 +396,7 @@ def count_parameters(model: nn.Module) -> int:
 # checkpoint
 
 
-def save_decoder_checkpoint(model: MaskDecoder, path: Path) -> None:
+def save_mask_decoder_checkpoint(model: MaskDecoder, path: Path) -> None:
     """One .safetensors file: the state dict (f32) plus the config JSON in the header metadata."""
     from safetensors.torch import save_file
 
@@ -411,8 +411,8 @@ def save_decoder_checkpoint(model: MaskDecoder, path: Path) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
-def load_decoder_checkpoint(path: Path) -> MaskDecoder:
-    """Rebuild a MaskDecoder from save_decoder_checkpoint's file (eval mode, f32)."""
+def load_mask_decoder_checkpoint(path: Path) -> MaskDecoder:
+    """Rebuild a MaskDecoder from save_mask_decoder_checkpoint's file (eval mode, f32)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -431,7 +431,7 @@ def load_decoder_checkpoint(path: Path) -> MaskDecoder:
         raise ModelkitError(
             "CHECKPOINT_INVALID",
             f"{path} is not a mask decoder checkpoint (metadata format {metadata.get('format')!r}, "
-            f"expected {CHECKPOINT_FORMAT!r}); write it with save_decoder_checkpoint",
+            f"expected {CHECKPOINT_FORMAT!r}); write it with save_mask_decoder_checkpoint",
         )
     version = metadata.get("format_version")
     if version != str(CHECKPOINT_FORMAT_VERSION):
@@ -443,7 +443,7 @@ def load_decoder_checkpoint(path: Path) -> MaskDecoder:
     try:
         config = MaskDecoderConfig.from_dict(json.loads(metadata["config"]))
     except (json.JSONDecodeError, TypeError) as exc:
-        raise ModelkitError("CHECKPOINT_INVALID", f"{path}: unreadable decoder config: {exc}") from exc
+        raise ModelkitError("CHECKPOINT_INVALID", f"{path}: unreadable mask decoder config: {exc}") from exc
     model = MaskDecoder(config)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
@@ -455,8 +455,8 @@ def load_decoder_checkpoint(path: Path) -> MaskDecoder:
     return model.eval()
 
 
-def check_decoder_matches(cfg: MaskDecoderConfig, vision_hidden: int, text_hidden: int) -> None:
-    """Raise DECODER_MISMATCH unless the decoder was built for this base model's widths."""
+def check_mask_decoder_matches(cfg: MaskDecoderConfig, vision_hidden: int, text_hidden: int) -> None:
+    """Raise MASK_DECODER_MISMATCH unless the mask decoder was built for this base model's widths."""
     problems = []
     if cfg.vision_hidden != vision_hidden:
         problems.append(
@@ -466,11 +466,11 @@ def check_decoder_matches(cfg: MaskDecoderConfig, vision_hidden: int, text_hidde
         problems.append(f"text width {cfg.text_hidden} (the base model's text hidden_size is {text_hidden})")
     if problems:
         raise ModelkitError(
-            "DECODER_MISMATCH",
+            "MASK_DECODER_MISMATCH",
             "the mask decoder was built for "
             + " and ".join(problems)
-            + "; use a decoder trained on this base model (a 2B/4B/8B decoder only fits its own size), "
-            "or pass the base model the decoder was trained on",
+            + "; use a mask decoder trained on this base model (a 2B/4B/8B one only fits its own size), "
+            "or pass the base model the mask decoder was trained on",
         )
 
 

@@ -31,9 +31,11 @@ PACK_FORMAT_VERSION = 1
 MANIFEST = "pack.json"
 DTYPES = ("fp32", "fp16", "int4")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Graph roles in pack.json -> file names; the language model's file keeps the name transformers.js
+# and onnxruntime-genai give the merged (prefill + decode) graph.
 GRAPH_FILES = {
     "vision_encoder": "vision_encoder.onnx",
-    "decoder": "decoder_model_merged.onnx",
+    "language_model": "decoder_model_merged.onnx",
     "mask_decoder": "mask_decoder.onnx",
 }
 SPECIAL_TOKENS = {
@@ -137,12 +139,8 @@ def model_section(config: Any) -> dict[str, Any]:
     }
 
 
-def mask_decoder_section(decoder_config: Any) -> dict[str, Any]:
-    values = (
-        dataclasses.asdict(decoder_config)
-        if dataclasses.is_dataclass(decoder_config)
-        else vars(decoder_config)
-    )
+def mask_decoder_section(config: Any) -> dict[str, Any]:
+    values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else vars(config)
     missing = [k for k in MASK_DECODER_KEYS if k not in values]
     if missing:
         raise ModelkitError("INVALID_CONFIG", f"mask decoder config lacks {', '.join(missing)}")
@@ -181,10 +179,10 @@ def tokens_section(
     return section
 
 
-def default_provenance(base: str, decoder: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def default_provenance(base: str, mask_decoder: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     prov: dict[str, Any] = {
         "base": base,
-        "decoder": decoder,
+        "mask_decoder": mask_decoder,
         # From the installed metadata: `python -m modelkit` run in the repository root imports the
         # outer modelkit/ folder as a namespace package, which has no __version__.
         "exporter": f"modelkit {importlib.metadata.version('modelkit')}",
@@ -218,7 +216,7 @@ def graph_entry(spec: GraphSpec, file: str) -> dict[str, Any]:
 
 def build_pack(
     model: nn.Module,
-    decoder: nn.Module,
+    mask_decoder: nn.Module,
     out_dir: Path,
     name: str,
     description: str,
@@ -232,7 +230,7 @@ def build_pack(
     stop_tokens: list[int] | None = None,
     describe_mode: str = "box",
 ) -> dict[str, Any]:
-    """Export `model` (Qwen3VLForConditionalGeneration) and `decoder` (MaskDecoder) into a pack.
+    """Export `model` (Qwen3VLForConditionalGeneration) and `mask_decoder` (MaskDecoder) into a pack.
 
     `describe_mode` "box" asks for a region by its 0..1000 box on the whole image (Qwen3-VL's way);
     "crop" shows the model a crop around the region instead (answers.crop_box).
@@ -241,7 +239,7 @@ def build_pack(
     during export also leaves `out_dir` untouched (the old pack stays when `force` was given).
     """
     # Imported here: the exporters pull in onnx/onnxscript, which the cheap CLI checks don't need.
-    from .export_decoder import export_decoder
+    from .export_language import export_language_model
     from .export_mask import export_mask_decoder
     from .export_vision import export_vision_encoder
 
@@ -257,7 +255,7 @@ def build_pack(
         "description": description,
         "dtype": dtype,
         "provenance": provenance,
-        "model": {**model_section(model.config), "mask_decoder": mask_decoder_section(decoder.config)},
+        "model": {**model_section(model.config), "mask_decoder": mask_decoder_section(mask_decoder.config)},
         "preprocess": preprocess_section(min_pixels, max_pixels),
         "tokens": tokens_section(tokenizer_ids, model.config, stop_tokens),
         "prompts": pack_prompts(describe_mode),
@@ -270,22 +268,22 @@ def build_pack(
     try:
         specs = {
             "vision_encoder": export_vision_encoder(model, tmp / GRAPH_FILES["vision_encoder"], dtype=dtype),
-            "decoder": export_decoder(model, tmp / GRAPH_FILES["decoder"], dtype=dtype),
-            "mask_decoder": export_mask_decoder(decoder, tmp / GRAPH_FILES["mask_decoder"], dtype=dtype),
+            "language_model": export_language_model(model, tmp / GRAPH_FILES["language_model"], dtype=dtype),
+            "mask_decoder": export_mask_decoder(mask_decoder, tmp / GRAPH_FILES["mask_decoder"], dtype=dtype),
         }
         manifest["graphs"] = {k: graph_entry(spec, GRAPH_FILES[k]) for k, spec in specs.items()}
         for f in TOKENIZER_FILES:
             shutil.copyfile(Path(tokenizer_dir) / f, tmp / f)
         manifest["files"] = files_section(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _swap_into_place(tmp, out_dir)
+        swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
 
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+def swap_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename the finished pack into place; an existing pack (force) is moved aside first, then removed."""
     old: Path | None = None
     if out_dir.exists():
@@ -299,6 +297,12 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def summary_line(out: Path, manifest: dict[str, Any]) -> str:
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    count = len(manifest["files"])
+    return f"pack {manifest['name']} ({manifest['dtype']}): {count} files, {total / 1e6:.1f} MB in {out}"
 
 
 def load_manifest(pack_dir: Path) -> dict[str, Any]:

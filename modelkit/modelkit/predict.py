@@ -3,7 +3,7 @@
 The reference path for what the TypeScript runtime does with a pack (src/runtime/local-engine.ts):
 - ground: greedy answer to the ground prompt (HF generate, no grammar), boxes parsed as grounding.ts
   parses them, T_seg per box = the final-norm state at the box's last coordinate token, the mask
-  decoder with box1000 / 1000 as query and gate box, masks at the original size as mask-post.ts;
+  mask decoder with box1000 / 1000 as query and gate box, masks at the original size as mask-post.ts;
 - box: `segment` with a box: the ground prompt with the ref's expression, then the canonical answer
   prefix up to the box's fourth coordinate as forced tokens (grounding_answer_ids(close=False)),
   T_seg = the state of its last token; one query per target, the GT box given;
@@ -33,9 +33,9 @@ from .answers import (
 )
 from .errors import ModelkitError
 from .evaluate import instance_json, write_predictions
-from .mask_decoder import MaskDecoder, check_decoder_matches, load_decoder_checkpoint
+from .mask_decoder import MaskDecoder, check_mask_decoder_matches, load_mask_decoder_checkpoint
 from .refdata import RefDataset, RefRecord, load_refdata
-from .train_decoder import EncodedImage, FrozenBase, logits_to_masks, pick_device, set_threads
+from .train_mask_decoder import EncodedImage, FrozenBase, logits_to_masks, pick_device, set_threads
 
 MAX_DESCRIBE_TOKENS = 16
 
@@ -239,11 +239,11 @@ def last_coordinate_tokens(tokenizer: Any, tokens: Sequence[int]) -> list[int]:
 
 
 class Predictor:
-    def __init__(self, base: FrozenBase, decoder: MaskDecoder | None) -> None:
+    def __init__(self, base: FrozenBase, mask_decoder: MaskDecoder | None) -> None:
         self.base = base
-        self.decoder = decoder
-        if decoder is not None:
-            decoder.to(base.device).eval()
+        self.mask_decoder = mask_decoder
+        if mask_decoder is not None:
+            mask_decoder.to(base.device).eval()
 
     @torch.no_grad()
     def greedy(
@@ -287,11 +287,11 @@ class Predictor:
         boxes1000: Sequence[Sequence[int]],
     ) -> tuple[np.ndarray, np.ndarray]:
         """[Q, H0, W0] bool masks and [Q] scores (iou_pred clamped to [0, 1], as segment reports)."""
-        if self.decoder is None:
-            raise ModelkitError("INVALID_INPUT", "this mode needs --decoder")
+        if self.mask_decoder is None:
+            raise ModelkitError("INVALID_INPUT", "this mode needs --mask-decoder")
         dev = self.base.device
         boxes = torch.tensor(boxes1000, dtype=torch.float32, device=dev).clamp(0, 1000) / 1000.0  # [Q, 4]
-        logits, _, iou = self.decoder(
+        logits, _, iou = self.mask_decoder(
             enc.vit_ms.to(dev),
             mm.to(dev),
             query_hidden.to(dev),
@@ -432,18 +432,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     read_config(args.checkpoint)
     ds = load_refdata(args.data)
-    decoder = None
+    mask_decoder = None
     if args.mode in ("ground", "box"):
-        if args.decoder is None:
-            raise ModelkitError("INVALID_INPUT", f"--mode {args.mode} needs --decoder")
-        decoder = load_decoder_checkpoint(args.decoder)
+        if args.mask_decoder is None:
+            raise ModelkitError("INVALID_INPUT", f"--mode {args.mode} needs --mask-decoder")
+        mask_decoder = load_mask_decoder_checkpoint(args.mask_decoder)
     base = FrozenBase(
         args.checkpoint, args.tokenizer, args.min_pixels, args.max_pixels, pick_device(args.device)
     )
-    if decoder is not None:
-        check_decoder_matches(decoder.config, base.vision_hidden, base.text_hidden)
+    if mask_decoder is not None:
+        check_mask_decoder_matches(mask_decoder.config, base.vision_hidden, base.text_hidden)
     refs, descriptions = predict(
-        Predictor(base, decoder), ds, args.mode, args.max_images, args.max_new_tokens
+        Predictor(base, mask_decoder), ds, args.mode, args.max_images, args.max_new_tokens
     )
     image_ids = sorted(ds.images)[: args.max_images]
     write_predictions(args.out, refs, descriptions, mode=args.mode, image_ids=image_ids)

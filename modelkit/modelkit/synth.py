@@ -661,18 +661,7 @@ def write_examples(out_dir: Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_synth_commands(subparsers: Any) -> None:
-    """Register `synth --out DIR --n N --seed S` on an argparse sub-parser set (modelkit.cli)."""
-    s = subparsers.add_parser("synth", help="write a seeded synthetic referring-segmentation dataset")
-    s.add_argument("--out", type=Path, required=True, help="dataset folder: images/ + annotations.json")
-    s.add_argument("--n", type=int, required=True, help="number of images")
-    s.add_argument("--seed", type=int, default=0, help="seed; the same seed writes identical bytes")
-    s.add_argument("--refs-per-image", type=int, default=6, help="expressions per image (default 6)")
-    s.add_argument("--force", action="store_true", help="replace an existing annotations.json")
-    s.set_defaults(run=cmd_synth)
+# the command (its arguments are declared in cli.py)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

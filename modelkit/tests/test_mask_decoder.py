@@ -17,11 +17,11 @@ from modelkit.mask_decoder import (
     BoxGate,
     MaskDecoder,
     MaskDecoderConfig,
-    check_decoder_matches,
+    check_mask_decoder_matches,
     count_parameters,
-    load_decoder_checkpoint,
+    load_mask_decoder_checkpoint,
     mask_losses,
-    save_decoder_checkpoint,
+    save_mask_decoder_checkpoint,
 )
 
 
@@ -188,9 +188,9 @@ def test_parameter_count_at_4b_widths() -> None:
 
 
 def test_checkpoint_round_trip(tiny_model: MaskDecoder, tmp_path: Path) -> None:
-    path = tmp_path / "decoder.safetensors"
-    save_decoder_checkpoint(tiny_model, path)
-    loaded = load_decoder_checkpoint(path)
+    path = tmp_path / "mask_decoder.safetensors"
+    save_mask_decoder_checkpoint(tiny_model, path)
+    loaded = load_mask_decoder_checkpoint(path)
     assert loaded.config == tiny_model.config
     assert not loaded.training
     inputs = example_inputs(tiny_model, 4, 6, 2, 1)
@@ -207,28 +207,28 @@ def test_checkpoint_round_trip(tiny_model: MaskDecoder, tmp_path: Path) -> None:
 
 def test_checkpoint_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelkitError) as missing:
-        load_decoder_checkpoint(tmp_path / "nope.safetensors")
+        load_mask_decoder_checkpoint(tmp_path / "nope.safetensors")
     assert missing.value.code == "CHECKPOINT_INVALID" and "does not exist" in missing.value.message
     from safetensors.torch import save_file
 
     other = tmp_path / "other.safetensors"
     save_file({"w": torch.zeros(2)}, str(other), metadata={"format": "something-else"})
     with pytest.raises(ModelkitError) as wrong:
-        load_decoder_checkpoint(other)
+        load_mask_decoder_checkpoint(other)
     assert wrong.value.code == "CHECKPOINT_INVALID" and "not a mask decoder checkpoint" in wrong.value.message
 
 
-def test_decoder_mismatch() -> None:
+def test_mask_decoder_mismatch() -> None:
     cfg = MaskDecoderConfig(vision_hidden=1024, text_hidden=2560)
-    check_decoder_matches(cfg, 1024, 2560)
+    check_mask_decoder_matches(cfg, 1024, 2560)
     with pytest.raises(ModelkitError) as text:
-        check_decoder_matches(cfg, 1024, 2048)
-    assert text.value.code == "DECODER_MISMATCH"
+        check_mask_decoder_matches(cfg, 1024, 2048)
+    assert text.value.code == "MASK_DECODER_MISMATCH"
     assert "text width 2560" in text.value.message and "2048" in text.value.message
     assert "vision" not in text.value.message.split(";")[0]
     with pytest.raises(ModelkitError) as vision:
-        check_decoder_matches(cfg, 1152, 2560)
-    assert vision.value.code == "DECODER_MISMATCH" and "vision width 1024" in vision.value.message
+        check_mask_decoder_matches(cfg, 1152, 2560)
+    assert vision.value.code == "MASK_DECODER_MISMATCH" and "vision width 1024" in vision.value.message
 
 
 def test_config_round_trip_and_validation() -> None:

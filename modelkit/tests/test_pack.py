@@ -24,10 +24,10 @@ def models() -> tuple[Any, Any]:
 
 
 def _build(models: tuple[Any, Any], out: Path, force: bool = False) -> dict[str, Any]:
-    model, decoder = models
+    model, mask_decoder = models
     return build_pack(
         model,
-        decoder,
+        mask_decoder,
         out,
         name="t",
         description="test pack",
@@ -100,7 +100,7 @@ def test_manifest_fields(built: Path) -> None:
     assert "{expression}" in m["prompts"]["ground"]
     assert all(f"{{{k}}}" in m["prompts"]["describe"] for k in ("x1", "y1", "x2", "y2"))
     assert m["tokenizer"] == {"file": "tokenizer.json", "config": "tokenizer_config.json"}
-    assert set(m["provenance"]) >= {"base", "decoder", "exporter", "transformers", "torch", "created"}
+    assert set(m["provenance"]) >= {"base", "mask_decoder", "exporter", "transformers", "torch", "created"}
 
     graphs = m["graphs"]
     assert {k: g["file"] for k, g in graphs.items()} == GRAPH_FILES
@@ -113,7 +113,7 @@ def test_manifest_fields(built: Path) -> None:
     )
     kv_in = [f"past_key_values.{i}.{kv}" for i in range(4) for kv in ("key", "value")]
     kv_out = [f"present.{i}.{kv}" for i in range(4) for kv in ("key", "value")]
-    assert names["decoder"] == (
+    assert names["language_model"] == (
         ["input_ids", "visual_embeds", "attention_mask", "position_ids", *kv_in],
         ["logits", "last_hidden_state", *kv_out],
     )
@@ -191,11 +191,11 @@ def test_failed_forced_export_keeps_the_old_pack(
 
 
 def test_rejects_bad_dtype_and_tokenizer(models: tuple[Any, Any], tmp_path: Path) -> None:
-    model, decoder = models
+    model, mask_decoder = models
     with pytest.raises(ModelkitError) as e:
-        build_pack(model, decoder, tmp_path / "a", "a", "", "bf16", TOKENIZER, {})
+        build_pack(model, mask_decoder, tmp_path / "a", "a", "", "bf16", TOKENIZER, {})
     assert e.value.code == "INVALID_INPUT" and "fp32, fp16, int4" in e.value.message
     with pytest.raises(ModelkitError) as e:
-        build_pack(model, decoder, tmp_path / "b", "b", "", "fp32", tmp_path, {})
+        build_pack(model, mask_decoder, tmp_path / "b", "b", "", "fp32", tmp_path, {})
     assert e.value.code == "TOKENIZER_INVALID" and "tokenizer.json" in e.value.message
     assert list(tmp_path.iterdir()) == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from collections import Counter
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from modelkit.cli import main
 from modelkit.errors import ModelkitError
 from modelkit.refdata import (
     convert_refcoco,
@@ -31,7 +31,6 @@ from modelkit.synth import (
     SIZES,
     Referral,
     Scene,
-    add_synth_commands,
     describe,
     example_scene,
     generate_dataset,
@@ -432,10 +431,7 @@ def test_convert_refcoco(tmp_path: Path) -> None:
 
 
 def test_cli_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser()
-    add_synth_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["synth", "--out", str(tmp_path / "d"), "--n", "2", "--seed", "4"])
-    assert args.run(args) == 0
+    assert main(["synth", "--out", str(tmp_path / "d"), "--n", "2", "--seed", "4"]) == 0
     assert "wrote 2 images" in capsys.readouterr().out
     assert len(load_refdata(tmp_path / "d").images) == 2
 

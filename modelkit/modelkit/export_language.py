@@ -1,10 +1,10 @@
 """Export the Qwen3-VL language model as one ONNX graph for prefill and KV-cache decode.
 
 The graph is `decoder_model_merged.onnx` of docs/design.md: token embedding (with the image rows
-replaced by `visual_embeds[0]`), interleaved M-RoPE from `position_ids`, the decoder layers with
+replaced by `visual_embeds[0]`), interleaved M-RoPE from `position_ids`, the text layers with
 DeepStack additions after layers 0..2, the final RMSNorm and the LM head on the last position.
 
-`DecoderGraph` is our own export-friendly module over the Hugging Face weights (it shares their
+`LanguageModelGraph` is our own export-friendly module over the Hugging Face weights (it shares their
 storage, it copies nothing). The graph is traced with the TorchScript exporter without parameters and
 the weights are then written one tensor at a time, so a large model is never held twice, and the
 fp16 / int4 variants convert tensor by tensor on the way out.
@@ -65,7 +65,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Layer(nn.Module):
-    """One decoder layer's weights; projection matrices stored transposed ([in, out]) as views."""
+    """One text layer's weights; projection matrices stored transposed ([in, out]) as views."""
 
     def __init__(self, hf_layer: nn.Module) -> None:
         super().__init__()
@@ -96,7 +96,7 @@ class _Layer(nn.Module):
         self.down_proj = t(mlp.down_proj.weight)  # [I, H]
 
 
-class DecoderGraph(nn.Module):
+class LanguageModelGraph(nn.Module):
     """The language model of a Qwen3VLForConditionalGeneration in the I/O of decoder_model_merged.
 
     forward(input_ids [B,S] i64, visual_embeds [4,B,S,H] f32, attention_mask [B,past+S] i64,
@@ -122,7 +122,7 @@ class DecoderGraph(nn.Module):
         self.image_token_id = int(cfg.image_token_id)
         self.num_deepstack = len(cfg.vision_config.deepstack_visual_indexes)
         if self.num_deepstack > self.num_layers:
-            raise ModelkitError("CHECKPOINT_INVALID", "more DeepStack taps than decoder layers")
+            raise ModelkitError("CHECKPOINT_INVALID", "more DeepStack taps than text layers")
         if self.num_heads % self.num_kv_heads:
             raise ModelkitError(
                 "CHECKPOINT_INVALID", "num_attention_heads must be a multiple of num_key_value_heads"
@@ -222,7 +222,7 @@ class DecoderGraph(nn.Module):
         return (logits.unsqueeze(1), hidden, *presents)
 
 
-def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+def language_model_io_names(num_layers: int) -> tuple[list[str], list[str]]:
     inputs = ["input_ids", "visual_embeds", "attention_mask", "position_ids"]
     outputs = ["logits", "last_hidden_state"]
     for i in range(num_layers):
@@ -231,7 +231,7 @@ def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def decoder_graph_spec(graph: DecoderGraph, file: str) -> GraphSpec:
+def language_model_graph_spec(graph: LanguageModelGraph, file: str) -> GraphSpec:
     """The contract of docs/design.md for this model: names, dtypes, shapes (strings are dynamic axes)."""
     n_vis = 1 + graph.num_deepstack
     h, n_kv, hd, v = graph.hidden_size, graph.num_kv_heads, graph.head_dim, graph.vocab_size
@@ -260,9 +260,9 @@ def decoder_graph_spec(graph: DecoderGraph, file: str) -> GraphSpec:
     return {"file": file, "inputs": inputs, "outputs": outputs}
 
 
-def _trace_structure(graph: DecoderGraph, path: Path) -> None:
+def _trace_structure(graph: LanguageModelGraph, path: Path) -> None:
     """Export the graph with the weights left as named graph inputs (no weight bytes written)."""
-    in_names, out_names = decoder_io_names(graph.num_layers)
+    in_names, out_names = language_model_io_names(graph.num_layers)
     b, s, past = 1, 3, 2
     n_vis = 1 + graph.num_deepstack
     args: list[torch.Tensor] = [
@@ -375,7 +375,9 @@ class _WeightWriter:
             self.handle.close()
 
 
-def _attach_weights(model: onnx.ModelProto, graph: DecoderGraph, dtype: str, data_path: Path | None) -> None:
+def _attach_weights(
+    model: onnx.ModelProto, graph: LanguageModelGraph, dtype: str, data_path: Path | None
+) -> None:
     """Turn the weight graph inputs into initializers, converting matrices for fp16 / int4.
 
     fp16: matrices used by MatMul / Gather are stored in fp16; the MatMul's activation is cast to
@@ -388,10 +390,10 @@ def _attach_weights(model: onnx.ModelProto, graph: DecoderGraph, dtype: str, dat
     unknown = [
         i.name
         for i in model.graph.input
-        if i.name not in params and i.name not in decoder_io_names(graph.num_layers)[0]
+        if i.name not in params and i.name not in language_model_io_names(graph.num_layers)[0]
     ]
     if unknown:
-        raise ModelkitError("EXPORT_FAILED", f"the traced decoder has unexpected inputs {unknown}")
+        raise ModelkitError("EXPORT_FAILED", f"the traced language model has unexpected inputs {unknown}")
     for i in weight_inputs:
         model.graph.input.remove(i)
     uses = _weight_consumers(model, {i.name for i in weight_inputs})
@@ -460,7 +462,9 @@ def _attach_weights(model: onnx.ModelProto, graph: DecoderGraph, dtype: str, dat
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
-def export_decoder(model: Qwen3VLForConditionalGeneration, out_path: Path, dtype: str = "fp32") -> GraphSpec:
+def export_language_model(
+    model: Qwen3VLForConditionalGeneration, out_path: Path, dtype: str = "fp32"
+) -> GraphSpec:
     """Write `out_path` (decoder_model_merged.onnx) and return its GraphSpec (manifest entry).
 
     dtype: "fp32", "fp16" (matrices fp16, I/O, norms, RoPE and softmax fp32) or "int4" (MatMulNBits,
@@ -470,13 +474,13 @@ def export_decoder(model: Qwen3VLForConditionalGeneration, out_path: Path, dtype
         raise ModelkitError("INVALID_INPUT", f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    graph = DecoderGraph(model).eval()
+    graph = LanguageModelGraph(model).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        skeleton = Path(tmp) / "decoder_structure.onnx"
+        skeleton = Path(tmp) / "language_model_structure.onnx"
         try:
             _trace_structure(graph, skeleton)
         except Exception as e:  # the exporter raises many types; the message is what matters
-            raise ModelkitError("EXPORT_FAILED", f"tracing the decoder failed: {e}") from e
+            raise ModelkitError("EXPORT_FAILED", f"tracing the language model failed: {e}") from e
         proto = onnx.load(str(skeleton))
     weight_bytes = sum(p.numel() * 4 for p in graph.parameters())
     data_file = out_path.with_name(external_data_name(out_path))
@@ -484,7 +488,7 @@ def export_decoder(model: Qwen3VLForConditionalGeneration, out_path: Path, dtype
     if data_path is None and data_file.exists():
         os.remove(data_file)  # a stale file from an earlier large export
     _attach_weights(proto, graph, dtype, data_path)
-    spec = decoder_graph_spec(graph, out_path.name)
+    spec = language_model_graph_spec(graph, out_path.name)
     check_io(graph_spec(proto, out_path.name), spec["inputs"], spec["outputs"])  # graph == contract
     proto.producer_name = "modelkit"
     onnx.save(proto, str(out_path))

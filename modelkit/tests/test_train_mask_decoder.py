@@ -1,4 +1,4 @@
-"""Decoder training on a frozen base: features (against the unbatched HF reference), the cache, targets,
+"""Mask decoder training on a frozen base: features (against the unbatched HF reference), the cache, targets,
 a few training steps that reduce the loss, the CLI with --resume, and `predict` + `score` end to end.
 A random tiny Qwen3-VL checkpoint and 4 generated scenes; everything on one CPU thread."""
 
@@ -17,11 +17,11 @@ from modelkit.answers import GROUND_TEMPLATE, box_to_1000, grounding_answer_ids
 from modelkit.cli import main
 from modelkit.errors import ModelkitError
 from modelkit.hf import build_random_model, tiny_config
-from modelkit.mask_decoder import MaskDecoder, MaskDecoderConfig, load_decoder_checkpoint, mask_losses
+from modelkit.mask_decoder import MaskDecoder, MaskDecoderConfig, load_mask_decoder_checkpoint, mask_losses
 from modelkit.predict import Predictor
 from modelkit.refdata import load_refdata
 from modelkit.synth import generate_dataset
-from modelkit.train_decoder import (
+from modelkit.train_mask_decoder import (
     SIZES,
     STATE_SUFFIX,
     FeatureCache,
@@ -35,7 +35,7 @@ from modelkit.train_decoder import (
     jitter_boxes,
     logits_to_masks,
     ref_label,
-    run_decoder,
+    run_mask_decoder,
     sparse_rows_head,
     stride4_targets,
     train,
@@ -56,7 +56,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("train-decoder")
+    root = tmp_path_factory.mktemp("train-mask-decoder")
     ckpt = root / "ckpt"
     build_random_model(tiny_config(), 0, weight_scale=8.0).save_pretrained(ckpt)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -198,7 +198,7 @@ def test_training_reduces_the_loss(world: dict[str, Path], base: FrozenBase, tmp
     cache = FeatureCache(tmp_path / "cache", {"k": 1})
     ids = build_features(base, ds, sorted(ds.images), cache, log=lambda _m: None)
     torch.manual_seed(0)
-    decoder = MaskDecoder(MaskDecoderConfig(vision_hidden=32, text_hidden=32, **SIZES["tiny"]))
+    mask_decoder = MaskDecoder(MaskDecoderConfig(vision_hidden=32, text_hidden=32, **SIZES["tiny"]))
 
     def mean_loss() -> float:
         with torch.no_grad():
@@ -206,7 +206,7 @@ def test_training_reduces_the_loss(world: dict[str, Path], base: FrozenBase, tmp
             for i in ids:
                 image = cache.get(i)
                 for ref in image.refs:
-                    m2, m1, iou = run_decoder(decoder, image, ref, ref.boxes, torch.device("cpu"))
+                    m2, m1, iou = run_mask_decoder(mask_decoder, image, ref, ref.boxes, torch.device("cpu"))
                     values.append(float(mask_losses(m2, m1, iou, ref.targets.float())["loss"]))
         return float(np.mean(values))
 
@@ -214,30 +214,32 @@ def test_training_reduces_the_loss(world: dict[str, Path], base: FrozenBase, tmp
     settings = TrainSettings(steps=60, lr=2e-3, warmup=5, val_every=30, save_every_s=1e9)
     out = tmp_path / "dec.safetensors"
     val = Validation(ds, cache, ids[:1])
-    history = train(decoder, cache, ids, val, out, settings, torch.device("cpu"), log=lambda _m: None)
+    history = train(mask_decoder, cache, ids, val, out, settings, torch.device("cpu"), log=lambda _m: None)
     after = mean_loss()
     assert after < 0.8 * before, (before, after)
     assert [v["step"] for v in history["val"]] == [0, 30, 60]
     assert 0.0 <= history["val"][-1]["miou"] <= 1.0
     assert out.is_file() and Path(str(out) + STATE_SUFFIX).is_file()
-    assert load_decoder_checkpoint(out).config == decoder.config
+    assert load_mask_decoder_checkpoint(out).config == mask_decoder.config
 
 
 def test_cli_train_resume_predict_score(world: dict[str, Path], tmp_path: Path, capsys) -> None:
     out = tmp_path / "dec.safetensors"
     common = ["--checkpoint", str(world["ckpt"]), "--data", str(world["data"]), "--out", str(out)]
-    assert main(["train-decoder", *common, "--steps", "4", "--size", "tiny", "--val-fraction", "0.25"]) == 0
+    assert (
+        main(["train-mask-decoder", *common, "--steps", "4", "--size", "tiny", "--val-fraction", "0.25"]) == 0
+    )
     state = torch.load(str(out) + STATE_SUFFIX, weights_only=False)
     assert state["step"] == 4
     cached = {f: f.stat().st_mtime_ns for f in Path(str(out) + ".features").glob("*.pt")}
     assert cached
-    assert main(["train-decoder", *common, "--steps", "6", "--resume"]) == 0
+    assert main(["train-mask-decoder", *common, "--steps", "6", "--resume"]) == 0
     assert torch.load(str(out) + STATE_SUFFIX, weights_only=False)["step"] == 6
     # the resumed run read the cached features instead of recomputing them
     assert {f: f.stat().st_mtime_ns for f in Path(str(out) + ".features").glob("*.pt")} == cached
 
     preds = tmp_path / "box.json"
-    args = ["--checkpoint", str(world["ckpt"]), "--decoder", str(out), "--data", str(world["data"])]
+    args = ["--checkpoint", str(world["ckpt"]), "--mask-decoder", str(out), "--data", str(world["data"])]
     assert main(["predict", *args, "--out", str(preds), "--mode", "box"]) == 0
     doc = json.loads(preds.read_text())
     ds = load_refdata(world["data"])
@@ -303,11 +305,11 @@ def test_cli_train_resume_predict_score(world: dict[str, Path], tmp_path: Path, 
 def test_cli_errors(world: dict[str, Path], tmp_path: Path, capsys) -> None:
     out = tmp_path / "dec.safetensors"
     common = ["--checkpoint", str(world["ckpt"]), "--data", str(world["data"]), "--out", str(out)]
-    assert main(["train-decoder", *common]) == 2
+    assert main(["train-mask-decoder", *common]) == 2
     assert "INVALID_INPUT: give --minutes or --steps" in capsys.readouterr().err
-    assert main(["train-decoder", *common, "--steps", "1", "--resume"]) == 2
+    assert main(["train-mask-decoder", *common, "--steps", "1", "--resume"]) == 2
     assert "--resume needs" in capsys.readouterr().err
-    assert main(["train-decoder", *common, "--steps", "1", "--size", "huge"]) == 2
+    assert main(["train-mask-decoder", *common, "--steps", "1", "--size", "huge"]) == 2
     assert "Expected --size" in capsys.readouterr().err
     with pytest.raises(ModelkitError):
         FrozenBase(tmp_path, None, MIN_PIXELS, MAX_PIXELS, torch.device("cpu"))
