@@ -1,39 +1,51 @@
 /**
  * npm run bench [-- --pack DIR --image FILE --runs N --device auto|cpu|cuda|webgpu]
+ *   Per-stage medians for ground, segment (expression and box) and describe on one image: the first
+ *   call (image cache off, every run encodes the image) and the repeated call (cache warm: the vision
+ *   encoder and the image prefix's prefill are skipped), and their ratio.
  *
- * Per-stage times (median of N runs) for ground, segment and describe on one image: the first call
- * (image cache disabled, so every run decodes and encodes the image) and the repeated call (cache
- * warm, so the vision encoder and the image-prefix prefill are skipped), and their ratio.
- * Prints JSON on stdout.
+ * npm run bench -- --pack DIR --reference CKPT_DIR [--image F] [--tokens 32] [--runs N] [--device D]
+ *   The side-by-side benchmark against transformers eager on the same weights (compare.ts).
+ *
+ * npm run bench:compare
+ *   The default side-by-side: builds once (cached in .bench/) a Qwen3-VL-2B-width random pack with 4
+ *   text layers and 4 vision blocks, fp32, and its reference checkpoint, then compares on a 1024x768
+ *   image. Prints the JSON object last on stdout.
  */
 
-import { mkdtemp, rm } from "node:fs/promises";
+import { spawnSync } from "node:child_process";
+import { existsSync } from "node:fs";
+import { mkdir, mkdtemp, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { parseArgs } from "node:util";
+import sharp from "sharp";
 import { Pipeline } from "../src/runtime/pipeline.js";
 import type { Box, ExecutionProvider, StageTimings } from "../src/runtime/types.js";
 import { imageFromFile } from "../src/tools/inputs.js";
+import { compare, median } from "./compare.js";
 
 const here = path.dirname(new URL(import.meta.url).pathname);
 const root = path.resolve(here, here.includes(`${path.sep}dist${path.sep}`) ? "../.." : "..");
 
 const { values } = parseArgs({
   options: {
-    pack: { type: "string", default: path.join(root, "models/tiny-random") },
-    image: { type: "string", default: path.join(root, "test/fixtures/images/halfeven_400x208.png") },
-    runs: { type: "string", default: "5" },
+    pack: { type: "string" },
+    reference: { type: "string" },
+    image: { type: "string" },
+    runs: { type: "string" },
+    tokens: { type: "string", default: "32" },
     device: { type: "string", default: "cpu" },
+    threads: { type: "string", default: "0" },
     expression: { type: "string", default: "the red circle" },
+    "default-compare": { type: "boolean" },
   },
 });
 
-const runs = Math.max(1, Number.parseInt(values.runs, 10));
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = Math.floor(s.length / 2);
-  return s.length % 2 ? (s[mid] as number) : ((s[mid - 1] as number) + (s[mid] as number)) / 2;
+/** The modelkit's Python: the project's venv when there is one (`QWEN3_VL_SEG_PYTHON` overrides). */
+function python(): string {
+  const venv = path.join(root, ".venv", "bin", "python");
+  return process.env.QWEN3_VL_SEG_PYTHON ?? (existsSync(venv) ? venv : "python3");
 }
 
 function medians(samples: StageTimings[]): Record<string, number> {
@@ -45,24 +57,24 @@ function medians(samples: StageTimings[]): Record<string, number> {
   return out;
 }
 
-async function main(): Promise<void> {
+/** First call vs repeated call, per stage (the image cache's effect). */
+async function firstVsRepeated(pack: string, imagePath: string, runs: number, device: ExecutionProvider) {
   const out = await mkdtemp(path.join(os.tmpdir(), "qvs-bench-"));
-  const device = values.device as ExecutionProvider;
-  const cold = await Pipeline.create({ packDir: values.pack, executionProvider: device, cacheBytes: 0 });
-  const warm = await Pipeline.create({ packDir: values.pack, executionProvider: device });
+  const cold = await Pipeline.create({ packDir: pack, executionProvider: device, cacheBytes: 0 });
+  const warm = await Pipeline.create({ packDir: pack, executionProvider: device });
   try {
     const info = await warm.info();
-    const image = await imageFromFile(values.image);
-    const first = await warm.ground({ image, expression: values.expression });
+    const image = await imageFromFile(imagePath);
     const box: Box = [
-      Math.round(first.image.width * 0.25),
-      Math.round(first.image.height * 0.25),
-      Math.round(first.image.width * 0.75),
-      Math.round(first.image.height * 0.75),
+      Math.round(image.width * 0.25),
+      Math.round(image.height * 0.25),
+      Math.round(image.width * 0.75),
+      Math.round(image.height * 0.75),
     ];
+    const expression = values.expression;
     const tasks = {
-      ground: (e: Pipeline) => e.ground({ image, expression: values.expression }),
-      segment: (e: Pipeline) => e.segment({ image, expression: values.expression, outputDir: out }),
+      ground: (e: Pipeline) => e.ground({ image, expression }),
+      segment: (e: Pipeline) => e.segment({ image, expression, outputDir: out }),
       segment_box: (e: Pipeline) => e.segment({ image, box, outputDir: out }),
       describe: (e: Pipeline) => e.describe({ image, box }),
     };
@@ -83,21 +95,72 @@ async function main(): Promise<void> {
         repeated_speedup: Math.round(((c.total ?? 0) / (w.total ?? 1)) * 100) / 100,
       };
     }
-    const report = {
+    return {
       pack: info.name,
       provider: info.executionProvider,
-      image: values.image,
-      image_size: first.image,
+      image: imagePath,
+      image_size: { width: image.width, height: image.height },
       runs,
       cpus: os.cpus().length,
       node: process.version,
       results,
     };
-    process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
   } finally {
     await Promise.all([cold.dispose(), warm.dispose()]);
     await rm(out, { recursive: true, force: true });
   }
+}
+
+/** The default comparison's pack, reference and image, built once under .bench/. */
+async function defaultSetup(): Promise<{ pack: string; reference: string; image: string }> {
+  const dir = path.join(root, ".bench", "qwen3-vl-2b-l4-v4-fp32");
+  const image = path.join(root, ".bench", "shapes-1024x768.png");
+  await mkdir(path.dirname(dir), { recursive: true });
+  if (
+    !existsSync(path.join(dir, "pack", "pack.json")) ||
+    !existsSync(path.join(dir, "reference", "config.json"))
+  ) {
+    process.stderr.write(`building the 2B-width random pack and its reference in ${dir} (once; minutes)\n`);
+    const args = ["-m", "modelkit", "random-pack", "--shape", "qwen3-vl-2b", "--text-layers", "4"];
+    args.push("--vision-depth", "4", "--dtype", "fp32", "--out", dir, "--force");
+    const run = spawnSync(python(), args, { stdio: "inherit", cwd: root });
+    if (run.status !== 0) throw new Error(`modelkit random-pack failed (exit ${run.status})`);
+  }
+  if (!existsSync(image)) {
+    await sharp(path.join(root, "examples", "shapes-1.png"))
+      .resize(1024, 768, { kernel: "lanczos3" })
+      .png()
+      .toFile(image);
+  }
+  return { pack: path.join(dir, "pack"), reference: path.join(dir, "reference"), image };
+}
+
+async function main(): Promise<void> {
+  const device = values.device as ExecutionProvider;
+  if (values["default-compare"] || values.reference !== undefined) {
+    const setup = values["default-compare"]
+      ? await defaultSetup()
+      : { pack: values.pack ?? "", reference: values.reference ?? "", image: values.image ?? "" };
+    if (!setup.pack || !setup.image) throw new Error("--reference needs --pack and --image");
+    const report = await compare({
+      ...setup,
+      tokens: Number.parseInt(values.tokens, 10),
+      runs: Math.max(1, Number.parseInt(values.runs ?? "3", 10)),
+      device,
+      expression: values.expression,
+      python: python(),
+      threads: Number.parseInt(values.threads, 10),
+    });
+    process.stdout.write(`${JSON.stringify(report)}\n`);
+    return;
+  }
+  const report = await firstVsRepeated(
+    values.pack ?? path.join(root, "models/tiny-random"),
+    values.image ?? path.join(root, "test/fixtures/images/halfeven_400x208.png"),
+    Math.max(1, Number.parseInt(values.runs ?? "5", 10)),
+    device,
+  );
+  process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
 }
 
 await main();

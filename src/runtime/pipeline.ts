@@ -40,12 +40,14 @@ import type {
   DescribeResult,
   Engine,
   EngineOptions,
+  Generated,
   GroundRequest,
   GroundResult,
   PackInfo,
   RequestOptions,
   SegmentRequest,
   SegmentResult,
+  StageTimings,
 } from "./types.js";
 import { DEFAULT_MAX_INSTANCES, ENGINE_DEFAULTS } from "./types.js";
 import { VisionEncoder } from "./vision-encoder.js";
@@ -171,18 +173,13 @@ export class Pipeline implements Engine {
   ground(req: GroundRequest): Promise<GroundResult> {
     return this.#exclusive(req, async (timer) => {
       const { image, cached } = await this.#encode(req.image, timer, req.signal);
-      const { queries, text } = await this.#ground(
-        image,
-        req.expression,
-        req.maxInstances,
-        timer,
-        req.signal,
-      );
+      const { queries, text, generated } = await this.#ground(image, req, timer, req.signal);
       return {
         found: queries.length > 0,
         image: { width: image.width, height: image.height },
         instances: queries.map(({ label, box, score }) => ({ label, box, score })),
         text,
+        generated,
         timings: timer.finish(),
         cached,
       };
@@ -192,10 +189,10 @@ export class Pipeline implements Engine {
   segment(req: SegmentRequest): Promise<SegmentResult> {
     return this.#exclusive(req, async (timer) => {
       const { image, cached, decoded } = await this.#encode(req.image, timer, req.signal);
-      const { queries, text } =
+      const { queries, text, generated } =
         "box" in req
           ? await this.#boxQuery(image, req.box, req.label ?? "region", timer, req.signal)
-          : await this.#ground(image, req.expression, req.maxInstances, timer, req.signal);
+          : await this.#ground(image, req, timer, req.signal);
       const masks = await this.#masks(image, queries, timer, req.signal);
       const written = await writeMasks(masks, {
         ...req,
@@ -208,6 +205,7 @@ export class Pipeline implements Engine {
         image: { width: image.width, height: image.height },
         ...written,
         text,
+        generated,
         timings: timer.finish(),
         cached,
       };
@@ -243,6 +241,27 @@ export class Pipeline implements Engine {
         timings: timer.finish(),
         cached,
       };
+    });
+  }
+
+  /**
+   * Greedy decoding of the grounding prompt without the grammar or stop tokens, exactly `tokens`
+   * tokens, as transformers' `generate` does: for comparing tokens with the reference (npm run bench).
+   */
+  greedy(req: GroundRequest & { tokens: number }): Promise<{ tokens: number[]; timings: StageTimings }> {
+    return this.#exclusive(req, async (timer) => {
+      const { image } = await this.#encode(req.image, timer, req.signal);
+      const question = groundQuestion(this.#pack.manifest.prompts, req.expression);
+      const prefill = await this.#prefill(image, question, [], timer, req.signal);
+      const gen = await this.#lm.generate(prefill, {
+        maxNewTokens: req.tokens,
+        stopTokens: new Set(),
+        ropeDelta: prefill.ropeDelta,
+        ...(req.signal ? { signal: req.signal } : {}),
+      });
+      timer.lap("generate");
+      timer.perStep(gen.steps);
+      return { tokens: gen.tokens, timings: timer.finish() };
     });
   }
 
@@ -372,22 +391,16 @@ export class Pipeline implements Engine {
   /** Grounding: the boxes the model writes for `expression`, each with its T_seg state and score. */
   async #ground(
     image: EncodedImage,
-    expression: string,
-    maxInstances: number | undefined,
+    req: { expression: string; maxInstances?: number; maxTokens?: number },
     timer: Timer,
     signal: AbortSignal | undefined,
-  ): Promise<{ queries: Query[]; text: string }> {
-    const limit = maxInstances ?? DEFAULT_MAX_INSTANCES;
-    const prefill = await this.#prefill(
-      image,
-      groundQuestion(this.#pack.manifest.prompts, expression),
-      [],
-      timer,
-      signal,
-    );
+  ): Promise<{ queries: Query[]; text: string; generated: Generated }> {
+    const limit = req.maxInstances ?? DEFAULT_MAX_INSTANCES;
+    const question = groundQuestion(this.#pack.manifest.prompts, req.expression);
+    const prefill = await this.#prefill(image, question, [], timer, signal);
     timer.progress("generate", 0);
     const grammar = new BoxGrammar(this.#vocab, { maxBoxes: limit });
-    const budget = 8 + TOKENS_PER_BOX * limit;
+    const budget = req.maxTokens ?? 8 + TOKENS_PER_BOX * limit;
     const gen = await this.#lm.generate(prefill, {
       maxNewTokens: budget,
       stopTokens: this.#stop,
@@ -419,7 +432,7 @@ export class Pipeline implements Engine {
       });
     });
     queries.sort((a, b) => b.score - a.score);
-    return { queries, text: this.#text(gen) };
+    return { queries, text: this.#text(gen), generated: { tokens: gen.tokens.length, steps: gen.steps } };
   }
 
   /** A box the agent gave: the question and the box's text are prefilled; T_seg is the last row. */
@@ -429,7 +442,7 @@ export class Pipeline implements Engine {
     label: string,
     timer: Timer,
     signal: AbortSignal | undefined,
-  ): Promise<{ queries: Query[]; text: string }> {
+  ): Promise<{ queries: Query[]; text: string; generated: Generated }> {
     const box1000 = boxTo1000(box, image.width, image.height);
     const answer = groundingAnswerIds(this.#tokenizer, [box1000], [label], { close: false });
     const question = groundQuestion(this.#pack.manifest.prompts, label);
@@ -437,6 +450,7 @@ export class Pipeline implements Engine {
     return {
       queries: [{ label, box, box1000, score: 1, hidden: prefill.lastHidden }],
       text: `${boxPrefixText(box1000)}], "label": ${JSON.stringify(label)}}]`,
+      generated: { tokens: 0, steps: 0 },
     };
   }
 

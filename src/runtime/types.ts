@@ -57,6 +57,8 @@ export interface GroundRequest extends RequestOptions {
   expression: string;
   /** At most this many instances are returned (highest score first). @default DEFAULT_MAX_INSTANCES */
   maxInstances?: number;
+  /** At most this many answer tokens (bounds the time). @default room for maxInstances boxes */
+  maxTokens?: number;
 }
 
 export interface Instance {
@@ -66,19 +68,26 @@ export interface Instance {
   score: number;
 }
 
+/** What generation did: answer tokens, and decoder calls (forced text is fed as one chunk). */
+export interface Generated {
+  tokens: number;
+  steps: number;
+}
+
 export interface GroundResult {
   found: boolean;
   image: ImageInfo;
   instances: Instance[];
   /** The model's raw answer text (for debugging and for the CLI's --verbose). */
   text: string;
+  generated: Generated;
   timings: StageTimings;
   cached: boolean;
 }
 
 /** What to segment: the objects an expression names, or the object in a box the agent already has. */
 export type SegmentTarget =
-  | { expression: string; maxInstances?: number }
+  | { expression: string; maxInstances?: number; maxTokens?: number }
   | {
       box: Box;
       /** What the box holds, if the agent knows; the model is asked about this label. @default "region" */
@@ -121,6 +130,7 @@ export interface SegmentResult {
   /** JPEG bytes of the overlay, when a preview was asked and there is an instance. */
   preview?: Uint8Array;
   text: string;
+  generated: Generated;
   timings: StageTimings;
   cached: boolean;
 }

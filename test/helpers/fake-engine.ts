@@ -112,6 +112,7 @@ export class FakeEngine implements Engine {
         image,
         instances,
         text: "",
+        generated: { tokens: 0, steps: 0 },
         timings: { total: 1 },
         cached: false,
       };
@@ -178,6 +179,7 @@ export class FakeEngine implements Engine {
       ...(overlayPath === undefined ? {} : { overlayPath }),
       ...(preview === undefined ? {} : { preview }),
       text: "",
+      generated: { tokens: 0, steps: 0 },
       timings: { total: 1 },
       cached: false,
     };
