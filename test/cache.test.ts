@@ -36,6 +36,18 @@ describe("ByteLru", () => {
     expect(lru.get("k")).toBeUndefined();
   });
 
+  it("releases what leaves it (evicted, replaced, cleared) and says when it did not store", () => {
+    const released: string[] = [];
+    const lru = new ByteLru<string>(100, (v) => released.push(v));
+    expect(lru.set("a", "A", 60)).toBe(true);
+    lru.set("a", "A2", 60); // replaced
+    lru.set("b", "B", 60); // evicts a
+    expect(lru.set("huge", "H", 101)).toBe(false); // not stored: the caller keeps it
+    lru.clear();
+    expect(released).toEqual(["A", "A2", "B"]);
+    expect(lru.bytes).toBe(0);
+  });
+
   it("rejects a negative budget with a message naming the value", () => {
     expect(() => new ByteLru(-1)).toThrow(/non-negative byte budget for the cache but received -1/);
   });

@@ -172,6 +172,18 @@ describe("Pipeline on the tiny pack", () => {
   });
 });
 
+describe("warm-up at load (the default on GPU providers)", () => {
+  it("runs every stage once and leaves the cache empty", async () => {
+    const warm = await Pipeline.create({ packDir, executionProvider: "cpu", warmUp: true });
+    try {
+      const res = await warm.ground({ image, expression: "the red box", maxInstances: 1 });
+      expect(res.cached).toBe(false);
+    } finally {
+      await warm.dispose();
+    }
+  });
+});
+
 describe("describe_mode crop", () => {
   it("describes from a crop: the result speaks of the whole image, the crop is cached", async () => {
     const dir = path.join(out, "crop-pack");

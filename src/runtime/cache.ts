@@ -3,15 +3,17 @@ import { SegError } from "../errors.js";
 /**
  * A least-recently-used map bounded by a byte budget. Used for encoded images (vision outputs and the
  * prompt prefix's KV cache), which are large typed arrays: the budget, not an entry count, is what
- * keeps memory bounded.
+ * keeps memory bounded. The cache owns what it stores: `onEvict` releases an entry that leaves it
+ * (evicted, replaced, deleted or cleared), e.g. KV tensors kept on a GPU.
  */
 export class ByteLru<V> {
   readonly #map = new Map<string, { value: V; bytes: number }>();
   readonly #budget: number;
+  readonly #onEvict: (value: V) => void;
   #bytes = 0;
 
   /** @param budgetBytes total bytes the cache may hold; 0 disables caching. */
-  constructor(budgetBytes: number) {
+  constructor(budgetBytes: number, onEvict: (value: V) => void = () => {}) {
     if (!Number.isFinite(budgetBytes) || budgetBytes < 0) {
       throw new SegError(
         "INVALID_INPUT",
@@ -19,6 +21,7 @@ export class ByteLru<V> {
       );
     }
     this.#budget = budgetBytes;
+    this.#onEvict = onEvict;
   }
 
   get size(): number {
@@ -38,17 +41,20 @@ export class ByteLru<V> {
     return entry.value;
   }
 
-  /** Insert; an entry larger than the whole budget is not stored. Evicts least recently used first. */
-  set(key: string, value: V, bytes: number): void {
+  /**
+   * Insert, evicting least recently used entries first. Returns false when the entry is larger than
+   * the whole budget: it is then not stored, and stays the caller's to release.
+   */
+  set(key: string, value: V, bytes: number): boolean {
     this.delete(key);
-    if (bytes > this.#budget) return;
+    if (bytes > this.#budget) return false;
     this.#map.set(key, { value, bytes });
     this.#bytes += bytes;
-    for (const [oldKey, entry] of this.#map) {
+    for (const [oldKey] of this.#map) {
       if (this.#bytes <= this.#budget) break;
-      this.#map.delete(oldKey);
-      this.#bytes -= entry.bytes;
+      this.delete(oldKey);
     }
+    return true;
   }
 
   delete(key: string): boolean {
@@ -56,12 +62,12 @@ export class ByteLru<V> {
     if (!entry) return false;
     this.#map.delete(key);
     this.#bytes -= entry.bytes;
+    this.#onEvict(entry.value);
     return true;
   }
 
   clear(): void {
-    this.#map.clear();
-    this.#bytes = 0;
+    for (const key of [...this.#map.keys()]) this.delete(key);
   }
 }
 

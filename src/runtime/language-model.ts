@@ -6,7 +6,18 @@
  */
 
 import { SegError, throwIfAborted } from "../errors.js";
-import { f32, type HostTensor, i64, OnnxSession, type SessionOptions } from "./onnx.js";
+import {
+  type DeviceTensor,
+  f32,
+  type GraphRunner,
+  type HostTensor,
+  i64,
+  isHostTensor,
+  type KeptTensor,
+  OnnxSession,
+  release,
+  type SessionOptions,
+} from "./onnx.js";
 import type { LoadedPack } from "./pack.js";
 import { decodePositions } from "./rope.js";
 
@@ -18,10 +29,26 @@ export interface LmDims {
   vocab: number;
 }
 
-/** Past keys/values after k_norm and RoPE: 2L tensors [1, nKV, length, hd]. Immutable once made. */
+/**
+ * Past keys/values after k_norm and RoPE: 2L tensors [1, nKV, length, hd], immutable once made. On
+ * WebGPU they stay on the GPU between steps; whoever made a cache releases it (`releaseCache`).
+ */
 export interface KvCache {
   readonly length: number;
-  readonly tensors: readonly HostTensor<Float32Array>[];
+  readonly tensors: readonly KeptTensor[];
+}
+
+/** Release a cache's device tensors (host arrays are the garbage collector's). */
+export function releaseCache(cache: KvCache): void {
+  for (const t of cache.tensors) release(t);
+}
+
+/** Bytes a cache holds, wherever it lives (f32). */
+export function cacheBytes(cache: KvCache): number {
+  let n = 0;
+  for (const t of cache.tensors)
+    n += isHostTensor(t) ? t.data.byteLength : 4 * t.dims.reduce((a, b) => a * b, 1);
+  return n;
 }
 
 export interface StepResult {
@@ -71,11 +98,12 @@ export interface GenerateResult {
 
 export class LanguageModel {
   readonly dims: LmDims;
-  readonly #session: OnnxSession;
+  readonly #session: GraphRunner;
   readonly #pastNames: string[] = [];
   readonly #presentNames: string[] = [];
 
-  private constructor(session: OnnxSession, dims: LmDims) {
+  /** Over a loaded graph (`load` is the usual way; tests pass a scripted one). */
+  constructor(session: GraphRunner, dims: LmDims) {
     this.#session = session;
     this.dims = dims;
     for (let i = 0; i < dims.layers; i++) {
@@ -86,7 +114,15 @@ export class LanguageModel {
 
   static async load(pack: LoadedPack, options: SessionOptions): Promise<LanguageModel> {
     const t = pack.manifest.model.text;
-    const session = await OnnxSession.create(pack.file(pack.manifest.graphs.language_model.file), options);
+    const presents = Array.from({ length: t.num_hidden_layers }, (_, i) => [
+      `present.${i}.key`,
+      `present.${i}.value`,
+    ]);
+    // The KV cache stays where it is computed; only logits and hidden states come back to the host.
+    const session = await OnnxSession.create(pack.file(pack.manifest.graphs.language_model.file), {
+      ...options,
+      keepOnDevice: presents.flat(),
+    });
     return new LanguageModel(session, {
       layers: t.num_hidden_layers,
       kvHeads: t.num_key_value_heads,
@@ -148,7 +184,7 @@ export class LanguageModel {
       );
     }
     const total = cache.length + s;
-    const feeds: Record<string, HostTensor> = {
+    const feeds: Record<string, HostTensor | DeviceTensor> = {
       input_ids: i64(
         BigInt64Array.from(ids, (v) => BigInt(v)),
         [1, s],
@@ -158,7 +194,7 @@ export class LanguageModel {
       position_ids: i64(positions, [3, 1, s]),
     };
     this.#pastNames.forEach((name, k) => {
-      feeds[name] = cache.tensors[k] as HostTensor;
+      feeds[name] = cache.tensors[k] as KeptTensor;
     });
     const out = await this.#session.run(feeds);
     const logits = out.float("logits"); // [1, 1, V]
@@ -169,13 +205,15 @@ export class LanguageModel {
         `the language model returned ${logits.length} logits and ${hidden.length} hidden values, expected ${vocab} and ${s * h}`,
       );
     }
-    const tensors = this.#presentNames.map((name) => out.tensor(name)); // [1, nKV, past + S, hd] each
+    const tensors = this.#presentNames.map((name) => out.kept(name)); // [1, nKV, past + S, hd] each
     return { logits, hidden, cache: { length: total, tensors } };
   }
 
   /**
    * Greedy decoding from the state after a prefill. `start` holds the last logits and the hidden
    * state that produced them ([H]); each step feeds the chosen token (or a forced chunk) and continues.
+   * `start.cache` stays the caller's; every cache made here is released here, each as soon as the
+   * next step has consumed it.
    */
   async generate(
     start: { logits: Float32Array; lastHidden: Float32Array; cache: KvCache },
@@ -191,61 +229,68 @@ export class LanguageModel {
     let coordCount = 0;
     let steps = 0;
     let { logits, lastHidden, cache } = start;
-    const result = (stoppedBy: GenerateResult["stoppedBy"]): GenerateResult => ({
-      tokens,
-      probs,
-      boxHidden,
-      boxScores,
-      steps,
-      stoppedBy,
-    });
-    while (tokens.length < options.maxNewTokens) {
-      throwIfAborted(signal, "during generation");
-      if (constraint?.isDone()) return result("grammar");
-      const forced = constraint ? constraint.forced() : [];
-      let chunk: number[];
-      if (forced.length > 0) {
-        chunk = forced.slice(0, options.maxNewTokens - tokens.length);
-        for (const t of chunk) {
-          // The token closing a box follows a number, which the grammar never forces.
-          if (constraint?.advance(t).boxClosed)
-            throw new SegError("INFERENCE_FAILED", "a forced token closed a box");
-          tokens.push(t);
-          probs.push(1);
+    let stoppedBy: GenerateResult["stoppedBy"] = "budget";
+    try {
+      while (tokens.length < options.maxNewTokens) {
+        throwIfAborted(signal, "during generation");
+        if (constraint?.isDone()) {
+          stoppedBy = "grammar";
+          break;
         }
-      } else {
-        const token = constraint ? constraint.pick(logits) : argmax(logits);
-        const p = tokenProbability(logits, token);
-        const event = constraint?.advance(token);
-        if (event?.lastCoordinateInToken) {
-          throw new SegError("INFERENCE_FAILED", "this vocabulary merges a coordinate digit with `]`");
+        const forced = constraint ? constraint.forced() : [];
+        let chunk: number[];
+        if (forced.length > 0) {
+          chunk = forced.slice(0, options.maxNewTokens - tokens.length);
+          for (const t of chunk) {
+            // The token closing a box follows a number, which the grammar never forces.
+            if (constraint?.advance(t).boxClosed)
+              throw new SegError("INFERENCE_FAILED", "a forced token closed a box");
+            tokens.push(t);
+            probs.push(1);
+          }
+        } else {
+          const token = constraint ? constraint.pick(logits) : argmax(logits);
+          const p = tokenProbability(logits, token);
+          const event = constraint?.advance(token);
+          if (event?.lastCoordinateInToken) {
+            throw new SegError("INFERENCE_FAILED", "this vocabulary merges a coordinate digit with `]`");
+          }
+          if (event?.coordinate) {
+            coordLogProb += Math.log(Math.max(p, 1e-12));
+            coordCount++;
+          }
+          if (event?.boxClosed) {
+            // T_seg: the state that predicted the closing token, i.e. the one at the last digit.
+            boxHidden.push(lastHidden.slice());
+            boxScores.push(coordCount > 0 ? Math.exp(coordLogProb / coordCount) : 0);
+            coordLogProb = 0;
+            coordCount = 0;
+          }
+          tokens.push(token);
+          probs.push(p);
+          if (stopTokens.has(token)) {
+            stoppedBy = "stop";
+            break;
+          }
+          chunk = [token];
         }
-        if (event?.coordinate) {
-          coordLogProb += Math.log(Math.max(p, 1e-12));
-          coordCount++;
+        options.onToken?.(tokens.length);
+        if (constraint?.isDone()) {
+          stoppedBy = "grammar";
+          break;
         }
-        if (event?.boxClosed) {
-          // T_seg: the state that predicted the closing token, i.e. the one at the last digit.
-          boxHidden.push(lastHidden.slice());
-          boxScores.push(coordCount > 0 ? Math.exp(coordLogProb / coordCount) : 0);
-          coordLogProb = 0;
-          coordCount = 0;
-        }
-        tokens.push(token);
-        probs.push(p);
-        if (stopTokens.has(token)) return result("stop");
-        chunk = [token];
+        if (tokens.length >= options.maxNewTokens) break;
+        const next = await this.step(chunk, decodePositions(cache.length, chunk.length, ropeDelta), cache);
+        if (cache !== start.cache) releaseCache(cache); // consumed by the step just run
+        steps++;
+        logits = next.logits;
+        lastHidden = next.hidden.subarray((chunk.length - 1) * h, chunk.length * h);
+        cache = next.cache;
       }
-      options.onToken?.(tokens.length);
-      if (constraint?.isDone()) return result("grammar");
-      if (tokens.length >= options.maxNewTokens) break;
-      const next = await this.step(chunk, decodePositions(cache.length, chunk.length, ropeDelta), cache);
-      steps++;
-      logits = next.logits;
-      lastHidden = next.hidden.subarray((chunk.length - 1) * h, chunk.length * h);
-      cache = next.cache;
+    } finally {
+      if (cache !== start.cache) releaseCache(cache);
     }
-    return result("budget");
+    return { tokens, probs, boxHidden, boxScores, steps, stoppedBy };
   }
 
   dispose(): Promise<void> {

@@ -20,7 +20,28 @@ export interface HostTensor<T extends TensorData = TensorData> {
   dims: readonly number[];
 }
 
-export type Feeds = Record<string, HostTensor>;
+/**
+ * An output left where the execution provider computed it (a GPU buffer on WebGPU), to be fed back
+ * without a round trip through the host. Whoever receives it from `run` owns it and disposes it.
+ */
+export interface DeviceTensor {
+  readonly dims: readonly number[];
+  dispose(): void;
+}
+
+/** An output that is either on the host or, when the provider allows, kept on the device. */
+export type KeptTensor = HostTensor<Float32Array> | DeviceTensor;
+
+export function isHostTensor(t: KeptTensor | HostTensor): t is HostTensor {
+  return "data" in t;
+}
+
+/** Release a kept output (a no-op for host memory, which the garbage collector owns). */
+export function release(t: KeptTensor): void {
+  if (!isHostTensor(t)) t.dispose();
+}
+
+export type Feeds = Record<string, HostTensor | DeviceTensor>;
 
 export interface SessionOptions {
   provider: ExecutionProvider;
@@ -28,6 +49,34 @@ export interface SessionOptions {
   threads?: number;
   /** Where skipped providers are reported. */
   log?: Logger;
+  /**
+   * Outputs to keep on the device where the provider can (WebGPU: `gpu-buffer`). onnxruntime-node
+   * returns CUDA and CPU outputs in host memory, so there they come back as host tensors.
+   */
+  keepOnDevice?: readonly string[];
+}
+
+/** A device-resident output of onnxruntime (gpu-buffer location). */
+class OrtDeviceTensor implements DeviceTensor {
+  readonly dims: readonly number[];
+  #tensor: ort.Tensor | undefined;
+
+  constructor(tensor: ort.Tensor) {
+    this.#tensor = tensor;
+    this.dims = tensor.dims;
+  }
+
+  /** The tensor to feed; INFERENCE_FAILED once disposed (a bug in the owner's bookkeeping). */
+  get tensor(): ort.Tensor {
+    if (!this.#tensor)
+      throw new SegError("INFERENCE_FAILED", "a device tensor was used after it was released");
+    return this.#tensor;
+  }
+
+  dispose(): void {
+    this.#tensor?.dispose();
+    this.#tensor = undefined;
+  }
 }
 
 const ORDER: readonly ConcreteProvider[] = ["cuda", "webgpu", "cpu"];
@@ -49,18 +98,19 @@ export const runClock = { ms: 0, calls: 0 };
 
 /** A graph's outputs by name; a missing or mistyped output is INFERENCE_FAILED naming it. */
 export class RunOutputs {
-  readonly #tensors: Record<string, HostTensor>;
+  readonly #tensors: Record<string, HostTensor | DeviceTensor>;
   readonly #graph: string;
 
-  constructor(tensors: Record<string, HostTensor>, graph: string) {
+  constructor(tensors: Record<string, HostTensor | DeviceTensor>, graph: string) {
     this.#tensors = tensors;
     this.#graph = graph;
   }
 
+  /** A host output. */
   tensor(name: string): HostTensor<Float32Array> {
     const t = this.#tensors[name];
-    if (!t || !(t.data instanceof Float32Array)) {
-      throw new SegError("INFERENCE_FAILED", `${this.#graph} returned no float32 output ${name}`);
+    if (!t || !isHostTensor(t) || !(t.data instanceof Float32Array)) {
+      throw new SegError("INFERENCE_FAILED", `${this.#graph} returned no float32 host output ${name}`);
     }
     return t as HostTensor<Float32Array>;
   }
@@ -68,10 +118,23 @@ export class RunOutputs {
   float(name: string): Float32Array {
     return this.tensor(name).data;
   }
+
+  /** An output named in `keepOnDevice`: on the device where the provider keeps it, else on the host. */
+  kept(name: string): KeptTensor {
+    const t = this.#tensors[name];
+    if (t && !isHostTensor(t)) return t;
+    return this.tensor(name);
+  }
+}
+
+/** What a stage needs of a loaded graph (OnnxSession; a scripted one in tests). */
+export interface GraphRunner {
+  run(feeds: Feeds, outputNames?: readonly string[]): Promise<RunOutputs>;
+  dispose(): Promise<void>;
 }
 
 /** One ONNX graph loaded on one execution provider. The creator owns it and must call `dispose`. */
-export class OnnxSession {
+export class OnnxSession implements GraphRunner {
   readonly provider: ConcreteProvider;
   readonly inputNames: readonly string[];
   readonly outputNames: readonly string[];
@@ -96,6 +159,8 @@ export class OnnxSession {
     const candidates = preference === "auto" ? ORDER : [preference];
     const failures: string[] = [];
     for (const provider of candidates) {
+      // Only WebGPU hands device buffers to JavaScript; everything else comes back to the host.
+      const keep = provider === "webgpu" ? (options.keepOnDevice ?? []) : [];
       try {
         const session = await ort.InferenceSession.create(file, {
           executionProviders: [provider],
@@ -103,6 +168,9 @@ export class OnnxSession {
           intraOpNumThreads: options.threads ?? 0,
           // 3 = errors only: a failed provider probe is reported through `log`, not ORT's own noise.
           logSeverityLevel: 3,
+          ...(keep.length > 0
+            ? { preferredOutputLocation: Object.fromEntries(keep.map((n) => [n, "gpu-buffer" as const])) }
+            : {}),
         });
         if (failures.length > 0) log.info(`${file}: using ${provider}; skipped ${failures.join("; ")}`);
         return new OnnxSession(session, provider, file.split(/[\\/]/).pop() ?? file);
@@ -127,8 +195,10 @@ export class OnnxSession {
     }
     const ortFeeds: Record<string, ort.Tensor> = {};
     for (const name of this.inputNames) {
-      const t = feeds[name] as HostTensor;
-      ortFeeds[name] = new ort.Tensor(t.data instanceof Float32Array ? "float32" : "int64", t.data, t.dims);
+      const t = feeds[name] as HostTensor | DeviceTensor;
+      ortFeeds[name] = isHostTensor(t)
+        ? new ort.Tensor(t.data instanceof Float32Array ? "float32" : "int64", t.data, t.dims)
+        : (t as OrtDeviceTensor).tensor;
     }
     let results: ort.InferenceSession.OnnxValueMapType;
     const start = performance.now();
@@ -147,9 +217,13 @@ export class OnnxSession {
         },
       );
     }
-    const out: Record<string, HostTensor> = {};
+    const out: Record<string, HostTensor | DeviceTensor> = {};
     for (const [name, value] of Object.entries(results)) {
       const tensor = value as ort.Tensor;
+      if (tensor.location === "gpu-buffer") {
+        out[name] = new OrtDeviceTensor(tensor);
+        continue;
+      }
       const data = tensor.data;
       if (!(data instanceof Float32Array || data instanceof BigInt64Array)) {
         throw new SegError(

@@ -10,10 +10,17 @@
  */
 
 import { createHash } from "node:crypto";
+import sharp from "sharp";
 import { SegError, throwIfAborted } from "../errors.js";
 import { ByteLru, byteSize } from "./cache.js";
 import { BoxGrammar, type BoxRecord, BoxVocabulary } from "./grammar.js";
-import { type GenerateResult, type KvCache, LanguageModel } from "./language-model.js";
+import {
+  cacheBytes,
+  type GenerateResult,
+  type KvCache,
+  LanguageModel,
+  releaseCache,
+} from "./language-model.js";
 import { MaskDecoder, type MaskDecoderImage, type MaskQuery } from "./mask-decoder.js";
 import { type MaskResult, maskFromLogits } from "./mask-post.js";
 import type { SessionOptions } from "./onnx.js";
@@ -98,7 +105,7 @@ export class Pipeline implements Engine {
     pack: LoadedPack,
     tokenizer: QwenTokenizer,
     stages: { vision: VisionEncoder; lm: LanguageModel; maskDecoder: MaskDecoder },
-    cacheBytes: number,
+    cacheBudget: number,
   ) {
     this.#pack = pack;
     this.#tokenizer = tokenizer;
@@ -106,7 +113,7 @@ export class Pipeline implements Engine {
     this.#lm = stages.lm;
     this.#maskDecoder = stages.maskDecoder;
     this.#stop = new Set(pack.manifest.tokens.stop);
-    this.#cache = new ByteLru(cacheBytes);
+    this.#cache = new ByteLru(cacheBudget, (image) => releaseCache(image.prefixCache));
     // Rows past the tokenizer's last id exist in the embedding but are never valid output ('' text).
     this.#vocab = new BoxVocabulary(
       tokenizer.grammarTokenTexts(stages.lm.dims.vocab),
@@ -139,12 +146,14 @@ export class Pipeline implements Engine {
       const vision = await load(VisionEncoder.load(pack, session));
       const lm = await load(LanguageModel.load(pack, session));
       const maskDecoder = await load(MaskDecoder.load(pack, session));
-      return new Pipeline(
+      const pipeline = new Pipeline(
         pack,
         tokenizer,
         { vision, lm, maskDecoder },
         options.cacheBytes ?? ENGINE_DEFAULTS.cacheBytes,
       );
+      if (options.warmUp ?? vision.provider !== "cpu") await pipeline.#warmUp();
+      return pipeline;
     } catch (e) {
       await Promise.all(loaded.map((s) => s.dispose()));
       throw e;
@@ -171,34 +180,34 @@ export class Pipeline implements Engine {
   }
 
   ground(req: GroundRequest): Promise<GroundResult> {
-    return this.#exclusive(req, async (timer) => {
-      const { image, cached } = await this.#encode(req.image, timer, req.signal);
-      const { queries, text, generated } = await this.#ground(image, req, timer, req.signal);
+    return this.#exclusive(req, async (r) => {
+      const { image, cached } = await this.#encode(req.image, r);
+      const { queries, text, generated } = await this.#ground(image, req, r);
       return {
         found: queries.length > 0,
         image: { width: image.width, height: image.height },
         instances: queries.map(({ label, box, score }) => ({ label, box, score })),
         text,
         generated,
-        timings: timer.finish(),
+        timings: r.timer.finish(),
         cached,
       };
     });
   }
 
   segment(req: SegmentRequest): Promise<SegmentResult> {
-    return this.#exclusive(req, async (timer) => {
-      const { image, cached, decoded } = await this.#encode(req.image, timer, req.signal);
+    return this.#exclusive(req, async (r) => {
+      const { image, cached, decoded } = await this.#encode(req.image, r);
       const { queries, text, generated } =
         "box" in req
-          ? await this.#boxQuery(image, req.box, req.label ?? "region", timer, req.signal)
-          : await this.#ground(image, req, timer, req.signal);
-      const masks = await this.#masks(image, queries, timer, req.signal);
+          ? await this.#boxQuery(image, req.box, req.label ?? "region", r)
+          : await this.#ground(image, req, r);
+      const masks = await this.#masks(image, queries, r);
       const written = await writeMasks(masks, {
         ...req,
         size: { width: image.width, height: image.height },
         pixels: async () => decoded ?? (await decodeImage(req.image)),
-        timer,
+        timer: r.timer,
       });
       return {
         found: written.instances.length > 0,
@@ -206,39 +215,39 @@ export class Pipeline implements Engine {
         ...written,
         text,
         generated,
-        timings: timer.finish(),
+        timings: r.timer.finish(),
         cached,
       };
     });
   }
 
   describe(req: DescribeRequest): Promise<DescribeResult> {
-    return this.#exclusive(req, async (timer) => {
+    return this.#exclusive(req, async (r) => {
       const { width, height } = req.image;
       const prompts = this.#pack.manifest.prompts;
       // describe_mode "crop" shows the model a crop around the region (modelkit answers.crop_box)
       // instead of the region's coordinates; only the crop is encoded.
       const crop = prompts.describe_mode === "crop" ? cropBox(req.box, width, height) : undefined;
-      const { image, cached } = await this.#encode(req.image, timer, req.signal, crop);
+      const { image, cached } = await this.#encode(req.image, r, crop);
       const question = describeQuestion(prompts, boxTo1000(req.box, width, height));
-      const prefill = await this.#prefill(image, question, [], timer, req.signal);
-      timer.progress("generate", 0);
+      const prefill = await this.#prefill(image, question, [], r);
+      r.timer.progress("generate", 0);
       const gen = await this.#lm.generate(prefill, {
         maxNewTokens: MAX_DESCRIBE_TOKENS,
         stopTokens: this.#stop,
         ropeDelta: prefill.ropeDelta,
         ...(req.signal ? { signal: req.signal } : {}),
-        onToken: (n) => timer.progress("generate", n / MAX_DESCRIBE_TOKENS),
+        onToken: (n) => r.timer.progress("generate", n / MAX_DESCRIBE_TOKENS),
       });
-      timer.lap("generate");
-      timer.perStep(gen.steps);
+      r.timer.lap("generate");
+      r.timer.perStep(gen.steps);
       const description = this.#text(gen).trim();
       return {
         image: { width, height },
         box: req.box,
         description,
         label: shortLabel(description),
-        timings: timer.finish(),
+        timings: r.timer.finish(),
         cached,
       };
     });
@@ -249,19 +258,19 @@ export class Pipeline implements Engine {
    * tokens, as transformers' `generate` does: for comparing tokens with the reference (npm run bench).
    */
   greedy(req: GroundRequest & { tokens: number }): Promise<{ tokens: number[]; timings: StageTimings }> {
-    return this.#exclusive(req, async (timer) => {
-      const { image } = await this.#encode(req.image, timer, req.signal);
+    return this.#exclusive(req, async (r) => {
+      const { image } = await this.#encode(req.image, r);
       const question = groundQuestion(this.#pack.manifest.prompts, req.expression);
-      const prefill = await this.#prefill(image, question, [], timer, req.signal);
+      const prefill = await this.#prefill(image, question, [], r);
       const gen = await this.#lm.generate(prefill, {
         maxNewTokens: req.tokens,
         stopTokens: new Set(),
         ropeDelta: prefill.ropeDelta,
         ...(req.signal ? { signal: req.signal } : {}),
       });
-      timer.lap("generate");
-      timer.perStep(gen.steps);
-      return { tokens: gen.tokens, timings: timer.finish() };
+      r.timer.lap("generate");
+      r.timer.perStep(gen.steps);
+      return { tokens: gen.tokens, timings: r.timer.finish() };
     });
   }
 
@@ -271,8 +280,26 @@ export class Pipeline implements Engine {
     await Promise.all([this.#vision.dispose(), this.#lm.dispose(), this.#maskDecoder.dispose()]);
   }
 
+  /**
+   * Every stage once on a small grey image (vision, prefix and question prefill, a decode step, the
+   * mask decoder), so a GPU provider compiles its kernels at load rather than in the first call.
+   */
+  async #warmUp(): Promise<void> {
+    const side = 256;
+    const bytes = await sharp({ create: { width: side, height: side, channels: 3, background: "#808080" } })
+      .png()
+      .toBuffer();
+    await this.#exclusive({}, async (r) => {
+      const { image } = await this.#encode({ bytes, width: side, height: side }, r);
+      await this.#ground(image, { expression: "region", maxTokens: 2 }, r); // one decode step
+      const { queries } = await this.#boxQuery(image, [64, 64, 192, 192], "region", r);
+      await this.#masks(image, queries, r);
+    });
+    this.#cache.clear();
+  }
+
   /** One request at a time: engine.ts's queue guarantees it; this only refuses a second one. */
-  async #exclusive<T>(req: RequestOptions, body: (timer: Timer) => Promise<T>): Promise<T> {
+  async #exclusive<T>(req: RequestOptions, body: (r: RequestScope) => Promise<T>): Promise<T> {
     if (this.#current) {
       throw new SegError(
         "INFERENCE_FAILED",
@@ -280,11 +307,13 @@ export class Pipeline implements Engine {
       );
     }
     throwIfAborted(req.signal);
-    const run = body(new Timer(req.onProgress));
+    const scope = new RequestScope(req);
+    const run = body(scope);
     this.#current = run;
     try {
       return await run;
     } finally {
+      scope.close();
       this.#current = undefined;
     }
   }
@@ -292,10 +321,10 @@ export class Pipeline implements Engine {
   /** Decode + vision encoder + image-prefix prefill, or a cache hit keyed by content and settings. */
   async #encode(
     source: CheckedImage,
-    timer: Timer,
-    signal: AbortSignal | undefined,
+    r: RequestScope,
     crop?: Box,
   ): Promise<{ image: EncodedImage; cached: boolean; decoded?: DecodedImage }> {
+    const { timer, signal } = r;
     timer.progress("decode", 0);
     const { preprocess: pre, name, tokens, prompts } = this.#pack.manifest;
     const key = createHash("sha256")
@@ -345,11 +374,9 @@ export class Pipeline implements Engine {
       prefixCache: out.cache,
     };
     timer.lap("prefill");
-    this.#cache.set(
-      key,
-      image,
-      byteSize(image.hrImage, image.vitMs, image.mmEmbeds, ...out.cache.tensors.map((t) => t.data)),
-    );
+    const bytes = byteSize(image.hrImage, image.vitMs, image.mmEmbeds) + cacheBytes(out.cache);
+    // The image cache owns the prefix's KV from here on; one too large for it is this request's.
+    if (!this.#cache.set(key, image, bytes)) r.own(out.cache);
     return { image, cached: false, decoded };
   }
 
@@ -362,9 +389,9 @@ export class Pipeline implements Engine {
     image: EncodedImage,
     question: string,
     answerPrefix: readonly number[],
-    timer: Timer,
-    signal: AbortSignal | undefined,
+    r: RequestScope,
   ): Promise<Prefilled> {
+    const { timer, signal } = r;
     throwIfAborted(signal);
     timer.progress("prefill", 0);
     const { tokens, prompts, preprocess: pre } = this.#pack.manifest;
@@ -378,6 +405,7 @@ export class Pipeline implements Engine {
     const rope = ropeIndex(ids, [image.grid], tokens.image_pad, tokens.vision_start, pre.merge_size);
     const suffix = ids.slice(s0);
     const out = await this.#lm.step(suffix, positionsFrom(rope.positions, s0), image.prefixCache);
+    r.own(out.cache);
     const h = this.#lm.dims.hidden;
     timer.lap("prefill");
     return {
@@ -392,12 +420,12 @@ export class Pipeline implements Engine {
   async #ground(
     image: EncodedImage,
     req: { expression: string; maxInstances?: number; maxTokens?: number },
-    timer: Timer,
-    signal: AbortSignal | undefined,
+    r: RequestScope,
   ): Promise<{ queries: Query[]; text: string; generated: Generated }> {
+    const { timer, signal } = r;
     const limit = req.maxInstances ?? DEFAULT_MAX_INSTANCES;
     const question = groundQuestion(this.#pack.manifest.prompts, req.expression);
-    const prefill = await this.#prefill(image, question, [], timer, signal);
+    const prefill = await this.#prefill(image, question, [], r);
     timer.progress("generate", 0);
     const grammar = new BoxGrammar(this.#vocab, { maxBoxes: limit });
     const budget = req.maxTokens ?? 8 + TOKENS_PER_BOX * limit;
@@ -440,13 +468,12 @@ export class Pipeline implements Engine {
     image: EncodedImage,
     box: Box,
     label: string,
-    timer: Timer,
-    signal: AbortSignal | undefined,
+    r: RequestScope,
   ): Promise<{ queries: Query[]; text: string; generated: Generated }> {
     const box1000 = boxTo1000(box, image.width, image.height);
     const answer = groundingAnswerIds(this.#tokenizer, [box1000], [label], { close: false });
     const question = groundQuestion(this.#pack.manifest.prompts, label);
-    const prefill = await this.#prefill(image, question, answer.ids, timer, signal);
+    const prefill = await this.#prefill(image, question, answer.ids, r);
     return {
       queries: [{ label, box, box1000, score: 1, hidden: prefill.lastHidden }],
       text: `${boxPrefixText(box1000)}], "label": ${JSON.stringify(label)}}]`,
@@ -458,9 +485,9 @@ export class Pipeline implements Engine {
   async #masks(
     image: EncodedImage,
     queries: readonly Query[],
-    timer: Timer,
-    signal: AbortSignal | undefined,
+    r: RequestScope,
   ): Promise<{ query: Query; mask: MaskResult; score: number }[]> {
+    const { timer, signal } = r;
     if (queries.length === 0) return [];
     throwIfAborted(signal);
     timer.progress("mask", 0);
@@ -496,6 +523,27 @@ export class Pipeline implements Engine {
     const [before, after] = record.labelTrim;
     const text = this.#tokenizer.decode(tokens.slice(first, last + 1));
     return text.slice(before, text.length - after).trim();
+  }
+}
+
+/** One request's timer and signal, and the KV caches it made: released when the request ends. */
+class RequestScope {
+  readonly timer: Timer;
+  readonly signal: AbortSignal | undefined;
+  readonly #caches: KvCache[] = [];
+
+  constructor(req: RequestOptions) {
+    this.timer = new Timer(req.onProgress);
+    this.signal = req.signal;
+  }
+
+  own(cache: KvCache): void {
+    this.#caches.push(cache);
+  }
+
+  close(): void {
+    for (const c of this.#caches) releaseCache(c);
+    this.#caches.length = 0;
   }
 }
 

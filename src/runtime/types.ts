@@ -184,6 +184,11 @@ export interface EngineOptions {
   verify?: "full" | "size";
   /** Calls waiting for the engine beyond this are refused with BUSY (it runs one at a time). */
   maxQueue?: number;
+  /**
+   * Run every graph once at load on a small image, so a GPU compiles its shaders before the first
+   * call instead of during it. @default true on GPU providers, false on the CPU
+   */
+  warmUp?: boolean;
   /** Where diagnostics go (never stdout). */
   log?: Logger;
 }
@@ -197,4 +202,4 @@ export const ENGINE_DEFAULTS = {
   threads: 0,
   verify: "full",
   maxQueue: 16,
-} as const satisfies Required<Omit<EngineOptions, "packDir" | "log">>;
+} as const satisfies Required<Omit<EngineOptions, "packDir" | "log" | "warmUp">>;
