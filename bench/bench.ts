@@ -5,7 +5,9 @@
  *   encoder and the image prefix's prefill are skipped), and their ratio.
  *
  * npm run bench -- --pack DIR --reference CKPT_DIR [--image F] [--tokens 32] [--runs N] [--device D]
- *   The side-by-side benchmark against transformers eager on the same weights (compare.ts).
+ *                  [--reference-dtype fp32|bf16] [--threads N]
+ *   The side-by-side benchmark against transformers eager on the same weights (compare.ts); the
+ *   reference runs on the CPU when --device is cpu, else on CUDA (fp32 on the CPU, bf16 on a GPU).
  *
  * npm run bench:compare
  *   The default side-by-side: builds once (cached in .bench/) a Qwen3-VL-2B-width random pack with 4
@@ -37,6 +39,7 @@ const { values } = parseArgs({
     tokens: { type: "string", default: "32" },
     device: { type: "string", default: "cpu" },
     threads: { type: "string", default: "0" },
+    "reference-dtype": { type: "string" },
     expression: { type: "string", default: "the red circle" },
     "default-compare": { type: "boolean" },
   },
@@ -150,6 +153,7 @@ async function main(): Promise<void> {
       expression: values.expression,
       python: python(),
       threads: Number.parseInt(values.threads, 10),
+      referenceDtype: (values["reference-dtype"] ?? (device === "cpu" ? "fp32" : "bf16")) as "fp32" | "bf16",
     });
     process.stdout.write(`${JSON.stringify(report)}\n`);
     return;

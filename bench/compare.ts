@@ -36,6 +36,8 @@ export interface CompareOptions {
   python: string;
   /** Threads for both sides (0: each library's default). */
   threads: number;
+  /** The reference's compute dtype: fp32 on the CPU (as the pack), bf16 on a GPU (its usual). */
+  referenceDtype: "fp32" | "fp16" | "bf16";
 }
 
 type StageName =
@@ -133,7 +135,7 @@ function runReference(o: CompareOptions, box: Box, tokens: number): Promise<Reco
     "--device",
     o.device === "cpu" ? "cpu" : "cuda",
     "--dtype",
-    "fp32",
+    o.referenceDtype,
     "--expression",
     o.expression,
     "--box",
