@@ -112,7 +112,7 @@ describe("OnnxSession provider choice", () => {
     });
     try {
       expect(s.provider).toBe("cpu");
-      expect(logs.join("\n")).toMatch(/using cpu; skipped cuda \(.+\); webgpu \(.+\)/);
+      expect(logs.join("\n")).toMatch(/execution provider cpu; skipped cuda \(.+\); webgpu \(.+\)/);
     } finally {
       await s.dispose();
     }

@@ -6,6 +6,8 @@
  * a worker that dies is replaced on the next call (the call in flight fails with INFERENCE_FAILED).
  */
 
+// Side effect first: the worker's onnxruntime reads the environment this thread sets.
+import "./no-telemetry.js";
 import { existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { Worker } from "node:worker_threads";

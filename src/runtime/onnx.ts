@@ -6,6 +6,10 @@
  * then CPU, one session creation each, and reports why each skipped provider failed.
  */
 
+// Side effect first: telemetry off before the native library loads.
+import "./no-telemetry.js";
+import { existsSync } from "node:fs";
+import path from "node:path";
 import ort from "onnxruntime-node";
 import { SegError } from "../errors.js";
 import { type Logger, silentLogger } from "../logger.js";
@@ -80,6 +84,27 @@ class OrtDeviceTensor implements DeviceTensor {
 }
 
 const ORDER: readonly ConcreteProvider[] = ["cuda", "webgpu", "cpu"];
+
+/**
+ * WebGPU reaches a Linux GPU through the Vulkan loader; without one, Dawn prints a warning of its own
+ * to stderr, so `auto` skips WebGPU quietly when no libvulkan.so.1 can be found.
+ */
+function vulkanMissing(): string | undefined {
+  if (process.platform !== "linux") return undefined;
+  const dirs = [
+    ...(process.env.LD_LIBRARY_PATH ?? "").split(":").filter((d) => d.length > 0),
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/usr/lib",
+    "/lib/x86_64-linux-gnu",
+    "/lib64",
+    "/usr/local/lib",
+  ];
+  return dirs.some((d) => existsSync(path.join(d, "libvulkan.so.1")))
+    ? undefined
+    : "no Vulkan loader (libvulkan.so.1) found";
+}
 
 // onnxruntime logs a failed provider probe as an error of its own; every failure reaches the caller
 // as an exception and `auto` reports skipped providers through `log`, so only fatal logs are shown.
@@ -159,6 +184,11 @@ export class OnnxSession implements GraphRunner {
     const candidates = preference === "auto" ? ORDER : [preference];
     const failures: string[] = [];
     for (const provider of candidates) {
+      const missing = preference === "auto" && provider === "webgpu" ? vulkanMissing() : undefined;
+      if (missing) {
+        failures.push(`webgpu (${missing})`);
+        continue;
+      }
       // Only WebGPU hands device buffers to JavaScript; everything else comes back to the host.
       const keep = provider === "webgpu" ? (options.keepOnDevice ?? []) : [];
       try {
@@ -172,7 +202,7 @@ export class OnnxSession implements GraphRunner {
             ? { preferredOutputLocation: Object.fromEntries(keep.map((n) => [n, "gpu-buffer" as const])) }
             : {}),
         });
-        if (failures.length > 0) log.info(`${file}: using ${provider}; skipped ${failures.join("; ")}`);
+        if (failures.length > 0) log.info(`execution provider ${provider}; skipped ${failures.join("; ")}`);
         return new OnnxSession(session, provider, file.split(/[\\/]/).pop() ?? file);
       } catch (cause) {
         const reason = cause instanceof Error ? cause.message.split("\n")[0] : String(cause);

@@ -144,8 +144,10 @@ export class Pipeline implements Engine {
     };
     try {
       const vision = await load(VisionEncoder.load(pack, session));
-      const lm = await load(LanguageModel.load(pack, session));
-      const maskDecoder = await load(MaskDecoder.load(pack, session));
+      // The provider is chosen once, on the first graph; the others follow it.
+      const chosen: SessionOptions = { ...session, provider: vision.provider };
+      const lm = await load(LanguageModel.load(pack, chosen));
+      const maskDecoder = await load(MaskDecoder.load(pack, chosen));
       const pipeline = new Pipeline(
         pack,
         tokenizer,

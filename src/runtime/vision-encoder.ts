@@ -4,7 +4,7 @@
  * three DeepStack features, and the multi-scale ViT maps the mask decoder uses.
  */
 
-import { f32, i64, OnnxSession, type SessionOptions } from "./onnx.js";
+import { type ConcreteProvider, f32, i64, OnnxSession, type SessionOptions } from "./onnx.js";
 import type { LoadedPack } from "./pack.js";
 import type { Preprocessed } from "./preprocess.js";
 import { visionHostInputs } from "./vision-inputs.js";
@@ -48,7 +48,7 @@ export class VisionEncoder {
     });
   }
 
-  get provider(): string {
+  get provider(): ConcreteProvider {
     return this.#session.provider;
   }
 
