@@ -27,13 +27,14 @@ import {
 } from "./config.js";
 import { isInputError, SegError, toSegError } from "./errors.js";
 import { createLogger, type Logger } from "./logger.js";
-import { parseImageRef } from "./paths.js";
+import { checkOutputDir, parseImageRef } from "./paths.js";
+import { keepOutputDir, sweepOutputDir } from "./retention.js";
 import { DEFAULT_MAX_INSTANCES, type Engine } from "./runtime/types.js";
 import { serveHttp, serveStdio } from "./server.js";
 import { describeRegionTool } from "./tools/describe-region.js";
 import { groundTool } from "./tools/ground.js";
 import { segmentTool } from "./tools/segment.js";
-import type { ToolDefinition, ToolDeps } from "./tools/shared.js";
+import { parseArguments, type ToolDefinition, type ToolDeps } from "./tools/shared.js";
 
 const COMMANDS = {
   serve: "[serve] [options]                       MCP server on stdio",
@@ -216,8 +217,12 @@ function configOptions(command: Command, rest: string[], values: Values, io: Cli
   return options as ConfigOptions;
 }
 
-/** Serve until the client leaves (stdio) or a signal arrives (HTTP). The pack loads in the background. */
+/**
+ * Serve until the client leaves (stdio) or a signal arrives (HTTP). An unusable --out is refused
+ * first; the pack loads in the background; the output folder is kept within its retention bounds.
+ */
 async function serve(config: Config, engine: Engine, logger: Logger): Promise<void> {
+  await checkOutputDir(config.outDir);
   engine.info().then(
     (info) => logger.info(`model pack ${info.name} loaded from ${info.dir} (${info.executionProvider})`),
     (error: unknown) =>
@@ -228,13 +233,18 @@ async function serve(config: Config, engine: Engine, logger: Logger): Promise<vo
       "started in the filesystem root without --allow-dir: only the client's MCP roots are readable; pass --allow-dir <dir>",
     );
   }
-  if (!config.http) return serveStdio(config, engine, logger);
-  const handle = await serveHttp(config, engine, logger);
-  await new Promise<void>((resolve) => {
-    process.once("SIGINT", resolve);
-    process.once("SIGTERM", resolve);
-  });
-  await handle.close();
+  const keeper = keepOutputDir(config.outDir, config, logger);
+  try {
+    if (!config.http) return await serveStdio(config, engine, logger);
+    const handle = await serveHttp(config, engine, logger);
+    await new Promise<void>((resolve) => {
+      process.once("SIGINT", resolve);
+      process.once("SIGTERM", resolve);
+    });
+    await handle.close();
+  } finally {
+    keeper.stop();
+  }
 }
 
 /** ground | segment | describe | info: the tool's structuredContent and its text summary. */
@@ -281,6 +291,8 @@ async function runCommand(
       }
       return runTool(groundTool, deps, { image, expression, ...optional("max_instances", maxInstances) });
     case "segment":
+      // A one-off run keeps the output folder within its bounds too (and clears killed writers' temp files).
+      await sweepOutputDir(deps.config.outDir, deps.config);
       return runTool(segmentTool, deps, {
         image,
         ...optional("expression", expression),
@@ -304,21 +316,15 @@ async function runCommand(
   }
 }
 
-/** Validate CLI-built arguments with the tool's own schema and run the tool's own body. */
-async function runTool<I extends z.ZodType, O extends z.ZodType>(
+/** Validate CLI-built arguments as the MCP handler does and run the tool's own body. */
+async function runTool<I extends z.ZodObject, O extends z.ZodType>(
   tool: ToolDefinition<I, O>,
   deps: ToolDeps,
   args: unknown,
 ): Promise<{ structured: object; summary: string }> {
-  const parsed = tool.input.safeParse(args);
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0];
-    const message = (issue?.message ?? "invalid arguments").replace(/^INVALID_INPUT: /, "");
-    const where = issue && issue.path.length > 0 ? ` (${issue.path.join(".")})` : "";
-    throw new SegError("INVALID_INPUT", `${message}${where}`);
-  }
-  const out = await tool.run(deps, parsed.data, {});
-  return { structured: out.structured as object, summary: tool.summary(parsed.data, out.structured) };
+  const input = parseArguments(tool, args);
+  const out = await tool.run(deps, input, {});
+  return { structured: out.structured as object, summary: tool.summary(input, out.structured) };
 }
 
 function parseBox(value: string): number[] {

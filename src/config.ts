@@ -38,8 +38,14 @@ export const DEFAULTS = {
   previewMaxSide: 256,
   logLevel: "info" as LogLevel,
   sessionIdleMs: 30 * 60_000,
+  maxHttpSessions: 64,
+  /** Masks and overlays older than this are removed from the output folder. */
+  outMaxAgeMs: 24 * 60 * 60_000,
+  /** The output folder's files are kept under this many bytes (oldest removed first)... */
+  outMaxBytes: 1024 * MiB,
+  /** ...but never one younger than this: a client may still be reading it. */
+  outMinAgeMs: 10 * 60_000,
   executionProvider: ENGINE_DEFAULTS.executionProvider as ExecutionProvider,
-  cacheBytes: ENGINE_DEFAULTS.cacheBytes,
   maxQueue: ENGINE_DEFAULTS.maxQueue,
 } as const;
 
@@ -51,11 +57,14 @@ const configSchema = z.strictObject({
   /** Where mask PNGs and overlays are written (absolute; created on demand). */
   outDir: z.string(),
   /**
-   * Directories input images and masks may come from (absolute). MCP roots are added at run time.
-   * Empty when none was given and the working directory is the filesystem root (as for servers
-   * that desktop clients launch): allowing the whole disk by accident is worse than asking.
+   * Directories input images and masks may come from (absolute). Empty when none was given and the
+   * working directory is the filesystem root (as for servers that desktop clients launch): allowing
+   * the whole disk by accident is worse than asking. A local client's MCP roots narrow these when they
+   * were given (`allowDirsGiven`), and replace the working-directory default when not.
    */
   allowDirs: z.array(z.string()),
+  /** Whether allowDirs came from --allow-dir / QWEN3_VL_SEG_ALLOW_DIRS (not the default). */
+  allowDirsGiven: z.boolean(),
   /** Largest input file, in bytes. */
   maxImageBytes: z.number().int().positive().default(DEFAULTS.maxImageBytes),
   /** Largest data: URI payload (decoded bytes). */
@@ -67,10 +76,14 @@ const configSchema = z.strictObject({
   /** Longest side of the optional preview image returned inline. */
   previewMaxSide: z.number().int().min(32).max(1024).default(DEFAULTS.previewMaxSide),
   executionProvider: z.enum(EXECUTION_PROVIDERS).default(DEFAULTS.executionProvider),
-  /** Engine cache budget in bytes (encoded images); 0 disables the cache. */
-  cacheBytes: z.number().int().nonnegative().default(DEFAULTS.cacheBytes),
+  /** Engine cache budget in bytes (encoded images); 0 disables it; unset lets the engine size it. */
+  cacheBytes: z.number().int().nonnegative().optional(),
   /** Requests waiting for the engine beyond this are refused with BUSY (it runs one at a time). */
   maxQueue: z.number().int().positive().default(DEFAULTS.maxQueue),
+  /** Retention of the output folder's masks and overlays (see DEFAULTS). */
+  outMaxAgeMs: z.number().int().positive().default(DEFAULTS.outMaxAgeMs),
+  outMaxBytes: z.number().int().nonnegative().default(DEFAULTS.outMaxBytes),
+  outMinAgeMs: z.number().int().nonnegative().default(DEFAULTS.outMinAgeMs),
   logLevel: z.enum(LOG_LEVELS).default(DEFAULTS.logLevel),
   http: z
     .strictObject({
@@ -82,6 +95,8 @@ const configSchema = z.strictObject({
       allowedOrigins: z.array(z.string()).default([]),
       /** A session with no request for this long (and none in flight) is closed. */
       sessionIdleMs: z.number().int().positive().default(DEFAULTS.sessionIdleMs),
+      /** Open sessions beyond this get 503 with Retry-After. */
+      maxSessions: z.number().int().positive().default(DEFAULTS.maxHttpSessions),
     })
     .optional(),
 });
@@ -103,8 +118,18 @@ export interface ConfigOptions {
   executionProvider?: string;
   cacheBytes?: number;
   maxQueue?: number;
+  outMaxAgeMs?: number;
+  outMaxBytes?: number;
+  outMinAgeMs?: number;
   logLevel?: string;
-  http?: { host: string; port: number; token?: string; allowedOrigins?: string[]; sessionIdleMs?: number };
+  http?: {
+    host: string;
+    port: number;
+    token?: string;
+    allowedOrigins?: string[];
+    sessionIdleMs?: number;
+    maxSessions?: number;
+  };
 }
 
 /** A setting a user can give as a flag and (most) as an environment variable. */
@@ -118,6 +143,8 @@ export interface Setting {
     | "maxInputPixels"
     | "executionProvider"
     | "cacheBytes"
+    | "outMaxAgeMs"
+    | "outMaxBytes"
     | "logLevel";
   flag: string;
   env?: string;
@@ -126,6 +153,8 @@ export interface Setting {
   kind: "path" | "paths" | "count" | "choice";
   /** Smallest accepted count. @default 1 */
   min?: number;
+  /** The count is given in these units of the key's value (e.g. 60_000 for minutes -> ms). @default 1 */
+  scale?: number;
   help: string;
 }
 
@@ -191,7 +220,23 @@ export const SETTINGS: readonly Setting[] = [
     value: "N",
     kind: "count",
     min: 0,
-    help: `memory for encoded images, 0 = no cache (default ${DEFAULTS.cacheBytes})`,
+    help: "memory for encoded images, 0 = no cache (default: 256 MiB, or room for two images at the pack's largest size if more)",
+  },
+  {
+    key: "outMaxAgeMs",
+    flag: "out-max-age",
+    value: "MINUTES",
+    kind: "count",
+    scale: 60_000,
+    help: `masks and overlays older than this are removed from --out (default ${DEFAULTS.outMaxAgeMs / 60_000})`,
+  },
+  {
+    key: "outMaxBytes",
+    flag: "out-max-bytes",
+    value: "N",
+    kind: "count",
+    min: 0,
+    help: `keep --out's masks and overlays under this many bytes, oldest removed first, none younger than ${DEFAULTS.outMinAgeMs / 60_000} minutes (default ${DEFAULTS.outMaxBytes})`,
   },
   {
     key: "logLevel",
@@ -216,7 +261,7 @@ export function parseSetting(
     return Array.isArray(raw) ? raw : raw.split(path.delimiter).filter((d) => d.length > 0);
   }
   const text = Array.isArray(raw) ? (raw.at(-1) ?? "") : raw;
-  return setting.kind === "count" ? parseCount(origin, text, setting.min ?? 1) : text;
+  return setting.kind === "count" ? parseCount(origin, text, setting.min ?? 1) * (setting.scale ?? 1) : text;
 }
 
 /** Options from the environment variables in SETTINGS (flags win over them). */
@@ -284,6 +329,7 @@ export function createConfig(options: ConfigOptions = {}): Config {
     outDir:
       outDir === undefined && inRoot ? path.join(tmpdir(), DEFAULTS.outDir) : abs(outDir ?? DEFAULTS.outDir),
     allowDirs: (allowDirs && allowDirs.length > 0 ? allowDirs : inRoot ? [] : [cwd]).map(abs),
+    allowDirsGiven: allowDirs !== undefined && allowDirs.length > 0,
     ...(executionProvider === undefined ? {} : { executionProvider: executionProvider as ExecutionProvider }),
     ...(logLevel === undefined ? {} : { logLevel: logLevel as LogLevel }),
   };
@@ -307,7 +353,7 @@ export function engineOptions(config: Config, log: Logger): EngineOptions {
   return {
     packDir: config.packDir,
     executionProvider: config.executionProvider,
-    cacheBytes: config.cacheBytes,
+    ...(config.cacheBytes === undefined ? {} : { cacheBytes: config.cacheBytes }),
     maxQueue: config.maxQueue,
     log,
   };

@@ -194,7 +194,7 @@ export async function readAllowedFile(
     throw new SegError(
       "PATH_NOT_ALLOWED",
       lexicalDirs.length === 0
-        ? `${field} "${abs}" cannot be read: no input directory is allowed (the server runs in the filesystem root and the client offers no roots): start the server with --allow-dir <dir>`
+        ? `${field} "${abs}" cannot be read: no input directory is allowed (none was given and the server runs in the filesystem root, or the client's roots and --allow-dir do not overlap): start the server with --allow-dir <dir> that covers the file`
         : `${field} "${abs}" is outside the allowed directories (${describeDirs(lexicalDirs)}): copy the file into one of them, or start the server with --allow-dir <dir>`,
       { details: { path: abs, allowDirs: lexicalDirs } },
     );
@@ -266,17 +266,51 @@ export async function readAllowedFile(
   }
 }
 
-/** Create the output directory if needed and return its real path. */
+/** Kernel and device trees where no mask may be written (and where a recursive mkdir can spin). */
+const SYSTEM_TREES = ["/proc", "/sys", "/dev"];
+
+function outputDirError(abs: string, why: string, cause?: unknown): SegError {
+  return new SegError(
+    "OUTPUT_WRITE_FAILED",
+    `cannot use the output directory "${truncate(abs)}": ${why}; pass a writable --out directory`,
+    cause === undefined ? undefined : { cause },
+  );
+}
+
+/**
+ * Check an output directory without creating it (a server does this at start): refused when it lies
+ * under /proc, /sys or /dev (as written or as resolved: a link cannot smuggle it there), or exists
+ * and is not a directory.
+ */
+export async function checkOutputDir(outDir: string): Promise<void> {
+  const abs = path.resolve(outDir);
+  // The deepest part of the path that exists, resolved: a link cannot smuggle the folder into /proc.
+  let existing = abs;
+  for (;;) {
+    const info = await stat(existing).catch(() => undefined);
+    if (info) {
+      if (existing === abs && !info.isDirectory())
+        throw outputDirError(abs, "it exists and is not a directory");
+      break;
+    }
+    const parent = path.dirname(existing);
+    if (parent === existing) break;
+    existing = parent;
+  }
+  const resolved = await realpath(existing).catch(() => existing);
+  const tree = SYSTEM_TREES.find((t) => isInside(abs, t) || isInside(resolved, t));
+  if (tree) throw outputDirError(abs, `it lies under ${tree}, which holds no files of ours`);
+}
+
+/** Check the output directory, create it if needed and return its real path. */
 export async function ensureOutputDir(outDir: string): Promise<string> {
+  await checkOutputDir(outDir);
+  const abs = path.resolve(outDir);
   try {
-    await mkdir(outDir, { recursive: true });
-    return await realpath(outDir);
+    await mkdir(abs, { recursive: true });
+    return await realpath(abs);
   } catch (cause) {
-    throw new SegError(
-      "OUTPUT_WRITE_FAILED",
-      `cannot create the output directory "${outDir}" (${(cause as Error).message}): pass a writable --out directory`,
-      { cause },
-    );
+    throw outputDirError(abs, (cause as Error).message, cause);
   }
 }
 

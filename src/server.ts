@@ -8,7 +8,6 @@ import { createHash, randomUUID, timingSafeEqual } from "node:crypto";
 import { createServer as createHttpServer, type IncomingMessage, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import { McpServer, ResourceTemplate } from "@modelcontextprotocol/sdk/server/mcp.js";
-import { StdioServerTransport } from "@modelcontextprotocol/sdk/server/stdio.js";
 import { StreamableHTTPServerTransport } from "@modelcontextprotocol/sdk/server/streamableHttp.js";
 import {
   isInitializeRequest,
@@ -17,15 +16,32 @@ import {
 } from "@modelcontextprotocol/sdk/types.js";
 import { type Config, isLoopbackHost, PACKAGE_NAME, packageInfo } from "./config.js";
 import { SegError, toSegError } from "./errors.js";
+import { admitValue, errorReply, PARSE_ERROR } from "./jsonrpc.js";
 import type { Logger } from "./logger.js";
-import { OUTPUT_URI_PREFIX, readOutputFile, rootsToDirs } from "./paths.js";
+import { isInside, OUTPUT_URI_PREFIX, readOutputFile, rootsToDirs } from "./paths.js";
 import type { Engine } from "./runtime/types.js";
+import { StdioTransport } from "./stdio.js";
 import { describeRegionTool } from "./tools/describe-region.js";
 import { groundTool } from "./tools/ground.js";
 import { segmentTool } from "./tools/segment.js";
-import { registerTool, type ToolDeps, type ToolExtra } from "./tools/shared.js";
+import { registerTools, type ToolDeps, type ToolExtra } from "./tools/shared.js";
 
 export const MODEL_RESOURCE_URI = "qwen3-vl-seg://model";
+
+/** How long a client gets to answer roots/list (it is asked once per change, not per call). */
+const ROOTS_TIMEOUT_MS = 3_000;
+
+/** The folders inside both lists: for each pair, the deeper one when one contains the other. */
+export function intersectDirs(a: readonly string[], b: readonly string[]): string[] {
+  const out = new Set<string>();
+  for (const x of a) {
+    for (const y of b) {
+      if (isInside(y, x)) out.add(y);
+      else if (isInside(x, y)) out.add(x);
+    }
+  }
+  return [...out];
+}
 
 const INSTRUCTIONS = `Pixel-level vision on local images with Qwen3-VL-Seg.
 - ground: find every object matching a referring expression; pixel boxes [x1, y1, x2, y2] + scores; found: false when nothing matches.
@@ -48,10 +64,11 @@ export function createServer(
     { instructions: INSTRUCTIONS },
   );
 
-  // MCP roots widen the allow-list for clients that offer them; refreshed when they change. Only a
-  // local (stdio) client's roots name this machine's folders: over HTTP they are ignored, or a client
-  // declaring file:/// would lift --allow-dir.
-  let roots: Promise<string[]> | undefined;
+  // MCP roots, for a local (stdio) client that offers them, narrow --allow-dir (the folders both allow)
+  // or, when no --allow-dir was given, replace the working-directory default. Over HTTP they are
+  // ignored: they name the client's machine. Asked once and again only when the client says they
+  // changed; a client that does not answer is not asked on every call.
+  let roots: Promise<string[] | undefined> | undefined;
   server.server.setNotificationHandler(RootsListChangedNotificationSchema, async () => {
     roots = undefined;
   });
@@ -60,22 +77,23 @@ export function createServer(
     const request = { method: "roots/list" as const };
     roots ??= (
       extra
-        ? extra.sendRequest(request, ListRootsResultSchema, { timeout: 10_000 })
-        : server.server.listRoots(undefined, { timeout: 10_000 })
+        ? extra.sendRequest(request, ListRootsResultSchema, { timeout: ROOTS_TIMEOUT_MS })
+        : server.server.listRoots(undefined, { timeout: ROOTS_TIMEOUT_MS })
     )
       .then((r) => rootsToDirs(r.roots))
       .catch((error: unknown) => {
-        logger.warn(`could not list the client's roots (${String(error)}); using --allow-dir only`);
-        roots = undefined;
-        return [];
+        logger.warn(
+          `the client's roots could not be listed (${String(error)}); using the allowed directories alone`,
+        );
+        return undefined;
       });
-    return [...config.allowDirs, ...(await roots)];
+    const dirs = await roots;
+    if (dirs === undefined) return config.allowDirs;
+    return config.allowDirsGiven ? intersectDirs(config.allowDirs, dirs) : dirs;
   };
 
   const deps: ToolDeps = { config, engine, logger, allowDirs };
-  registerTool(server, deps, groundTool);
-  registerTool(server, deps, segmentTool);
-  registerTool(server, deps, describeRegionTool);
+  registerTools(server, deps, [groundTool, segmentTool, describeRegionTool]);
 
   server.registerResource(
     "mask",
@@ -119,10 +137,12 @@ export function createServer(
 /** Serve one client over stdin/stdout until it disconnects (the caller owns and releases the engine). */
 export async function serveStdio(config: Config, engine: Engine, logger: Logger): Promise<void> {
   const server = createServer(config, engine, logger);
-  const transport = new StdioServerTransport();
+  // Room for the largest accepted data: URI (base64 is 4/3 of the bytes) and the JSON around it.
+  const maxLineBytes = Math.ceil((config.maxDataUriBytes * 4) / 3) + 256 * 1024;
+  const transport = new StdioTransport(process.stdin, process.stdout, { maxLineBytes });
   const closed = new Promise<void>((resolve) => {
     transport.onclose = () => resolve();
-    process.stdin.once("end", () => resolve());
+    transport.onerror = (error) => logger.warn(`stdio: ${error.message}`);
     process.once("SIGINT", () => resolve());
     process.once("SIGTERM", () => resolve());
   });
@@ -145,9 +165,23 @@ function digest(value: string): Buffer {
   return createHash("sha256").update(value).digest();
 }
 
-function refuse(res: ServerResponse, status: number, message: string): void {
-  res.writeHead(status, { "content-type": "application/json" });
-  res.end(JSON.stringify({ jsonrpc: "2.0", error: { code: -32000, message }, id: null }));
+/**
+ * An HTTP refusal with a JSON-RPC error body. A 4xx sent before the request body was read closes
+ * the connection: the unread body would otherwise be taken for the next request on it.
+ */
+function refuse(
+  res: ServerResponse,
+  status: number,
+  message: string,
+  options: { code?: number; id?: string | number | null; headers?: Record<string, string> } = {},
+): void {
+  const unread = !res.req.readableEnded;
+  res.writeHead(status, {
+    "content-type": "application/json",
+    ...(unread ? { connection: "close" } : {}),
+    ...options.headers,
+  });
+  res.end(JSON.stringify(errorReply(options.id ?? null, options.code ?? -32000, message)));
 }
 
 async function readJsonBody(req: IncomingMessage, limit: number): Promise<unknown> {
@@ -233,13 +267,22 @@ export async function serveHttp(config: Config, engine: Engine, logger: Logger):
       try {
         body = await readJsonBody(req, bodyLimit);
       } catch (error) {
-        return refuse(
-          res,
-          error instanceof SegError ? 413 : 400,
-          `bad request body: ${(error as Error).message}`,
-        );
+        if (error instanceof SegError) return refuse(res, 413, error.message);
+        return refuse(res, 400, `Parse error: the body is not valid JSON (${(error as Error).message})`, {
+          code: PARSE_ERROR,
+        });
+      }
+      const admitted = admitValue(body);
+      if ("reply" in admitted) {
+        const { id, error } = admitted.reply;
+        return refuse(res, 400, error.message, { code: error.code, id });
       }
       if (existing) return existing.handleRequest(req, res, body);
+      if (sessionId === undefined && isInitializeRequest(body) && sessions.size >= http.maxSessions) {
+        return refuse(res, 503, `the server has ${sessions.size} open sessions, its limit: retry later`, {
+          headers: { "retry-after": "30" },
+        });
+      }
       if (sessionId === undefined && isInitializeRequest(body)) {
         const transport: StreamableHTTPServerTransport = new StreamableHTTPServerTransport({
           sessionIdGenerator: () => randomUUID(),

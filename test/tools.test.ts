@@ -583,18 +583,57 @@ describe("tool-layer mapping with a scripted engine", () => {
     await conn.close();
   });
 
-  it("MCP roots widen the allowed directories", async () => {
-    const denied = await connect(new FakeEngine());
+  it("MCP roots narrow --allow-dir, and replace the working-directory default", async () => {
+    // --allow-dir work: roots elsewhere allow nothing more; a root inside it narrows it.
+    const outsideRoot = await connect(new FakeEngine(), { roots: [outside] });
     expectError(
-      await denied.call("ground", { image: path.join(outside, "secret.png"), expression: "x" }),
+      await outsideRoot.call("ground", { image: path.join(outside, "secret.png"), expression: "x" }),
       "PATH_NOT_ALLOWED",
-      /outside/,
+      /no input directory is allowed/,
     );
-    await denied.close();
-    const conn = await connect(new FakeEngine(), { roots: [outside] });
-    const result = await conn.call("ground", { image: path.join(outside, "secret.png"), expression: "x" });
-    expect(result.isError, textOf(result)).toBeFalsy();
-    await conn.close();
+    await outsideRoot.close();
+    const narrowed = await connect(new FakeEngine(), { roots: [path.join(work, "folder.png")] });
+    expectError(
+      await narrowed.call("ground", { image: "cat.png", expression: "x" }),
+      "PATH_NOT_ALLOWED",
+      /outside the allowed directories/,
+    );
+    await narrowed.close();
+    // No --allow-dir: the client's roots are the allowed set (the working directory is not).
+    const byDefault = createConfig({ cwd: work, outDir: path.join(root, "out"), logLevel: "silent" });
+    const server = createServer(byDefault, new FakeEngine(), silentLogger);
+    const client = new Client({ name: "t", version: "1" }, { capabilities: { roots: {} } });
+    client.setRequestHandler(ListRootsRequestSchema, async () => ({ roots: [{ uri: `file://${outside}` }] }));
+    const [a, b] = InMemoryTransport.createLinkedPair();
+    await Promise.all([server.connect(b), client.connect(a)]);
+    const call = (image: string) =>
+      client.callTool({ name: "ground", arguments: { image, expression: "x" } }) as Promise<CallToolResult>;
+    expect((await call(path.join(outside, "secret.png"))).isError).toBeFalsy();
+    expectError(await call("cat.png"), "PATH_NOT_ALLOWED", /outside the allowed directories/);
+    await client.close();
+    await server.close();
+  });
+
+  it("a client that never answers roots/list is asked once, not on every call", async () => {
+    const server = createServer(config, new FakeEngine(), silentLogger);
+    const client = new Client({ name: "t", version: "1" }, { capabilities: { roots: {} } });
+    let asked = 0;
+    client.setRequestHandler(ListRootsRequestSchema, () => {
+      asked++;
+      return new Promise(() => undefined); // never answers
+    });
+    const [a, b] = InMemoryTransport.createLinkedPair();
+    await Promise.all([server.connect(b), client.connect(a)]);
+    for (let i = 0; i < 3; i++) {
+      const result = (await client.callTool({
+        name: "ground",
+        arguments: { image: "cat.png", expression: "x" },
+      })) as CallToolResult;
+      expect(result.isError, textOf(result)).toBeFalsy(); // --allow-dir alone applies
+    }
+    expect(asked).toBe(1);
+    await client.close();
+    await server.close();
   });
 
   it("the mask resource template serves only files in the output directory", async () => {

@@ -152,7 +152,7 @@ export class Pipeline implements Engine {
         pack,
         tokenizer,
         { vision, lm, maskDecoder },
-        options.cacheBytes ?? ENGINE_DEFAULTS.cacheBytes,
+        options.cacheBytes ?? defaultCacheBytes(pack),
       );
       if (options.warmUp ?? vision.provider !== "cpu") await pipeline.#warmUp();
       return pipeline;
@@ -526,6 +526,24 @@ export class Pipeline implements Engine {
     const text = this.#tokenizer.decode(tokens.slice(first, last + 1));
     return text.slice(before, text.length - after).trim();
   }
+}
+
+/**
+ * The image cache's default budget: 256 MiB, sized for a laptop and a small pack, or room for two
+ * images at the pack's largest input if that is more (a 4B pack's 1024-token image holds ~370 MB:
+ * ViT maps, the resized image, T_mm and the prefix's KV cache).
+ */
+function defaultCacheBytes(pack: LoadedPack): number {
+  const { model, preprocess: pre } = pack.manifest;
+  const patches = pre.max_pixels / (pre.patch_size * pre.patch_size); // P
+  const tokens = patches / (pre.merge_size * pre.merge_size); // M
+  const t = model.text;
+  const entry =
+    4 * (4 * patches * model.vision.hidden_size) + // vit_ms
+    4 * 3 * pre.max_pixels + // hr_image
+    4 * tokens * t.hidden_size + // mm_embeds
+    4 * 2 * t.num_hidden_layers * t.num_key_value_heads * (tokens + 8) * t.head_dim; // prefix KV
+  return Math.max(256 * 1024 ** 2, 2 * entry);
 }
 
 /** One request's timer and signal, and the KV caches it made: released when the request ends. */

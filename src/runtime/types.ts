@@ -176,7 +176,10 @@ export interface EngineOptions {
   /** Folder of the model pack (holds pack.json). */
   packDir: string;
   executionProvider?: ExecutionProvider;
-  /** Memory budget for encoded images (vision outputs + prompt-prefix KV); 0 disables the cache. */
+  /**
+   * Memory budget for encoded images (vision outputs + prompt-prefix KV); 0 disables the cache.
+   * @default the larger of 256 MiB and room for two images at the pack's largest input size
+   */
   cacheBytes?: number;
   /** CPU intra-op threads; 0 = onnxruntime's choice. */
   threads?: number;
@@ -198,8 +201,7 @@ export const DEFAULT_MAX_INSTANCES = 20;
 
 export const ENGINE_DEFAULTS = {
   executionProvider: "auto",
-  cacheBytes: 1024 ** 3,
   threads: 0,
   verify: "full",
   maxQueue: 16,
-} as const satisfies Required<Omit<EngineOptions, "packDir" | "log" | "warmUp">>;
+} as const satisfies Required<Omit<EngineOptions, "packDir" | "log" | "warmUp" | "cacheBytes">>;

@@ -190,16 +190,33 @@ export async function decodeMaskBitmap(mask: PreparedImage): Promise<Uint8Array>
   return out;
 }
 
-/** Check a caller's box against the image: finite, ordered, inside [0, width] x [0, height]. */
+/**
+ * Check a caller's box against the image: finite, ordered, at least one pixel wide and high, inside
+ * [0, width] x [0, height], and not a box in 0..1 coordinates (a common slip of models that think in
+ * normalised coordinates; on an image larger than 2x2 no pixel box fits in [0, 1]).
+ */
 export function validateBox(box: readonly number[], image: ImageInfo, field = "box"): Box {
   if (box.length !== 4 || !box.every((v) => Number.isFinite(v))) {
     throw new SegError("INVALID_INPUT", `${field} must be four finite numbers [x1, y1, x2, y2] in pixels`);
   }
   const [x1, y1, x2, y2] = box as [number, number, number, number];
+  if (box.every((v) => v >= 0 && v <= 1) && Math.max(image.width, image.height) > 2) {
+    throw new SegError(
+      "INVALID_INPUT",
+      `${field} [${box.join(", ")}] looks normalised to 0..1: send pixels of the original ${image.width}x${image.height} image, e.g. [${Math.round(x1 * image.width)}, ${Math.round(y1 * image.height)}, ${Math.round(x2 * image.width)}, ${Math.round(y2 * image.height)}]`,
+      { details: { box, image } },
+    );
+  }
   if (!(x1 < x2 && y1 < y2)) {
     throw new SegError(
       "INVALID_INPUT",
       `${field} [${box.join(", ")}] is empty or inverted: it must be [x1, y1, x2, y2] with x1 < x2 and y1 < y2 (top-left, then bottom-right corner)`,
+    );
+  }
+  if (x2 - x1 < 1 || y2 - y1 < 1) {
+    throw new SegError(
+      "INVALID_INPUT",
+      `${field} [${box.join(", ")}] is ${x2 - x1} x ${y2 - y1} pixels: a box must be at least one pixel wide and high`,
     );
   }
   if (x1 < 0 || y1 < 0 || x2 > image.width || y2 > image.height) {

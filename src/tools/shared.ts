@@ -6,17 +6,22 @@
 import path from "node:path";
 import type { McpServer } from "@modelcontextprotocol/sdk/server/mcp.js";
 import type { RequestHandlerExtra } from "@modelcontextprotocol/sdk/shared/protocol.js";
-import type {
-  CallToolResult,
-  ContentBlock,
-  ServerNotification,
-  ServerRequest,
-  ToolAnnotations,
+import {
+  type CallToolResult,
+  type ContentBlock,
+  ErrorCode,
+  ListToolsRequestSchema,
+  McpError,
+  type ServerNotification,
+  type ServerRequest,
+  type Tool,
+  type ToolAnnotations,
 } from "@modelcontextprotocol/sdk/types.js";
 import { z } from "zod";
 import type { Config } from "../config.js";
 import { SegError, toSegError } from "../errors.js";
 import type { Logger } from "../logger.js";
+import { truncate } from "../paths.js";
 import {
   DEFAULT_MAX_INSTANCES,
   type Engine,
@@ -69,32 +74,90 @@ export interface ToolDefinition<I extends z.ZodType, O extends z.ZodType> {
   summary(args: z.output<I>, out: z.output<O>): string;
 }
 
-/** Register a tool: every call runs through handleTool (signal, progress, roots, error mapping). */
-export function registerTool<I extends z.ZodObject, O extends z.ZodObject>(
+/** Keys no caller may send: they would reach an object's prototype machinery. */
+const FORBIDDEN_KEYS = ["__proto__", "constructor", "prototype"];
+
+/**
+ * A tool's arguments checked against its schema, every refusal an INVALID_INPUT sentence: not an
+ * object, prototype keys, unknown fields (at most a few named), a wrong field. The MCP handlers and
+ * the CLI both take arguments through here.
+ */
+export function parseArguments<I extends z.ZodObject, O extends z.ZodType>(
+  tool: ToolDefinition<I, O>,
+  args: unknown,
+): z.output<I> {
+  const fields = Object.keys(tool.input.shape).join(", ");
+  const value = args ?? {};
+  if (typeof value !== "object" || Array.isArray(value)) {
+    const what = Array.isArray(value) ? "an array" : `a ${typeof value}`;
+    throw new SegError(
+      "INVALID_INPUT",
+      `the arguments of ${tool.name} must be an object with its fields (${fields}), not ${what}`,
+    );
+  }
+  const forbidden = FORBIDDEN_KEYS.filter((k) => Object.hasOwn(value, k));
+  if (forbidden.length > 0) {
+    throw new SegError(
+      "INVALID_INPUT",
+      `unknown field(s) ${forbidden.map((k) => `"${k}"`).join(", ")} for ${tool.name}; the accepted fields are ${fields}`,
+    );
+  }
+  const parsed = tool.input.safeParse(value);
+  if (parsed.success) return parsed.data;
+  const issue = parsed.error.issues[0];
+  const message = (issue?.message ?? "invalid arguments").replace(/^INVALID_INPUT: /, "");
+  const where = issue && issue.path.length > 0 ? ` (${issue.path.join(".")})` : "";
+  throw new SegError("INVALID_INPUT", truncate(`${message}${where}`, 500));
+}
+
+/** tools/call with params as loose as JSON allows: this server checks them and says what is wrong. */
+const CallToolSchema = z.object({ method: z.literal("tools/call"), params: z.unknown() });
+
+/**
+ * Register the tools on the server's own tools/list and tools/call handlers (not the SDK's
+ * registerTool, whose validation answers malformed arguments with a zod dump): the listing comes
+ * from each tool's schemas, and every call runs through handleTool (signal, progress, roots, errors).
+ */
+// biome-ignore lint/suspicious/noExplicitAny: a list of tools of different argument types
+export function registerTools(
   server: McpServer,
   deps: ToolDeps,
-  tool: ToolDefinition<I, O>,
+  tools: readonly ToolDefinition<any, any>[],
 ): void {
-  server.registerTool(
-    tool.name,
-    {
-      title: tool.title,
-      description: tool.description,
-      inputSchema: tool.input,
-      outputSchema: tool.output,
-      annotations: tool.annotations,
-    },
-    // The SDK validated `args` against `tool.input`.
-    ((args: z.output<I>, extra: ToolExtra) =>
-      handleTool(deps, extra, async (opts, callDeps) => {
-        const out = await tool.run(callDeps, args, opts);
-        return toolSuccess(
-          out.structured as Record<string, unknown>,
-          tool.summary(args, out.structured),
-          out.blocks,
-        );
-      })) as never,
-  );
+  const byName = new Map(tools.map((t) => [t.name, t]));
+  const names = tools.map((t) => t.name).join(", ");
+  server.server.registerCapabilities({ tools: {} });
+  server.server.setRequestHandler(ListToolsRequestSchema, () => ({
+    tools: tools.map((t) => ({
+      name: t.name,
+      title: t.title,
+      description: t.description,
+      inputSchema: z.toJSONSchema(t.input, { target: "draft-7", io: "input" }) as Tool["inputSchema"],
+      outputSchema: z.toJSONSchema(t.output, { target: "draft-7", io: "output" }) as Tool["outputSchema"],
+      annotations: t.annotations,
+    })),
+  }));
+  server.server.setRequestHandler(CallToolSchema, async (request, extra) => {
+    const params = request.params;
+    if (typeof params !== "object" || params === null || Array.isArray(params)) {
+      throw new McpError(ErrorCode.InvalidParams, "tools/call params must be an object {name, arguments}");
+    }
+    const { name, arguments: args } = params as { name?: unknown; arguments?: unknown };
+    const tool = typeof name === "string" ? byName.get(name) : undefined;
+    if (!tool) {
+      const given = typeof name === "string" ? `"${truncate(name, 80)}"` : "no name";
+      throw new McpError(ErrorCode.InvalidParams, `unknown tool ${given}: the tools are ${names}`);
+    }
+    return handleTool(deps, extra, async (opts, callDeps) => {
+      const input = parseArguments(tool, args);
+      const out = await tool.run(callDeps, input, opts);
+      return toolSuccess(
+        out.structured as Record<string, unknown>,
+        tool.summary(input, out.structured),
+        out.blocks,
+      );
+    });
+  });
 }
 
 /**
@@ -146,10 +209,12 @@ export const maxInstancesField = z
 export function strictInput<T extends z.ZodRawShape>(tool: string, shape: T) {
   const accepted = Object.keys(shape).join(", ");
   return z.strictObject(shape, {
-    error: (issue) =>
-      issue.code === "unrecognized_keys"
-        ? `INVALID_INPUT: unknown field(s) ${issue.keys.map((k) => `"${k}"`).join(", ")} for ${tool}; the accepted fields are ${accepted}`
-        : undefined,
+    error: (issue) => {
+      if (issue.code !== "unrecognized_keys") return undefined;
+      const named = issue.keys.slice(0, 5).map((k) => `"${truncate(k, 40)}"`);
+      const more = issue.keys.length > 5 ? ` and ${issue.keys.length - 5} more` : "";
+      return `INVALID_INPUT: unknown field(s) ${named.join(", ")}${more} for ${tool}; the accepted fields are ${accepted}`;
+    },
   });
 }
 

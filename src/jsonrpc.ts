@@ -1,0 +1,89 @@
+/**
+ * The gate every incoming message passes before the MCP SDK sees it, on stdio and HTTP alike: what
+ * the SDK would drop without a word (invalid JSON, a batch, a message of the wrong shape) gets the
+ * JSON-RPC error it deserves, with the request's id where one can be read, in a sentence.
+ */
+
+import { type JSONRPCMessage, JSONRPCMessageSchema } from "@modelcontextprotocol/sdk/types.js";
+import { truncate } from "./paths.js";
+
+export const PARSE_ERROR = -32700;
+export const INVALID_REQUEST = -32600;
+export const INVALID_PARAMS = -32602;
+
+export interface JsonRpcErrorReply {
+  jsonrpc: "2.0";
+  id: string | number | null;
+  error: { code: number; message: string };
+}
+
+export type Admission = { message: JSONRPCMessage } | { reply: JsonRpcErrorReply };
+
+export function errorReply(id: string | number | null, code: number, message: string): JsonRpcErrorReply {
+  return { jsonrpc: "2.0", id, error: { code, message } };
+}
+
+/** A line of text from a stream transport (a leading byte-order mark is tolerated). */
+export function admitText(text: string): Admission {
+  let value: unknown;
+  try {
+    value = JSON.parse(text.replace(/^\uFEFF/, ""));
+  } catch (error) {
+    return {
+      reply: errorReply(
+        null,
+        PARSE_ERROR,
+        `Parse error: the message is not valid JSON (${truncate((error as Error).message, 120)}): send one JSON-RPC object per line`,
+      ),
+    };
+  }
+  return admitValue(value);
+}
+
+/** A parsed JSON value. */
+export function admitValue(value: unknown): Admission {
+  if (Array.isArray(value)) {
+    return {
+      reply: errorReply(
+        null,
+        INVALID_REQUEST,
+        "Invalid Request: batches are not supported (MCP removed them in 2025-06-18): send one message at a time",
+      ),
+    };
+  }
+  if (typeof value !== "object" || value === null) {
+    return {
+      reply: errorReply(null, INVALID_REQUEST, "Invalid Request: a JSON-RPC message must be an object"),
+    };
+  }
+  const v = value as Record<string, unknown>;
+  const hasId = Object.hasOwn(v, "id");
+  const idOk = typeof v.id === "string" || (typeof v.id === "number" && Number.isFinite(v.id));
+  const id = idOk ? (v.id as string | number) : null;
+  const invalid = (why: string, code = INVALID_REQUEST): Admission => ({
+    reply: errorReply(id, code, `${code === INVALID_PARAMS ? "Invalid params" : "Invalid Request"}: ${why}`),
+  });
+  if (hasId && !idOk) return invalid("id must be a string or a number");
+  if (v.jsonrpc !== "2.0") return invalid(`"jsonrpc" must be "2.0"`);
+  if (Object.hasOwn(v, "method")) {
+    if (typeof v.method !== "string" || v.method.length === 0)
+      return invalid("method must be a non-empty string");
+    if (
+      Object.hasOwn(v, "params") &&
+      (typeof v.params !== "object" || v.params === null || Array.isArray(v.params))
+    ) {
+      return invalid("params must be an object", INVALID_PARAMS);
+    }
+  } else if (!hasId || !(Object.hasOwn(v, "result") || Object.hasOwn(v, "error"))) {
+    return invalid(
+      "a message needs a method (a request or a notification), or an id with a result or an error",
+    );
+  }
+  const parsed = JSONRPCMessageSchema.safeParse(v);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    const where = issue && issue.path.length > 0 ? `${issue.path.join(".")}: ` : "";
+    return invalid(`${where}${issue?.message ?? "not a JSON-RPC message"}`);
+  }
+  return { message: parsed.data };
+}

@@ -1,0 +1,112 @@
+/**
+ * The output folder's retention: the masks and overlays this server writes are removed when older
+ * than a maximum age, and the oldest go first while their total is over a size bound; none younger
+ * than a minimum age is removed, so a client that was just told about a file can still read it.
+ * Temporary files left by a killed writer are removed too. Only files named as this server names
+ * them are ever touched: --out may be a folder that holds other things.
+ */
+
+import { readdir, stat, unlink } from "node:fs/promises";
+import path from "node:path";
+import type { Logger } from "./logger.js";
+
+/** The bounds (Config's outMaxAgeMs, outMaxBytes, outMinAgeMs). */
+export interface Retention {
+  outMaxAgeMs: number;
+  outMaxBytes: number;
+  outMinAgeMs: number;
+}
+
+/** mask-<time>-<16 hex>[-<i>].png and overlay-<time>-<16 hex>.png (runtime/output.ts's names). */
+const OURS = /^(mask|overlay)-[0-9a-z]+-[0-9a-f]{16}(-\d+)?\.png$/;
+/** .<our name>.<pid>-<12 hex>.tmp (writeFileAtomic's temporary names). */
+const TEMP = /^\.(mask|overlay)-[0-9a-z]+-[0-9a-f]{16}(-\d+)?\.png\.(\d+)-[0-9a-f]{12}\.tmp$/;
+/** A temporary file this old is a leftover even if its writer's pid is alive again (reused). */
+const TEMP_MAX_AGE_MS = 10 * 60_000;
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+export interface SweepResult {
+  removed: number;
+  keptFiles: number;
+  keptBytes: number;
+}
+
+/** One pass over `dir`. Files that vanish meanwhile (another replica's sweep) are skipped. */
+export async function sweepOutputDir(dir: string, policy: Retention, now = Date.now()): Promise<SweepResult> {
+  const names = await readdir(dir).catch(() => [] as string[]);
+  const files: { file: string; mtime: number; size: number }[] = [];
+  let removed = 0;
+  const remove = async (file: string) => {
+    if (
+      await unlink(file).then(
+        () => true,
+        () => false,
+      )
+    )
+      removed++;
+  };
+  for (const name of names) {
+    const temp = TEMP.exec(name);
+    if (!temp && !OURS.test(name)) continue;
+    const file = path.join(dir, name);
+    const info = await stat(file).catch(() => undefined);
+    if (!info?.isFile()) continue;
+    const age = now - info.mtimeMs;
+    if (temp) {
+      if (!alive(Number(temp[3])) || age > TEMP_MAX_AGE_MS) await remove(file);
+    } else if (age > policy.outMaxAgeMs) {
+      await remove(file);
+    } else {
+      files.push({ file, mtime: info.mtimeMs, size: info.size });
+    }
+  }
+  files.sort((a, b) => a.mtime - b.mtime); // oldest first
+  let total = files.reduce((n, f) => n + f.size, 0);
+  const kept: typeof files = [];
+  for (const f of files) {
+    if (total > policy.outMaxBytes && now - f.mtime >= policy.outMinAgeMs) {
+      await remove(f.file);
+      total -= f.size;
+    } else {
+      kept.push(f);
+    }
+  }
+  return { removed, keptFiles: kept.length, keptBytes: total };
+}
+
+/** Sweeps once now and then every `everyMs` until stopped; a failed sweep is logged, never thrown. */
+export function keepOutputDir(
+  dir: string,
+  policy: Retention,
+  log: Logger,
+  everyMs = Math.max(10_000, Math.min(5 * 60_000, policy.outMinAgeMs)),
+): { stop(): void; sweep(): Promise<SweepResult> } {
+  let running: Promise<SweepResult> | undefined;
+  const sweep = () => {
+    running ??= sweepOutputDir(dir, policy)
+      .then((r) => {
+        if (r.removed > 0) log.debug(`output folder: removed ${r.removed} old files; ${r.keptFiles} kept`);
+        return r;
+      })
+      .catch((error: unknown) => {
+        log.warn(`output folder sweep failed: ${String(error)}`);
+        return { removed: 0, keptFiles: 0, keptBytes: 0 };
+      })
+      .finally(() => {
+        running = undefined;
+      });
+    return running;
+  };
+  void sweep();
+  const timer = setInterval(() => void sweep(), everyMs);
+  timer.unref();
+  return { stop: () => clearInterval(timer), sweep };
+}
