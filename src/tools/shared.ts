@@ -118,10 +118,10 @@ const CallToolSchema = z.object({ method: z.literal("tools/call"), params: z.unk
  * registerTool, whose validation answers malformed arguments with a zod dump): the listing comes
  * from each tool's schemas, and every call runs through handleTool (signal, progress, roots, errors).
  */
-// biome-ignore lint/suspicious/noExplicitAny: a list of tools of different argument types
 export function registerTools(
   server: McpServer,
   deps: ToolDeps,
+  // biome-ignore lint/suspicious/noExplicitAny: tools of different argument and result types
   tools: readonly ToolDefinition<any, any>[],
 ): void {
   const byName = new Map(tools.map((t) => [t.name, t]));
