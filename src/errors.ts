@@ -55,9 +55,9 @@ export class SegError extends Error {
     this.details = options?.details;
   }
 
-  /** The one-line form the CLI prints and tools show: `CODE: message`. */
+  /** The one-line form the CLI prints and tools show: `CODE: message` (line breaks folded). */
   toLine(): string {
-    return `${this.code}: ${this.message}`;
+    return `${this.code}: ${this.message.replace(/\s*\n\s*/g, " ")}`;
   }
 
   serialize(): SerializedError {

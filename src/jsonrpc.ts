@@ -17,10 +17,24 @@ export interface JsonRpcErrorReply {
   error: { code: number; message: string };
 }
 
-export type Admission = { message: JSONRPCMessage } | { reply: JsonRpcErrorReply };
+/** A tool result the gate answers itself (a refused call is a tool error, not a protocol error). */
+export interface JsonRpcResultReply {
+  jsonrpc: "2.0";
+  id: string | number;
+  result: { isError: true; content: { type: "text"; text: string }[]; _meta: { code: string } };
+}
+
+export type Admission = { message: JSONRPCMessage } | { reply: JsonRpcErrorReply | JsonRpcResultReply };
+
+/** Keys no caller may send: parsing would turn them into an object's prototype machinery. */
+export const FORBIDDEN_KEYS = ["__proto__", "constructor", "prototype"];
 
 export function errorReply(id: string | number | null, code: number, message: string): JsonRpcErrorReply {
   return { jsonrpc: "2.0", id, error: { code, message } };
+}
+
+function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
 }
 
 /** A line of text from a stream transport (a leading byte-order mark is tolerated). */
@@ -68,11 +82,36 @@ export function admitValue(value: unknown): Admission {
   if (Object.hasOwn(v, "method")) {
     if (typeof v.method !== "string" || v.method.length === 0)
       return invalid("method must be a non-empty string");
-    if (
-      Object.hasOwn(v, "params") &&
-      (typeof v.params !== "object" || v.params === null || Array.isArray(v.params))
-    ) {
+    if (Object.hasOwn(v, "params") && !isObject(v.params))
       return invalid("params must be an object", INVALID_PARAMS);
+    if (v.method === "tools/call") {
+      // The SDK checks these with a schema whose failure reads as a dump; say it in a sentence here.
+      const params = (v.params ?? {}) as Record<string, unknown>;
+      if (typeof params.name !== "string") {
+        return invalid("tools/call needs params.name, the name of a tool (see tools/list)", INVALID_PARAMS);
+      }
+      if (params.arguments !== undefined && !isObject(params.arguments)) {
+        const a = params.arguments;
+        const what = Array.isArray(a) ? "an array" : a === null ? "null" : `a ${typeof a}`;
+        return invalid(
+          `the arguments of ${truncate(params.name, 60)} must be an object of its fields (see tools/list), not ${what}`,
+          INVALID_PARAMS,
+        );
+      }
+      // Caught before any parsing copies the arguments: a copy turns "__proto__" into a prototype.
+      const forbidden = FORBIDDEN_KEYS.filter(
+        (k) => isObject(params.arguments) && Object.hasOwn(params.arguments, k),
+      );
+      if (forbidden.length > 0 && id !== null) {
+        const text = `INVALID_INPUT: unknown field(s) ${forbidden.map((k) => `"${k}"`).join(", ")} for ${truncate(params.name, 60)}: send only the fields tools/list names`;
+        return {
+          reply: {
+            jsonrpc: "2.0",
+            id,
+            result: { isError: true, content: [{ type: "text", text }], _meta: { code: "INVALID_INPUT" } },
+          },
+        };
+      }
     }
   } else if (!hasId || !(Object.hasOwn(v, "result") || Object.hasOwn(v, "error"))) {
     return invalid(

@@ -142,7 +142,7 @@ function fileError(cause: unknown, field: string, abs: string): SegError {
   };
   return new SegError(
     "IMAGE_NOT_FOUND",
-    `${field} "${abs}" ${says[code] ?? `cannot be opened (${code || String(cause)}): pass a readable image file`}`,
+    `${field} "${truncate(abs)}" ${says[code] ?? `cannot be opened (${code || String(cause)}): pass a readable image file`}`,
     { cause, details: { path: abs } },
   );
 }
@@ -166,9 +166,13 @@ async function descriptorPath(
     throw fileError(cause, field, abs);
   });
   if (now.dev !== opened.dev || now.ino !== opened.ino) {
-    throw new SegError("IMAGE_NOT_FOUND", `${field} "${abs}" changed while it was being opened: try again`, {
-      details: { path: abs },
-    });
+    throw new SegError(
+      "IMAGE_NOT_FOUND",
+      `${field} "${truncate(abs)}" changed while it was being opened: try again`,
+      {
+        details: { path: abs },
+      },
+    );
   }
   return real;
 }
@@ -194,8 +198,8 @@ export async function readAllowedFile(
     throw new SegError(
       "PATH_NOT_ALLOWED",
       lexicalDirs.length === 0
-        ? `${field} "${abs}" cannot be read: no input directory is allowed (none was given and the server runs in the filesystem root, or the client's roots and --allow-dir do not overlap): start the server with --allow-dir <dir> that covers the file`
-        : `${field} "${abs}" is outside the allowed directories (${describeDirs(lexicalDirs)}): copy the file into one of them, or start the server with --allow-dir <dir>`,
+        ? `${field} "${truncate(abs)}" cannot be read: no input directory is allowed (none was given and the server runs in the filesystem root, or the client's roots and --allow-dir do not overlap): start the server with --allow-dir <dir> that covers the file`
+        : `${field} "${truncate(abs)}" is outside the allowed directories (${describeDirs(lexicalDirs)}): copy the file into one of them, or start the server with --allow-dir <dir>`,
       { details: { path: abs, allowDirs: lexicalDirs } },
     );
   }
@@ -211,32 +215,32 @@ export async function readAllowedFile(
     if (!realAllowed.some((d) => isInside(real, d))) {
       throw new SegError(
         "PATH_NOT_ALLOWED",
-        `${field} "${abs}" resolves to "${real}", outside the allowed directories (${describeDirs(realAllowed)}): symbolic links may not lead out of them; copy the file in instead`,
+        `${field} "${truncate(abs)}" resolves to "${truncate(real)}", outside the allowed directories (${describeDirs(realAllowed)}): symbolic links may not lead out of them; copy the file in instead`,
         { details: { path: abs, realPath: real } },
       );
     }
     if (info.isDirectory()) {
       throw new SegError(
         "INVALID_INPUT",
-        `${field} "${abs}" is a directory: pass the path of an image file inside it`,
+        `${field} "${truncate(abs)}" is a directory: pass the path of an image file inside it`,
       );
     }
     if (!info.isFile()) {
       throw new SegError(
         "INVALID_INPUT",
-        `${field} "${abs}" is not a regular file (a device, socket or pipe): pass the path of an image file`,
+        `${field} "${truncate(abs)}" is not a regular file (a device, socket or pipe): pass the path of an image file`,
       );
     }
     if (info.size === 0) {
       throw new SegError(
         "IMAGE_DECODE_FAILED",
-        `${field} "${abs}" is empty (0 bytes): pass a PNG, JPEG, WebP, GIF or TIFF file`,
+        `${field} "${truncate(abs)}" is empty (0 bytes): pass a PNG, JPEG, WebP, GIF or TIFF file`,
       );
     }
     if (info.size > opts.maxBytes) {
       throw new SegError(
         "IMAGE_TOO_LARGE",
-        `${field} "${abs}" has ${info.size} bytes, over the limit of ${opts.maxBytes}: downscale or recompress it, or raise --max-image-bytes`,
+        `${field} "${truncate(abs)}" has ${info.size} bytes, over the limit of ${opts.maxBytes}: downscale or recompress it, or raise --max-image-bytes`,
         { details: { bytes: info.size, limit: opts.maxBytes } },
       );
     }
@@ -251,7 +255,7 @@ export async function readAllowedFile(
     if (n !== info.size) {
       throw new SegError(
         "IMAGE_DECODE_FAILED",
-        `${field} "${abs}" changed while it was being read: try again`,
+        `${field} "${truncate(abs)}" changed while it was being read: try again`,
         {
           details: { path: abs },
         },

@@ -192,7 +192,12 @@ async function readJsonBody(req: IncomingMessage, limit: number): Promise<unknow
     if (size > limit) throw new SegError("REQUEST_TOO_LARGE", `request body over ${limit} bytes`);
     chunks.push(chunk as Buffer);
   }
-  return JSON.parse(Buffer.concat(chunks).toString("utf8"));
+  // A leading byte-order mark is tolerated, as on stdio.
+  return JSON.parse(
+    Buffer.concat(chunks)
+      .toString("utf8")
+      .replace(/^\uFEFF/, ""),
+  );
 }
 
 /**
@@ -274,8 +279,11 @@ export async function serveHttp(config: Config, engine: Engine, logger: Logger):
       }
       const admitted = admitValue(body);
       if ("reply" in admitted) {
-        const { id, error } = admitted.reply;
-        return refuse(res, 400, error.message, { code: error.code, id });
+        const reply = admitted.reply;
+        if ("error" in reply)
+          return refuse(res, 400, reply.error.message, { code: reply.error.code, id: reply.id });
+        res.writeHead(200, { "content-type": "application/json" });
+        return void res.end(JSON.stringify(reply));
       }
       if (existing) return existing.handleRequest(req, res, body);
       if (sessionId === undefined && isInitializeRequest(body) && sessions.size >= http.maxSessions) {

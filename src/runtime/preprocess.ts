@@ -83,7 +83,12 @@ export async function decodeImage(image: CheckedImage): Promise<DecodedImage> {
   } catch (cause) {
     throw new SegError(
       "IMAGE_DECODE_FAILED",
-      `the image passed its header checks but its pixels cannot be decoded (${(cause as Error).message.trim()}): the file is corrupt or truncated; re-export it`,
+      `${image.label ? `image ${image.label}` : "the image"} has a readable header but its pixels cannot be decoded (${String(
+        (cause as Error).message,
+      )
+        .replace(/\s+/g, " ")
+        .trim()
+        .slice(0, 160)}): the file is corrupt or truncated; re-export it`,
       { cause },
     );
   }

@@ -20,6 +20,8 @@ export interface CheckedImage {
   readonly bytes: Uint8Array;
   readonly width: number;
   readonly height: number;
+  /** How to name the image in a message (its path, or "data: URI"). */
+  readonly label?: string;
 }
 
 export type Stage =

@@ -30,6 +30,16 @@ export interface PreparedImage extends CheckedImage {
   label: string;
 }
 
+/** A decoder's own words, on one short line (libvips writes several). */
+export function libraryMessage(cause: unknown): string {
+  return truncate(
+    String((cause as Error)?.message ?? cause)
+      .replace(/\s+/g, " ")
+      .trim(),
+    160,
+  );
+}
+
 /** Identify a file by its first bytes; never by its name. */
 export function sniffFormat(head: Uint8Array): SupportedFormat | { other: string } {
   const at = (i: number) => head[i] ?? -1;
@@ -62,7 +72,7 @@ export async function checkImage(
     const what = format.other === "unknown" ? "not a recognised image" : `a ${format.other} file`;
     throw new SegError(
       "UNSUPPORTED_FORMAT",
-      `${field} ${label} is ${what}: pass a ${FORMAT_LIST} image (convert it first, e.g. to PNG)`,
+      `${field} ${truncate(label)} is ${what}: pass a ${FORMAT_LIST} image (convert it first, e.g. to PNG)`,
       { details: { format: format.other } },
     );
   }
@@ -73,19 +83,19 @@ export async function checkImage(
   } catch (cause) {
     throw new SegError(
       "IMAGE_DECODE_FAILED",
-      `${field} ${label} looks like ${format.toUpperCase()} but cannot be decoded (${(cause as Error).message.trim()}): the file is corrupt or truncated; re-export it`,
+      `${field} ${truncate(label)} looks like ${format.toUpperCase()} but cannot be decoded (${libraryMessage(cause)}): the file is corrupt or truncated; re-export it`,
       { cause },
     );
   }
   const width = meta.autoOrient?.width ?? meta.width;
   const height = meta.autoOrient?.height ?? meta.height;
   if (!(width > 0 && height > 0)) {
-    throw new SegError("IMAGE_DECODE_FAILED", `${field} ${label} has no pixels: re-export it`);
+    throw new SegError("IMAGE_DECODE_FAILED", `${field} ${truncate(label)} has no pixels: re-export it`);
   }
   if (width * height > maxInputPixels) {
     throw new SegError(
       "IMAGE_TOO_LARGE",
-      `${field} ${label} is ${width}x${height} = ${width * height} pixels, over the limit of ${maxInputPixels}: downscale it, or raise --max-input-pixels`,
+      `${field} ${truncate(label)} is ${width}x${height} = ${width * height} pixels, over the limit of ${maxInputPixels}: downscale it, or raise --max-input-pixels`,
       { details: { width, height, limit: maxInputPixels } },
     );
   }
@@ -150,7 +160,7 @@ export async function prepareMaskBox(ref: string, image: ImageInfo, ctx: InputCo
   if (mask.width !== image.width || mask.height !== image.height) {
     throw new SegError(
       "INVALID_INPUT",
-      `mask ${file.path} is ${mask.width}x${mask.height} but the image is ${image.width}x${image.height}: pass a mask written by segment for this same image`,
+      `mask ${truncate(file.path)} is ${mask.width}x${mask.height} but the image is ${image.width}x${image.height}: pass a mask written by segment for this same image`,
       { details: { mask: { width: mask.width, height: mask.height }, image } },
     );
   }
@@ -158,7 +168,7 @@ export async function prepareMaskBox(ref: string, image: ImageInfo, ctx: InputCo
   if (!box) {
     throw new SegError(
       "INVALID_INPUT",
-      `mask ${file.path} is empty: it selects no pixel to describe; pass a mask with white pixels, or a box`,
+      `mask ${truncate(file.path)} is empty: it selects no pixel to describe; pass a mask with white pixels, or a box`,
     );
   }
   return box;
@@ -180,7 +190,7 @@ export async function decodeMaskBitmap(mask: PreparedImage): Promise<Uint8Array>
   } catch (cause) {
     throw new SegError(
       "IMAGE_DECODE_FAILED",
-      `mask ${mask.label} cannot be decoded (${(cause as Error).message.trim()}): pass a PNG written by segment`,
+      `mask ${truncate(mask.label)} cannot be decoded (${libraryMessage(cause)}): pass a PNG written by segment`,
       { cause },
     );
   }

@@ -7,6 +7,7 @@ import path from "node:path";
 import type { McpServer } from "@modelcontextprotocol/sdk/server/mcp.js";
 import type { RequestHandlerExtra } from "@modelcontextprotocol/sdk/shared/protocol.js";
 import {
+  CallToolRequestSchema,
   type CallToolResult,
   type ContentBlock,
   ErrorCode,
@@ -20,6 +21,7 @@ import {
 import { z } from "zod";
 import type { Config } from "../config.js";
 import { SegError, toSegError } from "../errors.js";
+import { FORBIDDEN_KEYS } from "../jsonrpc.js";
 import type { Logger } from "../logger.js";
 import { truncate } from "../paths.js";
 import {
@@ -74,9 +76,6 @@ export interface ToolDefinition<I extends z.ZodType, O extends z.ZodType> {
   summary(args: z.output<I>, out: z.output<O>): string;
 }
 
-/** Keys no caller may send: they would reach an object's prototype machinery. */
-const FORBIDDEN_KEYS = ["__proto__", "constructor", "prototype"];
-
 /**
  * A tool's arguments checked against its schema, every refusal an INVALID_INPUT sentence: not an
  * object, prototype keys, unknown fields (at most a few named), a wrong field. The MCP handlers and
@@ -110,13 +109,11 @@ export function parseArguments<I extends z.ZodObject, O extends z.ZodType>(
   throw new SegError("INVALID_INPUT", truncate(`${message}${where}`, 500));
 }
 
-/** tools/call with params as loose as JSON allows: this server checks them and says what is wrong. */
-const CallToolSchema = z.object({ method: z.literal("tools/call"), params: z.unknown() });
-
 /**
  * Register the tools on the server's own tools/list and tools/call handlers (not the SDK's
- * registerTool, whose validation answers malformed arguments with a zod dump): the listing comes
- * from each tool's schemas, and every call runs through handleTool (signal, progress, roots, errors).
+ * registerTool, whose validation answers bad arguments with a zod dump and a message that does not
+ * start with a code): the listing comes from each tool's schemas, and every call runs through
+ * handleTool (signal, progress, roots, errors) and parseArguments.
  */
 export function registerTools(
   server: McpServer,
@@ -137,16 +134,16 @@ export function registerTools(
       annotations: t.annotations,
     })),
   }));
-  server.server.setRequestHandler(CallToolSchema, async (request, extra) => {
-    const params = request.params;
-    if (typeof params !== "object" || params === null || Array.isArray(params)) {
-      throw new McpError(ErrorCode.InvalidParams, "tools/call params must be an object {name, arguments}");
-    }
-    const { name, arguments: args } = params as { name?: unknown; arguments?: unknown };
-    const tool = typeof name === "string" ? byName.get(name) : undefined;
+  // Params that are not even the right shape are answered by the JSON-RPC gate (jsonrpc.ts) in a
+  // sentence, before the SDK's own check of this schema would answer them with a dump.
+  server.server.setRequestHandler(CallToolRequestSchema, async (request, extra) => {
+    const { name, arguments: args } = request.params;
+    const tool = byName.get(name);
     if (!tool) {
-      const given = typeof name === "string" ? `"${truncate(name, 80)}"` : "no name";
-      throw new McpError(ErrorCode.InvalidParams, `unknown tool ${given}: the tools are ${names}`);
+      throw new McpError(
+        ErrorCode.InvalidParams,
+        `unknown tool "${truncate(name, 80)}": the tools are ${names}`,
+      );
     }
     return handleTool(deps, extra, async (opts, callDeps) => {
       const input = parseArguments(tool, args);
