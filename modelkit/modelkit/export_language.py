@@ -3,6 +3,8 @@
 The graph is `decoder_model_merged.onnx` of docs/design.md: token embedding (with the image rows
 replaced by `visual_embeds[0]`), interleaved M-RoPE from `position_ids`, the text layers with
 DeepStack additions after layers 0..2, the final RMSNorm and the LM head on the last position.
+Attention is onnxruntime's fused `com.microsoft` GroupQueryAttention (causal, KV cache in and out),
+fed with q/k after q_norm/k_norm and M-RoPE, so its own rotary is off.
 
 `LanguageModelGraph` is our own export-friendly module over the Hugging Face weights (it shares their
 storage, it copies nothing). The graph is traced with the TorchScript exporter without parameters and
@@ -30,6 +32,8 @@ from .onnx_utils import GraphSpec, TensorSpec, check_io, external_data_name, gra
 
 DTYPES = ("fp32", "fp16", "int4")
 OPSET = 17
+# GroupQueryAttention (and MatMulNBits in int4 graphs) live in onnxruntime's contrib domain.
+CUSTOM_OPSETS = {"com.microsoft": 1}
 INT4_BLOCK = 32
 # Above this the weights go to `<file>_data` next to the graph (protobuf caps a file at 2 GB).
 INLINE_LIMIT_BYTES = 1_500_000_000
@@ -62,6 +66,81 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _GroupQueryAttention(torch.autograd.Function):
+    """Causal grouped-query attention with a KV cache, exported as onnxruntime's fused
+    `com.microsoft::GroupQueryAttention` instead of Concat + MatMul/Where/Softmax/MatMul.
+
+    q [B,S,nH*hd], k, v [B,S,nKV*hd] (q_norm/k_norm and M-RoPE already applied: do_rotary=0),
+    past_k, past_v [B,nKV,past,hd], seqlens_k i32 [B] (= valid total length - 1),
+    total_len i32 [1] (= past + S) -> attn [B,S,nH*hd], present_k, present_v [B,nKV,past+S,hd].
+
+    The PyTorch forward is the reference (what tracing runs, what torch-side checks see) and
+    follows the CPU kernel's rule: query i sits at absolute position past_b + i with
+    past_b = seqlens_k[b] + 1 - S (0 when S == total_len, the first prompt) and sees the keys
+    0..past_b + i; the present is past followed by the new rows. Scale 1/sqrt(hd), the default.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+        seqlens_k: torch.Tensor,
+        total_len: torch.Tensor,
+        num_heads: int,
+        kv_num_heads: int,
+        head_dim: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with warnings.catch_warnings():
+            # While tracing, this body only produces example values (symbolic() is what gets
+            # exported), so the tracer's warnings about data-dependent Python here do not apply.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            seq = q.shape[1]
+            present_k = torch.cat((past_k, k.unflatten(-1, (kv_num_heads, head_dim)).transpose(1, 2)), dim=2)
+            present_v = torch.cat((past_v, v.unflatten(-1, (kv_num_heads, head_dim)).transpose(1, 2)), dim=2)
+            total = int(total_len.reshape(-1)[0])
+            past = (
+                seqlens_k.long() + 1 - seq if seq != total else torch.zeros_like(seqlens_k, dtype=torch.long)
+            )
+            q_pos = past.view(-1, 1) + torch.arange(seq).view(1, -1)  # [B, S]
+            allowed = torch.arange(present_k.shape[2]).view(1, 1, -1) <= q_pos.unsqueeze(-1)  # [B, S, past+S]
+            # Query head h uses kv head h // rep: group the query heads per kv head.
+            qg = q.unflatten(-1, (kv_num_heads, -1, head_dim)).permute(0, 2, 3, 1, 4)  # [B, nKV, rep, S, hd]
+            scores = (qg @ present_k.unsqueeze(2).transpose(-1, -2)) * (head_dim**-0.5)  # [B, nKV, rep, S, T]
+            scores = torch.where(allowed[:, None, None], scores, float(torch.finfo(torch.float32).min))
+            attn = torch.softmax(scores, dim=-1) @ present_v.unsqueeze(2)  # [B, nKV, rep, S, hd]
+            attn = attn.flatten(1, 2).transpose(1, 2).flatten(2)  # [B, S, nH*hd]
+        return attn, present_k, present_v
+
+    @staticmethod
+    def symbolic(
+        g, q, k, v, past_k, past_v, seqlens_k, total_len, num_heads: int, kv_num_heads: int, head_dim: int
+    ):
+        attn, present_k, present_v = g.op(
+            "com.microsoft::GroupQueryAttention",
+            q,
+            k,
+            v,
+            past_k,
+            past_v,
+            seqlens_k,
+            total_len,
+            num_heads_i=num_heads,
+            kv_num_heads_i=kv_num_heads,
+            outputs=3,
+        )
+        # The exporter cannot infer a contrib op's outputs; give them their types and static widths.
+        attn.setType(q.type().with_dtype(torch.float32).with_sizes([None, None, num_heads * head_dim]))
+        for present in (present_k, present_v):
+            present.setType(
+                q.type().with_dtype(torch.float32).with_sizes([None, kv_num_heads, None, head_dim])
+            )
+        return attn, present_k, present_v
 
 
 class _Layer(nn.Module):
@@ -127,6 +206,9 @@ class LanguageModelGraph(nn.Module):
             raise ModelkitError(
                 "CHECKPOINT_INVALID", "num_attention_heads must be a multiple of num_key_value_heads"
             )
+        if self.head_dim % 8:
+            # onnxruntime's GroupQueryAttention kernels require it (Qwen3-VL uses 128).
+            raise ModelkitError("UNSUPPORTED_MODEL", f"head_dim {self.head_dim} is not a multiple of 8")
         rope = dict(getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {})
         if rope.get("rope_type", "default") != "default":
             raise ModelkitError("CHECKPOINT_INVALID", f"rope_type {rope.get('rope_type')!r} is not supported")
@@ -159,9 +241,6 @@ class LanguageModelGraph(nn.Module):
         *past: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         n_kv, hd = self.num_kv_heads, self.head_dim
-        rep = self.num_heads // n_kv
-        seq = input_ids.shape[1]
-        total = attention_mask.shape[1]
 
         # Embeddings; image-pad rows take the image features instead.
         is_image = (input_ids == self.image_token_id).unsqueeze(-1)  # [B, S, 1] bool
@@ -173,38 +252,28 @@ class LanguageModelGraph(nn.Module):
         pos = position_ids.permute(1, 2, 0).to(torch.float32)  # [B, S, 3]
         pos = torch.index_select(pos, 2, self.freq_axes)  # [B, S, hd/2]
         freqs = pos * self.inv_freq  # [B, S, hd/2]
-        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, S, hd]
+        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)  # [B, S, 1, hd], broadcast over heads
         cos, sin = angles.cos(), angles.sin()
 
-        # Causal + padding mask: query i sits at absolute position past + i.
-        q_pos = torch.arange(seq) + (total - seq)  # [S]
-        k_pos = torch.arange(total)  # [past+S]
-        causal = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [S, past+S]
-        allowed = causal.view(1, 1, 1, seq, total) & (attention_mask != 0).view(-1, 1, 1, 1, total)
-        # [B, 1, 1, S, past+S], broadcast over kv heads and their query groups
-        neg = float(torch.finfo(torch.float32).min)  # not -inf: a fully masked row stays finite
+        # GroupQueryAttention's lengths, from the mask (all ones for batch 1, as the runtime feeds
+        # it): seqlens_k = attended length - 1 per row, total_len = past + S.
+        seqlens_k = (attention_mask.sum(dim=1) - 1).to(torch.int32)  # [B]
+        total_len = torch._shape_as_tensor(attention_mask)[1:].to(torch.int32)  # [1]
 
         presents: list[torch.Tensor] = []
         for li, layer in enumerate(self.layers):
             x = _rms_norm(hidden, layer.input_norm, self.eps)  # [B, S, H]
             q = (x @ layer.q_proj).unflatten(-1, (-1, hd))  # [B, S, nH, hd]
             k = (x @ layer.k_proj).unflatten(-1, (-1, hd))  # [B, S, nKV, hd]
-            v = (x @ layer.v_proj).unflatten(-1, (-1, hd)).transpose(1, 2)  # [B, nKV, S, hd]
-            q = _rms_norm(q, layer.q_norm, self.eps).transpose(1, 2)  # [B, nH, S, hd]
-            k = _rms_norm(k, layer.k_norm, self.eps).transpose(1, 2)  # [B, nKV, S, hd]
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            k = torch.cat((past[2 * li], k), dim=2)  # [B, nKV, past+S, hd]
-            v = torch.cat((past[2 * li + 1], v), dim=2)  # [B, nKV, past+S, hd]
-            presents += [k, v]
-
-            # GQA: query head h uses kv head h // rep, by grouping the query heads per kv head.
-            qg = q.unflatten(1, (n_kv, rep))  # [B, nKV, rep, S, hd]
-            scores = (qg @ k.unsqueeze(2).transpose(-1, -2)) * (hd**-0.5)  # [B, nKV, rep, S, past+S]
-            scores = torch.where(allowed, scores, neg)
-            probs = torch.softmax(scores, dim=-1)
-            attn = (probs @ v.unsqueeze(2)).flatten(1, 2)  # [B, nH, S, hd]
-            attn = attn.transpose(1, 2).flatten(2)  # [B, S, nH*hd]
+            q = _rms_norm(q, layer.q_norm, self.eps)
+            k = _rms_norm(k, layer.k_norm, self.eps)
+            q = (q * cos + _rotate_half(q) * sin).flatten(2)  # [B, S, nH*hd]
+            k = (k * cos + _rotate_half(k) * sin).flatten(2)  # [B, S, nKV*hd]
+            v = x @ layer.v_proj  # [B, S, nKV*hd]
+            attn, present_k, present_v = _GroupQueryAttention.apply(
+                q, k, v, past[2 * li], past[2 * li + 1], seqlens_k, total_len, self.num_heads, n_kv, hd
+            )  # [B, S, nH*hd], 2 x [B, nKV, past+S, hd]
+            presents += [present_k, present_v]
             hidden = hidden + attn @ layer.o_proj
 
             x = _rms_norm(hidden, layer.post_norm, self.eps)
@@ -298,6 +367,7 @@ def _trace_structure(graph: LanguageModelGraph, path: Path) -> None:
             # dedup (a full comparison of every same-shaped pair of matrices in a large model).
             keep_initializers_as_inputs=True,
             opset_version=OPSET,
+            custom_opsets=CUSTOM_OPSETS,
             input_names=in_names,
             output_names=out_names,
             dynamic_axes=dyn,
@@ -458,7 +528,7 @@ def _attach_weights(
         nodes += before + [replaced.get(id(node), node)] + after
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    if dtype == "int4":
+    if dtype == "int4" and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 

@@ -3,7 +3,8 @@
 The HF module computes position-embedding taps, rotary ids and attention segments from `grid_thw`
 with data-dependent Python; here those come in as host inputs (see vision_inputs.py), so the graph is
 a plain, fully dynamic-P chain: patch-embed Linear, pos-embed gather + weighted sum, pre-norm blocks
-with one full (non-causal) attention over the image, DeepStack mergers at the taps, main merger.
+with one full (non-causal) attention over the image (onnxruntime's fused `com.microsoft`
+MultiHeadAttention, after the rotary), DeepStack mergers at the taps, main merger.
 Every linear is written as `x @ W^T + b` with W^T stored as a [in, out] initializer so that the int4
 quantiser (MatMulNBits, which only handles MatMul with a constant B) sees all of them.
 """
@@ -35,8 +36,11 @@ OPSET = 17
 LN_EPS = 1e-6
 
 # Node-name fragments of the parts kept in f32 when the weights are fp16 (spec 7.4); the rotary
-# module runs twice per block, as scopes "rope" (q) and "rope_1" (k).
-_FP32_SCOPES = ("/rope/", "/rope_1/", "/pos_embed/")
+# module runs twice per block, as scopes "rope" (q) and "rope_1" (k); "attn" is the fused attention
+# (softmax in f32 as before the fusion; see _MultiHeadAttention).
+_FP32_SCOPES = ("/rope/", "/rope_1/", "/attn/", "/pos_embed/")
+# The fused attention kernel lives in onnxruntime's contrib domain.
+CUSTOM_OPSETS = {"com.microsoft": 1}
 
 
 def vision_io(cv: int, h: int, dv: int, n_taps: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -88,10 +92,50 @@ class _Rope(nn.Module):
     """Rotate-half 2-D rotary in f32 (its own module so its nodes can be kept f32 in fp16 graphs)."""
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x [nh, P, dv]; cos, sin [P, dv] broadcast over heads
+        # x [P, nh, dv]; cos, sin [P, dv] broadcast over heads
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class _MultiHeadAttention(torch.autograd.Function):
+    """Full (non-causal) attention over one image, exported as onnxruntime's fused
+    `com.microsoft::MultiHeadAttention` (CPU, CUDA and WebGPU kernels) instead of MatMul/Softmax/MatMul.
+
+    q, k, v [1, P, nh*dv] -> [1, P, nh*dv]; scale 1/sqrt(dv), the kernel's default. The PyTorch
+    forward is the reference math (what tracing runs and what the torch-side checks see).
+    """
+
+    @staticmethod
+    def forward(
+        ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, width: int
+    ) -> torch.Tensor:
+        dv = width // num_heads
+        qh, kh, vh = (t.unflatten(-1, (num_heads, dv)).transpose(1, 2) for t in (q, k, v))  # [1, nh, P, dv]
+        probs = torch.softmax(torch.matmul(qh, kh.transpose(-1, -2)) * dv**-0.5, dim=-1)  # [1, nh, P, P]
+        return torch.matmul(probs, vh).transpose(1, 2).flatten(2)  # [1, P, nh*dv]
+
+    @staticmethod
+    def symbolic(g, q, k, v, num_heads: int, width: int):
+        out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=num_heads)
+        # The exporter cannot infer a contrib op's output; without this the static widths
+        # downstream (and so the graph outputs' shapes) would be lost.
+        out.setType(q.type().with_dtype(torch.float32).with_sizes([1, None, width]))
+        return out
+
+
+class _Attention(nn.Module):
+    """Its own module (scope "attn") so that fp16 graphs can keep the attention in f32."""
+
+    def __init__(self, num_heads: int, width: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.width = width  # nh * dv = Cv, a Python int so the traced reshapes have static widths
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q, k, v [P, nh, dv] -> [P, nh*dv]
+        q, k, v = (t.reshape(1, -1, self.width) for t in (q, k, v))  # [1, P, nh*dv]: heads-major rows
+        return _MultiHeadAttention.apply(q, k, v, self.num_heads, self.width).reshape(-1, self.width)
 
 
 class _Block(nn.Module):
@@ -107,8 +151,7 @@ class _Block(nn.Module):
         self.num_heads = num_heads
         cv = block.norm1.weight.shape[0]
         self.head_dim = cv // num_heads
-        self.cv = cv
-        self.scale = self.head_dim**-0.5
+        self.attn = _Attention(num_heads, cv)
         # Qwen3-VL's vision MLP uses gelu_pytorch_tanh (transformers' GELUTanh); refuse anything else.
         act = type(block.mlp.act_fn).__name__
         if act != "GELUTanh":
@@ -117,14 +160,9 @@ class _Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x [P, Cv]
         qkv = self.qkv(self.norm1(x)).reshape(-1, 3, self.num_heads, self.head_dim)  # [P, 3, nh, dv]
-        qkv = qkv.permute(1, 2, 0, 3)  # [3, nh, P, dv]
-        q = self.rope(qkv[0], cos, sin)  # [nh, P, dv]
-        k = self.rope(qkv[1], cos, sin)
-        v = qkv[2]
-        scores = torch.matmul(q, k.transpose(1, 2)) * self.scale  # [nh, P, P]
-        probs = torch.softmax(scores, dim=-1)
-        attn = torch.matmul(probs, v)  # [nh, P, dv]
-        attn = attn.permute(1, 0, 2).reshape(-1, self.cv)  # [P, Cv]
+        q = self.rope(qkv[:, 0], cos, sin)  # [P, nh, dv]
+        k = self.rope(qkv[:, 1], cos, sin)
+        attn = self.attn(q, k, qkv[:, 2])  # [P, Cv]
         x = x + self.proj(attn)
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
 
@@ -212,7 +250,7 @@ def export_vision_encoder(
 ) -> GraphSpec:
     """Write `vision_encoder.onnx` (+ `.onnx_data` when over 2 GiB) and return its GraphSpec.
 
-    dtype: "fp32"; "fp16" (weights and most activations fp16, LayerNorm/softmax/rotary/pos-embed in
+    dtype: "fp32"; "fp16" (weights and most activations fp16, LayerNorm/attention/rotary/pos-embed in
     f32, boundary f32); "int4" (MatMul weights as MatMulNBits blocks of 32, everything else f32).
     """
     if dtype not in WEIGHT_DTYPES:
@@ -263,6 +301,7 @@ def export_vision_encoder(
                 opset_version=OPSET,
                 dynamo=False,
                 do_constant_folding=True,
+                custom_opsets=CUSTOM_OPSETS,
             )
         onnx_model = load_onnx(raw_path)
     fp32_nodes = [n.name for n in onnx_model.graph.node if any(s in n.name for s in _FP32_SCOPES)]

@@ -232,6 +232,23 @@ def test_graph_io_and_tied_table(case: Case) -> None:
     assert tables == ["embed_tokens"]  # the tied LM head reuses the embedding initializer
 
 
+def test_attention_is_fused_group_query_attention(case: Case) -> None:
+    """One com.microsoft GroupQueryAttention per layer (no unfused Softmax), with the graph's own
+    rotary (do_rotary off) and its present outputs wired straight to the graph outputs."""
+    tc = case.model.config.text_config
+    proto = onnx.load(str(case.onnx_path), load_external_data=False)
+    assert {(o.domain, o.version) for o in proto.opset_import} >= {("", 17), ("com.microsoft", 1)}
+    assert not [n for n in proto.graph.node if n.op_type == "Softmax"]
+    gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == tc.num_hidden_layers
+    for i, node in enumerate(gqa):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert node.domain == "com.microsoft"
+        assert attrs == {"num_heads": tc.num_attention_heads, "kv_num_heads": tc.num_key_value_heads}
+        assert list(node.input[3:5]) == [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        assert list(node.output[1:]) == [f"present.{i}.key", f"present.{i}.value"]
+
+
 def test_rejects_unknown_dtype(case: Case, tmp_path: Path) -> None:
     with pytest.raises(ModelkitError) as e:
         export_language_model(case.model, tmp_path / "d.onnx", "int8")
@@ -256,6 +273,28 @@ def test_prefill_matches_hf(case: Case) -> None:
         len(case.input_ids),
         tc.head_dim,
     )
+
+
+def test_prefix_then_chunk_matches_hf(case: Case) -> None:
+    """The runtime's order: the prompt up to <|vision_end|> first, then the question as one chunk
+    of S > 1 tokens after that cache (GroupQueryAttention's "subsequent prompt")."""
+    cfg = case.model.config
+    n = int(np.flatnonzero(case.input_ids == cfg.vision_end_token_id)[0]) + 1
+    ve, pos = case.visual_embeds, case.position_ids
+    _, hidden_a, past = run(
+        case.session, case.input_ids[:n], ve[:, :, :n], pos[:, :n], empty_past(case.model)
+    )
+    logits, hidden_b, presents = run(case.session, case.input_ids[n:], ve[:, :, n:], pos[:, n:], past)
+    assert len(case.input_ids) - n > 10  # a real chunk
+    hidden = np.concatenate([hidden_a, hidden_b])
+    err_logits, err_hidden = rel_err(logits, case.hf_logits), rel_err(hidden, case.hf_hidden)
+    chunk = len(case.input_ids) - n
+    print(f"prefix {n} + chunk {chunk}: logits rel err {err_logits:.2e}, hidden {err_hidden:.2e}")
+    assert err_logits < REL_TOL and err_hidden < REL_TOL
+    _, _, whole = prefill(case)
+    for name, value in presents.items():
+        assert value.shape == whole[name].shape  # past + S rows: present and past are separate buffers
+        assert rel_err(value, whole[name]) < REL_TOL
 
 
 # (c) greedy decode with the KV cache --------------------------------------------------------------
@@ -317,6 +356,21 @@ def test_forced_chunk_equals_single_steps(case: Case) -> None:
     _, _, past0 = prefill(case)
     forced = [90, 16, 1, 220]  # arbitrary text tokens
     chunk_logits, chunk_hidden, chunk_past = run(case.session, *decode_inputs(case, forced[:3], s), past0)
+    # against transformers: one pass over the prompt and the forced tokens
+    ids = np.concatenate([case.input_ids, np.array(forced[:3], np.int64)])
+    hidden_out: list[torch.Tensor] = []
+    hook = case.model.model.language_model.norm.register_forward_hook(
+        lambda _m, _i, o: hidden_out.append(o.detach())
+    )
+    try:
+        with torch.no_grad():
+            want = case.model(**hf_inputs(ids, case.pixel_values, case.model.config.image_token_id))
+    finally:
+        hook.remove()
+    err_hidden = rel_err(chunk_hidden, hidden_out[0][0, s:].numpy())
+    err_logits = rel_err(chunk_logits, want.logits[0, -1].numpy())
+    print(f"forced 3-token chunk vs HF: logits rel err {err_logits:.2e}, hidden {err_hidden:.2e}")
+    assert err_hidden < REL_TOL and err_logits < REL_TOL
     past = past0
     step_hidden = []
     for j, tok in enumerate(forced[:3]):

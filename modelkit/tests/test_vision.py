@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -168,6 +169,32 @@ def test_graph_spec_is_the_contract(exported, dims):
         assert not path.with_name("vision_encoder.onnx_data").exists()  # tiny graph: one file
 
 
+def test_attention_is_fused_multi_head_attention(model, exported):
+    """One com.microsoft MultiHeadAttention per block (no unfused Softmax) in every dtype; in fp16
+    graphs it runs in f32 (its v input is cast up, its output cast back down to fp16)."""
+    cfg = model.model.visual.config
+    for dtype in ("fp32", "fp16", "int4"):
+        proto = load_onnx(exported[dtype][2])
+        graph = proto.graph
+        assert ("com.microsoft", 1) in {(o.domain, o.version) for o in proto.opset_import}
+        assert not [n for n in graph.node if n.op_type == "Softmax"]
+        mha = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
+        assert len(mha) == cfg.depth
+        for node in mha:
+            attrs = {a.name: a.i for a in node.attribute}
+            assert node.domain == "com.microsoft" and attrs == {"num_heads": cfg.num_heads}
+        if dtype != "fp16":
+            continue
+        producer = {out: n for n in graph.node for out in n.output}
+        readers = {name: [n for n in graph.node if name in n.input] for name in producer}
+        for node in mha:
+            v_in = producer[producer[node.input[2]].input[0]]  # MHA <- Reshape <- Cast
+            assert v_in.op_type == "Cast" and v_in.attribute[0].i == onnx.TensorProto.FLOAT
+            (out,) = readers[node.output[0]]  # MHA -> Reshape -> Cast
+            (cast,) = readers[out.output[0]]
+            assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT16
+
+
 @pytest.mark.parametrize("grid", GRIDS)
 def test_fp32_graph_matches_hf(model, dims, exported, grid):
     _, session, _ = exported["fp32"]
@@ -191,10 +218,16 @@ INT4_REL_RMS_TOL = 0.25
 
 def test_fp16_graph_matches_hf_loosely(model, dims, exported):
     _, session, path = exported["fp16"]
-    # The rotary tables go straight into f32 rope nodes, not through an fp16 round trip.
-    consumers = [n for n in load_onnx(path).graph.node if {"rotary_cos", "rotary_sin"} & set(n.input)]
-    assert len(consumers) == 4 * len(model.model.visual.blocks)  # q and k, cos and sin
-    assert all(n.op_type == "Mul" and "/rope" in n.name for n in consumers)
+    # The rotary tables go straight into f32 rope nodes, not through an fp16 round trip: each is
+    # unsqueezed once (broadcast over heads) inside a rope scope, and the result feeds only the rope
+    # Muls of every block (q and k).
+    nodes = load_onnx(path).graph.node
+    consumers = [n for n in nodes if {"rotary_cos", "rotary_sin"} & set(n.input)]
+    assert len(consumers) == 2 and all(n.op_type == "Unsqueeze" and "/rope" in n.name for n in consumers)
+    tables = {n.output[0] for n in consumers}
+    muls = [n for n in nodes if tables & set(n.input)]
+    assert len(muls) == 4 * len(model.model.visual.blocks)  # q and k, cos and sin
+    assert all(n.op_type == "Mul" and "/rope" in n.name for n in muls)
     pixel_values, ref, _ = hf_reference(model, GRIDS[0])
     got = run_graph(session, pixel_values, vision_host_inputs(*GRIDS[0], dims["n_pos"], dims["dv"]))
     rel = relative_errors(got, ref)
