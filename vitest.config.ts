@@ -11,7 +11,7 @@ export default defineConfig({
         test: {
           name: "unit",
           include: ["test/**/*.test.ts"],
-          exclude: ["test/accuracy/**"],
+          exclude: ["test/accuracy/**", "test/package/**"],
           // Generous: model work on the tiny pack takes seconds, and minutes on a busy machine.
           testTimeout: 600_000,
           hookTimeout: 600_000,
@@ -25,6 +25,17 @@ export default defineConfig({
           include: ["test/accuracy/**/*.test.ts"],
           testTimeout: 0,
           hookTimeout: 0,
+        },
+      },
+      {
+        extends: true,
+        test: {
+          name: "package",
+          // npm pack, a global install from the tarball, the .mcpb bundle: each started as a user
+          // would, then one segment call. npm and zipping take minutes on a busy machine.
+          include: ["test/package/**/*.test.ts"],
+          testTimeout: 1_800_000,
+          hookTimeout: 600_000,
         },
       },
     ],
