@@ -4,11 +4,13 @@
  * the next step has consumed it, and the caller's start cache is never touched.
  */
 
+import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { SegError } from "../src/errors.js";
 import {
   argmax,
   type KvCache,
+  KvStorage,
   LanguageModel,
   type LmDims,
   tokenProbability,
@@ -18,8 +20,10 @@ import {
   type Feeds,
   type GraphRunner,
   isHostTensor,
+  OnnxSession,
   RunOutputs,
 } from "../src/runtime/onnx.js";
+import { loadPack } from "../src/runtime/pack.js";
 
 describe("generation helpers", () => {
   it("tokenProbability equals the full softmax", () => {
@@ -124,5 +128,64 @@ describe("KV caches kept on the device", () => {
     const made = graph.made.slice(2 * dims.layers);
     expect(made.length).toBeGreaterThan(0);
     expect(made.every((t) => t.released === 1)).toBe(true);
+  });
+});
+
+describe("KV cache written in place (GroupQueryAttention graphs on the CPU)", () => {
+  it("KvStorage grows keeping every head's rows", () => {
+    const storage = new KvStorage(2, 2, 3, 4); // [1, 2 heads, 4 rows, 3]
+    const [k] = storage.tensors();
+    if (!k) throw new Error("no tensor");
+    k.data.forEach((_, i) => {
+      k.data[i] = i;
+    });
+    storage.ensure(5, 3);
+    const [grown] = storage.tensors();
+    expect(grown?.dims).toEqual([1, 2, 5 + 256, 3]);
+    // head 0 rows 0..2 and head 1 rows 0..2 survive, at the new stride
+    expect(Array.from(grown?.data.subarray(0, 9) ?? [])).toEqual([0, 1, 2, 3, 4, 5, 6, 7, 8]);
+    const stride = (5 + 256) * 3;
+    expect(Array.from(grown?.data.subarray(stride, stride + 9) ?? [])).toEqual([
+      12, 13, 14, 15, 16, 17, 18, 19, 20,
+    ]);
+  });
+
+  it("decodes the same tokens as a cache copied every step, also past a growth of the storage", async () => {
+    const pack = await loadPack(path.resolve(import.meta.dirname, "../models/tiny-random"));
+    expect(pack.manifest.graphs.language_model.attention).toBe("group_query");
+    const session = await OnnxSession.create(pack.file(pack.manifest.graphs.language_model.file), {
+      provider: "cpu",
+    });
+    try {
+      const t = pack.manifest.model.text;
+      const dims = {
+        layers: t.num_hidden_layers,
+        kvHeads: t.num_key_value_heads,
+        headDim: t.head_dim,
+        hidden: t.hidden_size,
+        vocab: t.vocab_size,
+      };
+      const run = async (inPlace: boolean) => {
+        const lm = new LanguageModel(session, dims, { inPlace });
+        const n = 40;
+        const positions = new BigInt64Array(3 * n);
+        for (let a = 0; a < 3; a++) for (let i = 0; i < n; i++) positions[a * n + i] = BigInt(i);
+        const pre = await lm.step(
+          Array.from({ length: n }, (_, i) => 1000 + i * 7),
+          positions,
+          lm.emptyCache(),
+        );
+        const gen = await lm.generate(
+          { logits: pre.logits, lastHidden: pre.hidden.subarray((n - 1) * dims.hidden), cache: pre.cache },
+          { maxNewTokens: 300, stopTokens: new Set(), ropeDelta: 0 },
+        );
+        return gen.tokens;
+      };
+      const copied = await run(false);
+      const inPlace = await run(true); // 40 + 300 rows: the storage (40 + 256) grows once
+      expect(inPlace).toEqual(copied);
+    } finally {
+      await session.dispose();
+    }
   });
 });

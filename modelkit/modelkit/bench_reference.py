@@ -30,8 +30,9 @@ import json
 import platform
 import resource
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -383,6 +384,80 @@ def run_benchmark(
     }
 
 
+def serve_rounds(
+    ref: Reference,
+    image: Path,
+    *,
+    expression: str,
+    n_tokens: int,
+    dtype: str,
+    box: Sequence[float] | None,
+    box_label: str,
+    lines: Iterable[str],
+    emit: Callable[[dict[str, Any]], None],
+) -> None:
+    """`--serve`: warm up, emit the fp32 tokens, then one timed round per 'round [T]' line until 'done'.
+
+    A caller that times its own implementation between our rounds sees both under the same load, which
+    on a shared machine matters more than any number of runs taken one after the other. A round decodes
+    `n_tokens` (`ground_total_ms`, measured); with T given it adds `ground_answer_total_ms`, the same
+    pass with T answer tokens (T - 1 decode steps at the round's mean step time), to match a caller
+    whose grammar-constrained answer was T tokens long.
+    """
+    question = ground_question(ref.manifest, expression)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ref.to(torch.float32)
+    fp32 = ground_pass(ref, image, question, n_tokens, margins=True)
+    ref.to(DTYPES[dtype])
+    if dtype != "fp32":
+        ground_pass(ref, image, question, n_tokens)  # warm-up
+    segment_box_pass(ref, image, box, box_label)  # warm-up
+    emit(
+        {
+            "ready": True,
+            "tokens": fp32.tokens,
+            "greedy_min_logit_margin": round(min(fp32.margins), 4),
+            "prompt_tokens": len(fp32.ids),
+            "image_tokens": fp32.ids.count(ref.image_pad),
+        }
+    )
+    steps = n_tokens - 1
+    for line in lines:
+        command, *rest = line.split()
+        if command == "done":
+            break
+        if command != "round":
+            continue
+        answer = int(rest[0]) if rest and rest[0].isdigit() else n_tokens
+        g = ground_pass(ref, image, question, n_tokens).laps
+        seg, _ = segment_box_pass(ref, image, box, box_label)
+        per_token = g["decode"] / steps
+        emit(
+            {
+                "vision_ms": round(g["vision"], 3),
+                "prefill_ms": round(g["prefill"], 3),
+                "decode_ms_per_token": round(per_token, 3),
+                "mask_ms": round(seg["mask"], 3),
+                "ground_total_ms": round(g["total"], 3),
+                "ground_answer_total_ms": round(g["total"] - g["decode"] + (answer - 1) * per_token, 3),
+                "segment_box_total_ms": round(seg["total"], 3),
+            }
+        )
+    emit(
+        {
+            "done": True,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+            "threads": torch.get_num_threads(),
+            "device": str(ref.device),
+            "dtype": dtype,
+            "attn_implementation": ref.model.config._attn_implementation,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        }
+    )
+
+
 def cmd_bench_reference(args: argparse.Namespace) -> int:
     if args.tokens < 2:
         raise ModelkitError("INVALID_INPUT", f"Expected --tokens >= 2 but received {args.tokens}")
@@ -404,6 +479,23 @@ def cmd_bench_reference(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     ref, _ = load_reference(args.reference, args.pack, torch.device(args.device), args.attn)
     load_ms = (time.perf_counter() - t) * 1000.0
+    if args.serve:
+
+        def emit(obj: dict[str, Any]) -> None:
+            print(json.dumps(obj), flush=True)
+
+        serve_rounds(
+            ref,
+            args.image,
+            expression=args.expression,
+            n_tokens=args.tokens,
+            dtype=args.dtype,
+            box=box,
+            box_label=label,
+            lines=sys.stdin,
+            emit=emit,
+        )
+        return 0
     result = run_benchmark(
         ref,
         args.image,

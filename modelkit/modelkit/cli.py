@@ -140,6 +140,12 @@ def _parser() -> argparse.ArgumentParser:
         default="sdpa",
         help="transformers attention implementation (default sdpa, transformers' own default)",
     )
+    b.add_argument(
+        "--serve",
+        action="store_true",
+        help="after the warm-up print one JSON line, then run one timed round per 'round' line on stdin "
+        "(a JSON line each) until 'done': lets a caller interleave its own runs on a noisy machine",
+    )
 
     s = _command(sub, "synth", "synth:cmd_synth", "write a seeded synthetic referring-segmentation dataset")
     s.add_argument("--out", type=Path, required=True, help="dataset folder: images/ + annotations.json")

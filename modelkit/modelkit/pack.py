@@ -272,6 +272,8 @@ def build_pack(
             "mask_decoder": export_mask_decoder(mask_decoder, tmp / GRAPH_FILES["mask_decoder"], dtype=dtype),
         }
         manifest["graphs"] = {k: graph_entry(spec, GRAPH_FILES[k]) for k, spec in specs.items()}
+        # GroupQueryAttention takes one buffer as past and present: the runtime keeps the cache in place.
+        manifest["graphs"]["language_model"]["attention"] = "group_query"
         for f in TOKENIZER_FILES:
             shutil.copyfile(Path(tokenizer_dir) / f, tmp / f)
         manifest["files"] = files_section(tmp)

@@ -130,6 +130,39 @@ def test_default_expression_segment_box_and_bf16(reference: Path, capsys: pytest
     assert r["segment_box_prompt_tokens"] == len(prompt) + len(prefix)
 
 
+def test_serve_rounds(
+    reference: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--serve: one ready line with the fp32 tokens, one JSON line per 'round', a final line at 'done'."""
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("round\nnoise\nround 2\ndone\nround\n"))
+    capsys.readouterr()
+    argv = ["bench-reference", "--reference", str(reference), "--pack", str(PACK), "--image", str(IMAGE)]
+    assert main([*argv, "--tokens", "4", "--threads", "1", "--expression", "the red box", "--serve"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [("ready" in x, "done" in x) for x in lines] == [
+        (True, False),
+        (False, False),
+        (False, False),
+        (False, True),
+    ]
+    _, t = load_case(FIXTURES / "ground_halfeven")
+    assert lines[0]["tokens"] == t["greedy_tokens"][:4].tolist()
+    for r in lines[1:3]:
+        assert set(r) == {
+            "vision_ms",
+            "prefill_ms",
+            "decode_ms_per_token",
+            "mask_ms",
+            "ground_total_ms",
+            "ground_answer_total_ms",
+            "segment_box_total_ms",
+        }
+        assert all(v > 0 for v in r.values())
+    assert lines[3]["device"] == "cpu" and lines[3]["peak_rss_mb"] > 0
+
+
 def test_errors(reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench-reference", "--reference", str(reference), "--pack", str(PACK), "--image", str(IMAGE)]
     assert main([*argv, "--tokens", "1"]) == 2

@@ -230,6 +230,11 @@ def test_graph_io_and_tied_table(case: Case) -> None:
     proto = onnx.load(str(case.onnx_path), load_external_data=False)
     tables = [t.name for t in proto.graph.initializer if list(t.dims) == [tc.vocab_size, tc.hidden_size]]
     assert tables == ["embed_tokens"]  # the tied LM head reuses the embedding initializer
+    # ... as Gemm(h, table, transB=1), which onnxruntime runs at memory speed (fp32 packs)
+    users = [n for n in proto.graph.node if "embed_tokens" in n.input]
+    assert sorted(n.op_type for n in users) == ["Gather", "Gemm"]
+    gemm = next(n for n in users if n.op_type == "Gemm")
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in gemm.attribute} == {"transB": 1}
 
 
 def test_attention_is_fused_group_query_attention(case: Case) -> None:

@@ -29,13 +29,64 @@ export interface LmDims {
   vocab: number;
 }
 
+/** Rows a storage gets beyond what it must hold, so a question and a short answer fit without growing. */
+const KV_HEADROOM = 256;
+
 /**
- * Past keys/values after k_norm and RoPE: 2L tensors [1, nKV, length, hd], immutable once made. On
- * WebGPU they stay on the GPU between steps; whoever made a cache releases it (`releaseCache`).
+ * Host KV rows of one sequence, written in place: per layer and kind a buffer [1, nKV, capacity, hd]
+ * that onnxruntime's GroupQueryAttention reads as the past and writes the new rows into (the same
+ * buffer is fed as the past and given as the present output), so a step copies no cache. Caches made
+ * from one storage share it: a step writes only rows at and after its cache's length, so the rows
+ * below an earlier cache's length never change (requests run one at a time). When full it grows
+ * once, rows copied, for every holder.
+ */
+export class KvStorage {
+  #buffers: Float32Array[];
+  #capacity: number;
+  readonly #kvHeads: number;
+  readonly #headDim: number;
+
+  constructor(count: number, kvHeads: number, headDim: number, capacity: number) {
+    this.#kvHeads = kvHeads;
+    this.#headDim = headDim;
+    this.#capacity = capacity;
+    this.#buffers = Array.from({ length: count }, () => new Float32Array(kvHeads * capacity * headDim));
+  }
+
+  get bytes(): number {
+    return this.#buffers.length * this.#kvHeads * this.#capacity * this.#headDim * 4;
+  }
+
+  /** Room for `rows` rows, keeping the first `keep` (the rows a live cache holds). */
+  ensure(rows: number, keep: number): void {
+    if (rows <= this.#capacity) return;
+    const capacity = Math.max(rows + KV_HEADROOM, 2 * this.#capacity);
+    const hd = this.#headDim;
+    this.#buffers = this.#buffers.map((old) => {
+      const grown = new Float32Array(this.#kvHeads * capacity * hd); // [nKV, capacity, hd]
+      for (let h = 0; h < this.#kvHeads; h++) {
+        grown.set(old.subarray(h * this.#capacity * hd, (h * this.#capacity + keep) * hd), h * capacity * hd);
+      }
+      return grown;
+    });
+    this.#capacity = capacity;
+  }
+
+  /** The buffers as graph tensors [1, nKV, capacity, hd]. */
+  tensors(): HostTensor<Float32Array>[] {
+    return this.#buffers.map((b) => f32(b, [1, this.#kvHeads, this.#capacity, this.#headDim]));
+  }
+}
+
+/**
+ * Past keys/values after k_norm and RoPE: 2L tensors [1, nKV, length, hd], or a shared in-place
+ * `storage` whose first `length` rows are this cache's. On WebGPU the tensors stay on the GPU between
+ * steps; whoever made a cache releases it (`releaseCache`).
  */
 export interface KvCache {
   readonly length: number;
   readonly tensors: readonly KeptTensor[];
+  readonly storage?: KvStorage;
 }
 
 /** Release a cache's device tensors (host arrays are the garbage collector's). */
@@ -45,6 +96,7 @@ export function releaseCache(cache: KvCache): void {
 
 /** Bytes a cache holds, wherever it lives (f32). */
 export function cacheBytes(cache: KvCache): number {
+  if (cache.storage) return cache.storage.bytes;
   let n = 0;
   for (const t of cache.tensors)
     n += isHostTensor(t) ? t.data.byteLength : 4 * t.dims.reduce((a, b) => a * b, 1);
@@ -101,11 +153,14 @@ export class LanguageModel {
   readonly #session: GraphRunner;
   readonly #pastNames: string[] = [];
   readonly #presentNames: string[] = [];
+  /** The cache is written in place (KvStorage): a GroupQueryAttention graph with its KV on the host. */
+  readonly #inPlace: boolean;
 
   /** Over a loaded graph (`load` is the usual way; tests pass a scripted one). */
-  constructor(session: GraphRunner, dims: LmDims) {
+  constructor(session: GraphRunner, dims: LmDims, options: { inPlace?: boolean } = {}) {
     this.#session = session;
     this.dims = dims;
+    this.#inPlace = options.inPlace ?? false;
     for (let i = 0; i < dims.layers; i++) {
       this.#pastNames.push(`past_key_values.${i}.key`, `past_key_values.${i}.value`);
       this.#presentNames.push(`present.${i}.key`, `present.${i}.value`);
@@ -119,20 +174,26 @@ export class LanguageModel {
       `present.${i}.value`,
     ]);
     // The KV cache stays where it is computed; only logits and hidden states come back to the host.
-    const session = await OnnxSession.create(pack.file(pack.manifest.graphs.language_model.file), {
+    const graph = pack.manifest.graphs.language_model;
+    const session = await OnnxSession.create(pack.file(graph.file), {
       ...options,
       keepOnDevice: presents.flat(),
     });
-    return new LanguageModel(session, {
+    const dims = {
       layers: t.num_hidden_layers,
       kvHeads: t.num_key_value_heads,
       headDim: t.head_dim,
       hidden: t.hidden_size,
       vocab: t.vocab_size,
+    };
+    // In place on the CPU, where the KV lives on the host anyway (WebGPU keeps it on the GPU instead).
+    return new LanguageModel(session, dims, {
+      inPlace: graph.attention === "group_query" && session.provider === "cpu",
     });
   }
 
   emptyCache(): KvCache {
+    if (this.#inPlace) return { length: 0, tensors: [] };
     const dims = [1, this.dims.kvHeads, 0, this.dims.headDim];
     return { length: 0, tensors: this.#pastNames.map(() => f32(new Float32Array(0), dims)) };
   }
@@ -193,10 +254,22 @@ export class LanguageModel {
       attention_mask: i64(new BigInt64Array(total).fill(1n), [1, total]),
       position_ids: i64(positions, [3, 1, s]),
     };
+    let storage: KvStorage | undefined;
+    let past: readonly KeptTensor[] = cache.tensors;
+    if (this.#inPlace) {
+      const { layers, kvHeads, headDim } = this.dims;
+      storage = cache.storage ?? new KvStorage(2 * layers, kvHeads, headDim, total + KV_HEADROOM);
+      storage.ensure(total, cache.length);
+      past = storage.tensors();
+    }
     this.#pastNames.forEach((name, k) => {
-      feeds[name] = cache.tensors[k] as KeptTensor;
+      feeds[name] = past[k] as KeptTensor;
     });
-    const out = await this.#session.run(feeds);
+    // In place: the presents are written into the very buffers fed as the past.
+    const into = storage
+      ? Object.fromEntries(this.#presentNames.map((name, k) => [name, past[k] as HostTensor<Float32Array>]))
+      : undefined;
+    const out = await this.#session.run(feeds, into ? { into } : {});
     const logits = out.float("logits"); // [1, 1, V]
     const hidden = out.float("last_hidden_state"); // [1, S, H]
     if (logits.length !== vocab || hidden.length !== s * h) {
@@ -205,6 +278,8 @@ export class LanguageModel {
         `the language model returned ${logits.length} logits and ${hidden.length} hidden values, expected ${vocab} and ${s * h}`,
       );
     }
+    // The storage's own buffers are the cache (tensors taken now would pin them across a growth).
+    if (storage) return { logits, hidden, cache: { length: total, tensors: [], storage } };
     const tensors = this.#presentNames.map((name) => out.kept(name)); // [1, nKV, past + S, hd] each
     return { logits, hidden, cache: { length: total, tensors } };
   }

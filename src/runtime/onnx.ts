@@ -153,8 +153,13 @@ export class RunOutputs {
 }
 
 /** What a stage needs of a loaded graph (OnnxSession; a scripted one in tests). */
+export interface RunOptions {
+  /** Host buffers some outputs are written into (their exact shapes); the others are returned. */
+  into?: Record<string, HostTensor<Float32Array>>;
+}
+
 export interface GraphRunner {
-  run(feeds: Feeds, outputNames?: readonly string[]): Promise<RunOutputs>;
+  run(feeds: Feeds, options?: RunOptions): Promise<RunOutputs>;
   dispose(): Promise<void>;
 }
 
@@ -217,7 +222,7 @@ export class OnnxSession implements GraphRunner {
   }
 
   /** Run the graph. Missing feeds are named before onnxruntime sees them. */
-  async run(feeds: Feeds, outputNames?: readonly string[]): Promise<RunOutputs> {
+  async run(feeds: Feeds, options: RunOptions = {}): Promise<RunOutputs> {
     if (this.#disposed) throw new SegError("INFERENCE_FAILED", `${this.#name} used after dispose`);
     const missing = this.inputNames.filter((n) => !(n in feeds));
     if (missing.length > 0) {
@@ -232,9 +237,18 @@ export class OnnxSession implements GraphRunner {
     }
     let results: ort.InferenceSession.OnnxValueMapType;
     const start = performance.now();
+    const into = options.into;
     try {
-      results = outputNames
-        ? await this.#session.run(ortFeeds, outputNames as string[])
+      results = into
+        ? await this.#session.run(
+            ortFeeds,
+            Object.fromEntries(
+              this.outputNames.map((n) => {
+                const t = into[n];
+                return [n, t ? new ort.Tensor("float32", t.data, t.dims) : null];
+              }),
+            ),
+          )
         : await this.#session.run(ortFeeds);
       runClock.ms += performance.now() - start;
       runClock.calls++;

@@ -21,6 +21,11 @@ const graphSpec = z.object({
   file: z.string(),
   inputs: z.array(ioSpec),
   outputs: z.array(ioSpec),
+  /**
+   * How the graph attends (language model): "group_query" graphs (onnxruntime's GroupQueryAttention)
+   * accept one buffer as past and present, which lets the runtime keep the KV cache in place.
+   */
+  attention: z.enum(["group_query"]).optional(),
 });
 
 const manifestSchema = z.object({
