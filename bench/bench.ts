@@ -22,7 +22,10 @@ import os from "node:os";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import sharp from "sharp";
+import { LanguageModel } from "../src/runtime/language-model.js";
+import { loadPack } from "../src/runtime/pack.js";
 import { Pipeline } from "../src/runtime/pipeline.js";
+import { decodePositions } from "../src/runtime/rope.js";
 import type { Box, ExecutionProvider, StageTimings } from "../src/runtime/types.js";
 import { imageFromFile } from "../src/tools/inputs.js";
 import { compare, median } from "./compare.js";
@@ -101,6 +104,7 @@ async function firstVsRepeated(pack: string, imagePath: string, runs: number, de
     return {
       pack: info.name,
       provider: info.executionProvider,
+      decode_step: await stepOverhead(pack, device, results),
       image: imagePath,
       image_size: { width: image.width, height: image.height },
       runs,
@@ -111,6 +115,43 @@ async function firstVsRepeated(pack: string, imagePath: string, runs: number, de
   } finally {
     await Promise.all([cold.dispose(), warm.dispose()]);
     await rm(out, { recursive: true, force: true });
+  }
+}
+
+/**
+ * A decode step inside `ground` (grammar, logits scan, tensor building, the step itself) against the
+ * language model's graph alone, fed one token after a cache of the same length: the host's share of
+ * a step.
+ */
+async function stepOverhead(pack: string, device: ExecutionProvider, results: Record<string, unknown>) {
+  const ground = results.ground as { repeated_call_ms: Record<string, number> };
+  const pipelineStep = ground.repeated_call_ms.per_step ?? 0;
+  const lm = await LanguageModel.load(await loadPack(pack, "size"), { provider: device });
+  try {
+    const n = 300;
+    const positions = new BigInt64Array(3 * n);
+    for (let a = 0; a < 3; a++) for (let i = 0; i < n; i++) positions[a * n + i] = BigInt(i);
+    const pre = await lm.step(
+      Array.from({ length: n }, (_, i) => 100 + i),
+      positions,
+      lm.emptyCache(),
+    );
+    let cache = pre.cache;
+    const times: number[] = [];
+    for (let k = 0; k < 30; k++) {
+      const t0 = performance.now();
+      const next = await lm.step([200], decodePositions(cache.length, 1, 0), cache);
+      times.push(performance.now() - t0);
+      cache = next.cache;
+    }
+    const graph = median(times.slice(5));
+    return {
+      pipeline_per_step_ms: pipelineStep,
+      graph_alone_ms: Math.round(graph * 10) / 10,
+      ratio: Math.round((pipelineStep / graph) * 100) / 100,
+    };
+  } finally {
+    await lm.dispose();
   }
 }
 

@@ -1,0 +1,173 @@
+/**
+ * npm run soak -- [--clients 8] [--minutes 10] [--interval 30] [--pack DIR] [--out-max-bytes N]
+ *
+ * A bounded load run: the built server over Streamable HTTP, N clients calling segment (a box),
+ * ground and describe_region in a loop on the example images, for M minutes. Every interval it
+ * prints a JSON line with the server's RSS and open file descriptors, the output folder's size and
+ * file count, calls and errors so far, and latency percentiles of the interval; at the end a summary
+ * against the targets: 0 errors, RSS growth after the first 2 minutes under 10 %, file descriptors
+ * flat, the output folder within its retention bound.
+ */
+
+import { spawn } from "node:child_process";
+import { mkdtemp, readdir, readFile, rm, stat } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { parseArgs } from "node:util";
+import { Client } from "@modelcontextprotocol/sdk/client/index.js";
+import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
+import type { CallToolResult } from "@modelcontextprotocol/sdk/types.js";
+import { median } from "./compare.js";
+
+const here = path.dirname(new URL(import.meta.url).pathname);
+const root = path.resolve(here, here.includes(`${path.sep}dist${path.sep}`) ? "../.." : "..");
+
+const { values } = parseArgs({
+  options: {
+    clients: { type: "string", default: "8" },
+    minutes: { type: "string", default: "10" },
+    interval: { type: "string", default: "30" },
+    pack: { type: "string" },
+    // Small enough that the bound is reached, and kept, within a 10-minute run.
+    "out-max-bytes": { type: "string", default: "1000000" },
+  },
+});
+const clients = Number.parseInt(values.clients, 10);
+const durationMs = Number.parseFloat(values.minutes) * 60_000;
+const intervalMs = Number.parseFloat(values.interval) * 1000;
+
+function percentile(xs: number[], p: number): number {
+  if (xs.length === 0) return 0;
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] as number;
+}
+
+async function processStats(pid: number): Promise<{ rssMb: number; fds: number }> {
+  const status = await readFile(`/proc/${pid}/status`, "utf8");
+  const rss = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0) / 1024;
+  const fds = (await readdir(`/proc/${pid}/fd`)).length;
+  return { rssMb: Math.round(rss), fds };
+}
+
+async function folderStats(dir: string): Promise<{ files: number; bytes: number }> {
+  const names = await readdir(dir).catch(() => [] as string[]);
+  let bytes = 0;
+  for (const n of names) bytes += (await stat(path.join(dir, n)).catch(() => ({ size: 0 }))).size;
+  return { files: names.length, bytes };
+}
+
+async function main(): Promise<void> {
+  const out = await mkdtemp(path.join(os.tmpdir(), "qvs-soak-"));
+  const maxBytes = Number(values["out-max-bytes"]);
+  const args = [path.join(root, "dist", "src", "cli.js"), "serve", "--http", "127.0.0.1:0", "--ep", "cpu"];
+  args.push("--out", out, "--allow-dir", path.join(root, "examples"), "--out-max-bytes", String(maxBytes));
+  args.push("--out-min-age", "0", "--log-level", "info");
+  if (values.pack) args.push("--pack", values.pack);
+  const server = spawn(process.execPath, args, { stdio: ["ignore", "ignore", "pipe"] });
+  const url = await new Promise<string>((resolve, reject) => {
+    let err = "";
+    server.stderr.on("data", (chunk: Buffer) => {
+      err += chunk.toString();
+      const m = /serving Streamable HTTP at (http:\/\/\S+)/.exec(err);
+      if (m?.[1]) resolve(m[1]);
+    });
+    server.once("exit", (code) => reject(new Error(`server exited ${code}: ${err}`)));
+  });
+  const pid = server.pid as number;
+  const images = [1, 2, 3, 4].map((i) => path.join(root, "examples", `shapes-${i}.png`));
+  const calls = [
+    (image: string) => ({ name: "segment", arguments: { image, box: [100, 80, 300, 260] } }),
+    (image: string) => ({
+      name: "ground",
+      arguments: { image, expression: "the red star", max_instances: 3 },
+    }),
+    (image: string) => ({ name: "describe_region", arguments: { image, box: [100, 80, 300, 260] } }),
+  ];
+  let done = 0;
+  let errors = 0;
+  let latencies: number[] = [];
+  const errorSamples: string[] = [];
+  const start = Date.now();
+  const worker = async (k: number) => {
+    const client = new Client({ name: `soak-${k}`, version: "1" });
+    await client.connect(new StreamableHTTPClientTransport(new URL(url)));
+    for (let i = k; Date.now() - start < durationMs; i++) {
+      const call = (calls[i % calls.length] as (img: string) => { name: string; arguments: object })(
+        images[i % images.length] as string,
+      );
+      const t0 = performance.now();
+      try {
+        const result = (await client.callTool(call as never, undefined, {
+          timeout: 600_000,
+        })) as CallToolResult;
+        if (result.isError) {
+          errors++;
+          if (errorSamples.length < 5) errorSamples.push(JSON.stringify(result.content).slice(0, 200));
+        }
+      } catch (error) {
+        errors++;
+        if (errorSamples.length < 5) errorSamples.push(String(error).slice(0, 200));
+      }
+      latencies.push(performance.now() - t0);
+      done++;
+    }
+    await client.close();
+  };
+  const samples: { t: number; rssMb: number; fds: number; files: number; bytes: number }[] = [];
+  const sample = async () => {
+    const p = await processStats(pid);
+    const f = await folderStats(out);
+    const row = {
+      t_s: Math.round((Date.now() - start) / 1000),
+      calls: done,
+      errors,
+      p50_ms: Math.round(percentile(latencies, 50)),
+      p95_ms: Math.round(percentile(latencies, 95)),
+      p99_ms: Math.round(percentile(latencies, 99)),
+      rss_mb: p.rssMb,
+      fds: p.fds,
+      out_files: f.files,
+      out_bytes: f.bytes,
+    };
+    latencies = [];
+    samples.push({ t: row.t_s, rssMb: p.rssMb, fds: p.fds, files: f.files, bytes: f.bytes });
+    process.stdout.write(`${JSON.stringify(row)}\n`);
+  };
+  const timer = setInterval(() => void sample(), intervalMs);
+  await Promise.all(Array.from({ length: clients }, (_, k) => worker(k)));
+  clearInterval(timer);
+  await sample();
+  server.kill("SIGTERM");
+  await new Promise((resolve) => server.once("exit", resolve));
+  const after2 = samples.filter((s) => s.t >= 120);
+  const base = after2[0]?.rssMb ?? samples[0]?.rssMb ?? 0;
+  const peak = Math.max(...after2.map((s) => s.rssMb), base);
+  const fds = samples.map((s) => s.fds);
+  const bytes = samples.map((s) => s.bytes);
+  const summary = {
+    clients,
+    minutes: durationMs / 60_000,
+    calls: done,
+    errors,
+    error_samples: errorSamples,
+    rss_mb_at_2_min: base,
+    rss_mb_peak_after_2_min: peak,
+    rss_growth_after_2_min: base > 0 ? Math.round(((peak - base) / base) * 1000) / 1000 : 0,
+    fds_min: Math.min(...fds),
+    fds_max: Math.max(...fds),
+    out_bytes_max: Math.max(...bytes),
+    out_bytes_median: median(bytes),
+    out_max_bytes: maxBytes,
+    targets: {
+      zero_errors: errors === 0,
+      rss_growth_under_10_percent: base > 0 && (peak - base) / base < 0.1,
+      fds_flat: Math.max(...fds) - Math.min(...fds) <= 4,
+      // The sweep runs every 10 s: allow what one sweep interval writes on top of the bound.
+      out_folder_bounded: Math.max(...bytes) <= maxBytes * 1.1,
+    },
+  };
+  process.stdout.write(`${JSON.stringify(summary)}\n`);
+  await rm(out, { recursive: true, force: true });
+}
+
+await main();
