@@ -223,10 +223,16 @@ function configOptions(command: Command, rest: string[], values: Values, io: Cli
  */
 async function serve(config: Config, engine: Engine, logger: Logger): Promise<void> {
   await checkOutputDir(config.outDir);
+  // A refusal to start (port in use) must stay the last line: nothing is logged once serving ends.
+  let serving = true;
   engine.info().then(
-    (info) => logger.info(`model pack ${info.name} loaded from ${info.dir} (${info.executionProvider})`),
-    (error: unknown) =>
-      logger.error(`${toSegError(error, "MODEL_LOAD_FAILED").toLine()} (tool calls will report it)`),
+    (info) => {
+      if (serving) logger.info(`model pack ${info.name} loaded from ${info.dir} (${info.executionProvider})`);
+    },
+    (error: unknown) => {
+      if (serving)
+        logger.error(`${toSegError(error, "MODEL_LOAD_FAILED").toLine()} (tool calls will report it)`);
+    },
   );
   if (config.allowDirs.length === 0) {
     logger.warn(
@@ -243,6 +249,7 @@ async function serve(config: Config, engine: Engine, logger: Logger): Promise<vo
     });
     await handle.close();
   } finally {
+    serving = false;
     keeper.stop();
   }
 }

@@ -145,6 +145,7 @@ export interface Setting {
     | "cacheBytes"
     | "outMaxAgeMs"
     | "outMaxBytes"
+    | "outMinAgeMs"
     | "logLevel";
   flag: string;
   env?: string;
@@ -236,7 +237,16 @@ export const SETTINGS: readonly Setting[] = [
     value: "N",
     kind: "count",
     min: 0,
-    help: `keep --out's masks and overlays under this many bytes, oldest removed first, none younger than ${DEFAULTS.outMinAgeMs / 60_000} minutes (default ${DEFAULTS.outMaxBytes})`,
+    help: `keep --out's masks and overlays under this many bytes, oldest removed first (default ${DEFAULTS.outMaxBytes})`,
+  },
+  {
+    key: "outMinAgeMs",
+    flag: "out-min-age",
+    value: "MINUTES",
+    kind: "count",
+    min: 0,
+    scale: 60_000,
+    help: `...but never remove one younger than this: a client may still read it (default ${DEFAULTS.outMinAgeMs / 60_000})`,
   },
   {
     key: "logLevel",

@@ -201,6 +201,54 @@ describe("idle HTTP sessions", () => {
   });
 });
 
+describe("HTTP limits", () => {
+  it("refuses sessions beyond the cap with 503 and Retry-After; an answered 4xx on an unread body closes the connection", async () => {
+    const config = createConfig({
+      cwd: root,
+      logLevel: "silent",
+      http: { host: "127.0.0.1", port: 0, maxSessions: 2 },
+    });
+    const capped = await serveHttp(config, new FakeEngine(), silentLogger);
+    try {
+      for (let i = 0; i < 2; i++) {
+        const ok = await post(capped.url, {});
+        expect(ok.status).toBe(200);
+        await ok.text();
+      }
+      const refused = await post(capped.url, {});
+      expect(refused.status).toBe(503);
+      expect(refused.headers.get("retry-after")).toBe("30");
+      expect(((await refused.json()) as { error: { message: string } }).error.message).toMatch(
+        /2 open sessions, its limit: retry later/,
+      );
+      // A declared body over the limit is refused unread: the connection must not be reused for it.
+      const big = await fetch(capped.url, {
+        method: "POST",
+        headers: { "content-type": "application/json", "content-length": String(100 * 1024 * 1024) },
+        body: "{}",
+        duplex: "half",
+      } as RequestInit).catch(() => undefined);
+      if (big) {
+        expect(big.status).toBe(413);
+        expect(big.headers.get("connection")).toBe("close");
+      }
+      // A body that is not JSON, and a batch: JSON-RPC errors, not silence.
+      const garbage = await fetch(capped.url, {
+        method: "POST",
+        headers: { "content-type": "application/json", accept: "application/json, text/event-stream" },
+        body: "{not json",
+      });
+      expect(garbage.status).toBe(400);
+      expect(((await garbage.json()) as { error: { code: number } }).error.code).toBe(-32700);
+      const batch = await post(capped.url, {}, [initialize]);
+      expect(batch.status).toBe(400);
+      expect(((await batch.json()) as { error: { code: number } }).error.code).toBe(-32600);
+    } finally {
+      await capped.close();
+    }
+  });
+});
+
 describe("listen addresses", () => {
   it("parses HOST:PORT, :PORT and PORT", () => {
     expect(parseListenAddress("127.0.0.1:8765")).toEqual({ host: "127.0.0.1", port: 8765 });

@@ -6,7 +6,7 @@
  */
 
 import { type ChildProcess, execFileSync, spawn } from "node:child_process";
-import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
@@ -187,7 +187,5 @@ describe("swap races", () => {
       swap.kill();
       await conn.close();
     }
-    // The files are back in place once the racer stops (it may stop mid-swap: put them back).
-    await readFile(path.join(allowed, "f", "img.png")).catch(() => undefined);
   });
 });
