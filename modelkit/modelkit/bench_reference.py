@@ -45,7 +45,7 @@ from .answers import box_to_1000, chat_prompt_ids, grounding_answer_ids
 from .errors import ModelkitError
 from .hf import read_config
 from .mask_decoder import MaskDecoder, load_mask_decoder_checkpoint
-from .pack import load_manifest, mask_decoder_section, model_section
+from .pack import has_mask_decoder, load_manifest, mask_decoder_section, model_section
 from .preprocess import PreprocessedImage, load_rgb, preprocess_image
 from .random_pack import MASK_DECODER_FILE
 from .tokenizer import TextTokenizer
@@ -281,6 +281,12 @@ def load_reference(
 ) -> tuple[Reference, dict[str, Any]]:
     read_config(reference)
     manifest = load_manifest(pack)
+    if not has_mask_decoder(manifest):
+        raise ModelkitError(
+            "MASK_DECODER_MISSING",
+            f"{pack} has no mask decoder; bench-reference times segment_box, which needs one "
+            "(export the pack with --mask-decoder)",
+        )
     mask_path = reference / MASK_DECODER_FILE
     if not mask_path.is_file():
         raise ModelkitError("MASK_DECODER_INVALID", f"{reference} has no {MASK_DECODER_FILE}")

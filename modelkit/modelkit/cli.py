@@ -33,6 +33,10 @@ from .released_configs import SHAPES
 
 THREADS_HELP = "CPU threads for torch (default 1: on a busy 2-core machine 2 threads ran 5-15x slower)"
 PACK_DTYPES = ("fp32", "fp16", "int4")
+DOMAIN_HELP = (
+    'what the model knows, stored as "domain" in pack.json, e.g. "general images (Qwen3-VL-4B-Instruct)" '
+    "(default: left out)"
+)
 
 
 def _command(sub: Any, name: str, run: str, help: str) -> argparse.ArgumentParser:
@@ -50,15 +54,21 @@ def _parser() -> argparse.ArgumentParser:
         sub,
         "export",
         "cli:cmd_export",
-        "export a Hugging Face Qwen3-VL checkpoint + mask decoder into a pack",
+        "export a Hugging Face Qwen3-VL checkpoint (+ a mask decoder, optional) into a pack",
     )
     e.add_argument(
         "--checkpoint", type=Path, required=True, help="HF folder: config.json, *.safetensors, tokenizer"
     )
-    e.add_argument("--mask-decoder", type=Path, required=True, help="mask decoder checkpoint (.safetensors)")
+    e.add_argument(
+        "--mask-decoder",
+        type=Path,
+        help="mask decoder checkpoint (.safetensors); without it the pack has no mask decoder: ground and "
+        "describe_region work, segment answers MASK_DECODER_MISSING",
+    )
     e.add_argument("--out", type=Path, required=True, help="pack folder to create, e.g. models/qwen3-vl-4b")
     e.add_argument("--name", help="pack name (default: the --out folder's name)")
     e.add_argument("--description", default="", help="human-readable description stored in pack.json")
+    e.add_argument("--domain", help=DOMAIN_HELP)
     e.add_argument("--dtype", choices=PACK_DTYPES, default="fp32", help="weight dtype (default fp32)")
     e.add_argument("--min-pixels", type=int, default=EXPORT_MIN_PIXELS, help="smart_resize lower bound")
     e.add_argument("--max-pixels", type=int, default=EXPORT_MAX_PIXELS, help="smart_resize upper bound")
@@ -78,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--weight-scale", type=float, default=TINY_WEIGHT_SCALE)
     t.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
+    t.add_argument("--domain", help=DOMAIN_HELP)
     t.add_argument("--force", action="store_true", help="replace an existing pack and fixtures")
 
     f = _command(
@@ -88,11 +99,22 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--images", type=Path, help="fixture image folder (default: <out>/../images)")
     f.add_argument("--checkpoint", type=Path, help="HF checkpoint (packs not built by `modelkit tiny`)")
     f.add_argument(
-        "--mask-decoder", type=Path, help="mask decoder checkpoint (packs not built by `modelkit tiny`)"
+        "--mask-decoder",
+        type=Path,
+        help="mask decoder checkpoint (packs not built by `modelkit tiny` that have a mask decoder)",
     )
 
     v = _command(sub, "verify", "cli:cmd_verify", "check a pack's files against the sha256 sums in pack.json")
     v.add_argument("pack", type=Path)
+
+    va = _command(
+        sub,
+        "validate",
+        "cli:cmd_validate",
+        "check a pack's manifest (sections, graphs, mask decoder or none) and its checksums; "
+        "say what it can do",
+    )
+    va.add_argument("pack", type=Path)
 
     r = _command(
         sub,
@@ -115,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
     r.add_argument("--min-pixels", type=int, default=EXPORT_MIN_PIXELS, help="smart_resize lower bound")
     r.add_argument("--max-pixels", type=int, default=EXPORT_MAX_PIXELS, help="smart_resize upper bound")
+    r.add_argument("--domain", help=DOMAIN_HELP)
     r.add_argument("--force", action="store_true", help="replace an existing pack and reference")
 
     b = _command(
@@ -293,6 +316,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .mask_decoder import check_mask_decoder_matches, load_mask_decoder_checkpoint
     from .pack import (
         build_pack,
+        check_domain,
         check_dtype,
         check_output_dir,
         check_pixels,
@@ -302,22 +326,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
 
     checkpoint: Path = args.checkpoint
-    mask_decoder_path: Path = args.mask_decoder
+    mask_decoder_path: Path | None = args.mask_decoder
     tokenizer_dir: Path = args.tokenizer or checkpoint
     check_output_dir(args.out, args.force)
     check_dtype(args.dtype)
     check_pixels(args.min_pixels, args.max_pixels)
+    domain = check_domain(args.domain)
     read_config(checkpoint)
     _check_weights_present(checkpoint)
     read_tokenizer_ids(tokenizer_dir)
     config = Qwen3VLConfig.from_pretrained(checkpoint)
-    if not mask_decoder_path.is_file():
-        raise ModelkitError("MASK_DECODER_INVALID", f"mask decoder file {mask_decoder_path} does not exist")
-    mask_decoder = load_mask_decoder_checkpoint(mask_decoder_path)
-    check_mask_decoder_matches(
-        mask_decoder.config, config.vision_config.hidden_size, config.text_config.hidden_size
-    )
+    mask_decoder = None
+    if mask_decoder_path is not None:
+        if not mask_decoder_path.is_file():
+            raise ModelkitError(
+                "MASK_DECODER_INVALID", f"mask decoder file {mask_decoder_path} does not exist"
+            )
+        mask_decoder = load_mask_decoder_checkpoint(mask_decoder_path)
+        check_mask_decoder_matches(
+            mask_decoder.config, config.vision_config.hidden_size, config.text_config.hidden_size
+        )
     stop = _stop_tokens(checkpoint)
+    if mask_decoder_path is None:
+        description = f"Qwen3-VL from {checkpoint.name}, no mask decoder"
+    else:
+        description = f"Qwen3-VL from {checkpoint.name} with mask decoder {mask_decoder_path.name}"
 
     model = load_checkpoint(checkpoint)
     manifest = build_pack(
@@ -325,16 +358,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         mask_decoder,
         args.out,
         name=args.name or args.out.name,
-        description=args.description
-        or f"Qwen3-VL from {checkpoint.name} with mask decoder {mask_decoder_path.name}",
+        description=args.description or description,
         dtype=args.dtype,
         tokenizer_dir=tokenizer_dir,
-        provenance=default_provenance(base=str(checkpoint), mask_decoder=str(mask_decoder_path)),
+        provenance=default_provenance(
+            base=str(checkpoint),
+            mask_decoder=None if mask_decoder_path is None else str(mask_decoder_path),
+        ),
         force=args.force,
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
         stop_tokens=stop,
         describe_mode=args.describe_mode,
+        domain=domain,
     )
     print(summary_line(args.out, manifest))
     return 0
@@ -385,11 +421,12 @@ def build_tiny_models(
 
 def cmd_tiny(args: argparse.Namespace) -> int:
     from .fixtures import record_fixtures
-    from .pack import build_pack, check_output_dir, read_tokenizer_ids, summary_line
+    from .pack import build_pack, check_domain, check_output_dir, read_tokenizer_ids, summary_line
 
     check_output_dir(args.out, args.force)
     if args.fixtures.exists() and not args.force:
         raise ModelkitError("OUTPUT_EXISTS", f"{args.fixtures} already exists; pass --force to replace it")
+    domain = check_domain(args.domain)
     read_tokenizer_ids(args.tokenizer)
     model, mask_decoder = build_tiny_models(args.seed, args.weight_scale)
     manifest = build_pack(
@@ -404,6 +441,7 @@ def cmd_tiny(args: argparse.Namespace) -> int:
         force=args.force,
         min_pixels=TINY_MIN_PIXELS,
         max_pixels=TINY_MAX_PIXELS,
+        domain=domain,
     )
     print(summary_line(args.out, manifest))
     images = args.images or args.fixtures.parent / "images"
@@ -415,12 +453,25 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 def models_for_pack(
     pack_dir: Path, checkpoint: Path | None, mask_decoder_path: Path | None
 ) -> tuple[Any, Any]:
-    """Rebuild the PyTorch models a pack was exported from (the reference for its fixtures)."""
+    """Rebuild the PyTorch models a pack was exported from (the reference for its fixtures); the mask
+    decoder is None for a pack without one."""
     from .hf import load_checkpoint, tiny_config
     from .mask_decoder import load_mask_decoder_checkpoint
-    from .pack import load_manifest, model_section
+    from .pack import has_mask_decoder, load_manifest, model_section
 
     manifest = load_manifest(pack_dir)
+    if not has_mask_decoder(manifest):
+        if checkpoint is None:
+            raise ModelkitError(
+                "INVALID_INPUT", f"{pack_dir} has no mask decoder; pass the --checkpoint it was exported from"
+            )
+        if mask_decoder_path is not None:
+            raise ModelkitError(
+                "INVALID_INPUT",
+                f"{pack_dir} has no mask decoder; leave out --mask-decoder (its fixtures have no mask "
+                "tensors)",
+            )
+        return load_checkpoint(checkpoint), None
     random = manifest.get("provenance", {}).get("random")
     if random is not None and checkpoint is None:
         if model_section(tiny_config()) != {k: manifest["model"][k] for k in ("text", "vision")}:
@@ -452,15 +503,42 @@ def cmd_fixtures(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .pack import load_manifest, verify_pack
+    from .pack import NO_MASK_DECODER, has_mask_decoder, load_manifest, verify_pack
 
     problems = verify_pack(args.pack)
     if problems:
         raise ModelkitError(
             "PACK_CHECKSUM_MISMATCH", f"{args.pack}: {len(problems)} problem(s): " + "; ".join(problems)
         )
-    n = len(load_manifest(args.pack)["files"])
-    print(f"OK: {args.pack}: {n} files match pack.json")
+    manifest = load_manifest(args.pack)
+    print(f"OK: {args.pack}: {len(manifest['files'])} files match pack.json")
+    if not has_mask_decoder(manifest):
+        print(NO_MASK_DECODER)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .pack import NO_MASK_DECODER, has_mask_decoder, load_manifest, manifest_problems, verify_pack
+
+    manifest = load_manifest(args.pack)
+    problems = manifest_problems(manifest)
+    if problems:
+        raise ModelkitError(
+            "PACK_INVALID", f"{args.pack}: {len(problems)} problem(s): " + "; ".join(problems)
+        )
+    problems = verify_pack(args.pack)
+    if problems:
+        raise ModelkitError(
+            "PACK_CHECKSUM_MISMATCH", f"{args.pack}: {len(problems)} problem(s): " + "; ".join(problems)
+        )
+    graphs = ", ".join(manifest["graphs"])
+    print(
+        f"OK: {args.pack}: pack {manifest['name']} ({manifest['dtype']}), {len(manifest['files'])} files "
+        f"match pack.json; graphs: {graphs}"
+    )
+    print(f"domain: {manifest.get('domain', '(not stated)')}")
+    if not has_mask_decoder(manifest):
+        print(NO_MASK_DECODER)
     return 0
 
 

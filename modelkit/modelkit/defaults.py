@@ -27,3 +27,8 @@ DEMO_MAX_PIXELS = 80 * 32 * 32
 
 # Std of each box edge's noise while training the mask decoder, as a fraction of the box's side.
 BOX_JITTER = 0.05
+
+# The shapes demo pack's `domain` in pack.json (modelkit/scripts/export_shapes_pack.sh passes it).
+SHAPES_DOMAIN = (
+    "synthetic scenes of circles, squares, triangles and stars in six colours; not a general-purpose model"
+)

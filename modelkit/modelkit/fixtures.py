@@ -24,6 +24,7 @@ from torch import nn
 from .answers import chat_prompt_ids
 from .errors import ModelkitError
 from .images import write_fixture_images
+from .pack import has_mask_decoder
 from .preprocess import load_rgb, preprocess_image
 from .tokenizer import TextTokenizer
 from .vision_inputs import vision_host_inputs
@@ -115,13 +116,14 @@ def _vision_taps(model: nn.Module) -> list[int]:
 
 def record_case(
     model: nn.Module,
-    mask_decoder: nn.Module,
+    mask_decoder: nn.Module | None,
     manifest: dict[str, Any],
     tokenizer: TextTokenizer,
     case: FixtureCase,
     image_path: Path,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Compute every golden tensor of one case; returns (tensors, meta)."""
+    """Compute every golden tensor of one case; returns (tensors, meta). Without a mask decoder (a
+    pack without one) the `mask_*` / `iou_pred` tensors and `meta.mask_query_rows` are left out."""
     pre = manifest["preprocess"]
     tokens = manifest["tokens"]
     vis_cfg = manifest["model"]["vision"]
@@ -216,18 +218,6 @@ def record_case(
         raise AssertionError("greedy tokens are not the argmax of the reference logits")
     min_margin = float((top2[:, 0] - top2[:, 1]).min())
 
-    # Mask decoder on the reference states.
-    pad_rows = (input_ids[0] == image_pad).nonzero().reshape(-1)  # [M]
-    mm_embeds = prefill_hidden[pad_rows]  # [M, H]
-    query_hidden = greedy_hidden[list(case.query_rows)]  # [Q, H]
-    boxes = torch.tensor(case.mask_boxes, dtype=torch.float32)  # [Q, 4]
-    gate_boxes = boxes[:, None, :].clone()  # [Q, K=1, 4]
-    gate_valid = torch.ones(boxes.shape[0], 1, dtype=torch.float32)  # [Q, 1]
-    hr_image = torch.from_numpy(prep.hr_image)  # [1, 3, 16gh, 16gw]
-    mask_logits, mask_coarse, iou_pred = mask_decoder(
-        vit_ms, mm_embeds, query_hidden, boxes, gate_boxes, gate_valid, hr_image
-    )
-
     tensors: dict[str, np.ndarray] = {
         "pixel_values": prep.pixel_values,
         "image_grid_thw": prep.image_grid_thw,
@@ -242,26 +232,42 @@ def record_case(
         "prefill_hidden": prefill_hidden.numpy(),
         "greedy_tokens": greedy.numpy(),
         "greedy_hidden": greedy_hidden.numpy(),
-        "mask_query_hidden": query_hidden.numpy(),
-        "mask_boxes": boxes.numpy(),
-        "mask_gate_boxes": gate_boxes.numpy(),
-        "mask_gate_valid": gate_valid.numpy(),
-        "mask_logits": mask_logits.numpy(),
-        "mask_logits_coarse": mask_coarse.numpy(),
-        "iou_pred": iou_pred.numpy(),
     }
-    tensors = {k: _canonical(v) for k, v in tensors.items()}
-    meta = {
+    meta: dict[str, Any] = {
         "grid": [1, gh, gw],
         "resized": list(prep.resized_hw),
         "original": list(prep.original_hw),
         "rope_delta": rope_delta,
         "num_image_tokens": num_merged,
         "seq_len": seq,
-        "mask_query_rows": list(case.query_rows),
-        "mm_embeds": "prefill_hidden rows where input_ids == tokens.image_pad",
-        "greedy_min_logit_margin": round(min_margin, 4),
     }
+    if mask_decoder is not None:
+        # Mask decoder on the reference states.
+        pad_rows = (input_ids[0] == image_pad).nonzero().reshape(-1)  # [M]
+        mm_embeds = prefill_hidden[pad_rows]  # [M, H]
+        query_hidden = greedy_hidden[list(case.query_rows)]  # [Q, H]
+        boxes = torch.tensor(case.mask_boxes, dtype=torch.float32)  # [Q, 4]
+        gate_boxes = boxes[:, None, :].clone()  # [Q, K=1, 4]
+        gate_valid = torch.ones(boxes.shape[0], 1, dtype=torch.float32)  # [Q, 1]
+        hr_image = torch.from_numpy(prep.hr_image)  # [1, 3, 16gh, 16gw]
+        mask_logits, mask_coarse, iou_pred = mask_decoder(
+            vit_ms, mm_embeds, query_hidden, boxes, gate_boxes, gate_valid, hr_image
+        )
+        tensors.update(
+            {
+                "mask_query_hidden": query_hidden.numpy(),
+                "mask_boxes": boxes.numpy(),
+                "mask_gate_boxes": gate_boxes.numpy(),
+                "mask_gate_valid": gate_valid.numpy(),
+                "mask_logits": mask_logits.numpy(),
+                "mask_logits_coarse": mask_coarse.numpy(),
+                "iou_pred": iou_pred.numpy(),
+            }
+        )
+        meta["mask_query_rows"] = list(case.query_rows)
+    meta["mm_embeds"] = "prefill_hidden rows where input_ids == tokens.image_pad"
+    meta["greedy_min_logit_margin"] = round(min_margin, 4)
+    tensors = {k: _canonical(v) for k, v in tensors.items()}
     return tensors, {"question": question, "prompt_text": prompt_text, "meta": meta}
 
 
@@ -303,19 +309,28 @@ def write_case(case_dir: Path, image_rel: str, tensors: dict[str, np.ndarray], i
 
 def record_fixtures(
     model: nn.Module,
-    mask_decoder: nn.Module,
+    mask_decoder: nn.Module | None,
     pack_dir: Path,
     out_dir: Path,
     images_dir: Path,
     cases: tuple[FixtureCase, ...] = CASES,
 ) -> list[str]:
-    """Record `cases` into `out_dir` (replaced atomically) and write the images; returns case names."""
+    """Record `cases` into `out_dir` (replaced atomically) and write the images; returns case names.
+
+    `mask_decoder` is None exactly when the pack has none (its cases then have no mask tensors)."""
     pack_dir, out_dir, images_dir = Path(pack_dir), Path(out_dir), Path(images_dir)
     manifest = json.loads((pack_dir / "pack.json").read_text(encoding="utf-8"))
     tokenizer = TextTokenizer(pack_dir, manifest["tokenizer"]["file"])
     image_paths = write_fixture_images(images_dir)
+    if (mask_decoder is not None) != has_mask_decoder(manifest):
+        raise ModelkitError(
+            "INVALID_INPUT",
+            f"{pack_dir} has {'a' if has_mask_decoder(manifest) else 'no'} mask decoder but one was "
+            f"{'not ' if mask_decoder is None else ''}given",
+        )
     model.eval()
-    mask_decoder.eval()
+    if mask_decoder is not None:
+        mask_decoder.eval()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial"

@@ -1,4 +1,9 @@
-"""Model pack assembly: three ONNX graphs + tokenizer + pack.json (docs/design.md), written atomically.
+"""Model pack assembly: ONNX graphs + tokenizer + pack.json (docs/design.md), written atomically.
+
+A pack has the vision encoder and the language model, and the mask decoder when one was given: a
+pack without it (an official Qwen3-VL checkpoint before a decoder is trained for it) has no
+`graphs.mask_decoder` and no `model.mask_decoder`, and `provenance.mask_decoder` is null; the runtime
+then answers `ground` and `describe_region` and refuses `segment` (MASK_DECODER_MISSING).
 
 A pack is built in a hidden sibling folder and renamed into place only when every file and checksum
 is written, so an error at any step (export, copy, hashing) never leaves a half-written pack behind.
@@ -46,6 +51,9 @@ SPECIAL_TOKENS = {
     "im_end": "<|im_end|>",
     "endoftext": "<|endoftext|>",
 }
+# What `validate` and the export summary say about a pack without a mask decoder.
+NO_MASK_DECODER = "no mask decoder: segment unavailable (ground and describe_region work)"
+REQUIRED_GRAPHS = ("vision_encoder", "language_model")
 MASK_DECODER_KEYS = (
     "dim",
     "pixel_dim",
@@ -179,7 +187,29 @@ def tokens_section(
     return section
 
 
-def default_provenance(base: str, mask_decoder: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def check_domain(domain: str | None) -> str | None:
+    """The pack's `domain` text, stripped; None (key left out) when not given, refused when blank."""
+    if domain is None:
+        return None
+    text = domain.strip()
+    if not text:
+        raise ModelkitError(
+            "INVALID_INPUT",
+            '--domain is empty; describe what the model knows (e.g. "general images (Qwen3-VL-4B-Instruct)") '
+            "or leave the option out",
+        )
+    return text
+
+
+def has_mask_decoder(manifest: dict[str, Any]) -> bool:
+    """Whether a pack carries a mask decoder (`segment` works); see `manifest_problems` for consistency."""
+    return "mask_decoder" in manifest.get("graphs", {})
+
+
+def default_provenance(
+    base: str, mask_decoder: str | None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`mask_decoder` is None (JSON null) for a pack without a mask decoder."""
     prov: dict[str, Any] = {
         "base": base,
         "mask_decoder": mask_decoder,
@@ -216,7 +246,7 @@ def graph_entry(spec: GraphSpec, file: str) -> dict[str, Any]:
 
 def build_pack(
     model: nn.Module,
-    mask_decoder: nn.Module,
+    mask_decoder: nn.Module | None,
     out_dir: Path,
     name: str,
     description: str,
@@ -229,9 +259,13 @@ def build_pack(
     max_pixels: int = 1048576,
     stop_tokens: list[int] | None = None,
     describe_mode: str = "box",
+    domain: str | None = None,
 ) -> dict[str, Any]:
     """Export `model` (Qwen3VLForConditionalGeneration) and `mask_decoder` (MaskDecoder) into a pack.
 
+    `mask_decoder` None writes a pack without one: no `graphs.mask_decoder`, no `model.mask_decoder`
+    (`provenance.mask_decoder` is the caller's, null by convention). `domain`, when given, is stored as
+    the top-level `"domain"`: a human description of what the model knows (left out otherwise).
     `describe_mode` "box" asks for a region by its 0..1000 box on the whole image (Qwen3-VL's way);
     "crop" shows the model a crop around the region instead (answers.crop_box).
 
@@ -247,15 +281,20 @@ def build_pack(
     check_dtype(dtype)
     check_pixels(min_pixels, max_pixels)
     check_output_dir(out_dir, force)
+    domain = check_domain(domain)
     tokenizer_ids = read_tokenizer_ids(Path(tokenizer_dir))
+    model_info = model_section(model.config)
+    if mask_decoder is not None:
+        model_info["mask_decoder"] = mask_decoder_section(mask_decoder.config)
     manifest: dict[str, Any] = {
         "format": PACK_FORMAT,
         "format_version": PACK_FORMAT_VERSION,
         "name": name,
         "description": description,
+        **({"domain": domain} if domain is not None else {}),
         "dtype": dtype,
         "provenance": provenance,
-        "model": {**model_section(model.config), "mask_decoder": mask_decoder_section(mask_decoder.config)},
+        "model": model_info,
         "preprocess": preprocess_section(min_pixels, max_pixels),
         "tokens": tokens_section(tokenizer_ids, model.config, stop_tokens),
         "prompts": pack_prompts(describe_mode),
@@ -269,8 +308,11 @@ def build_pack(
         specs = {
             "vision_encoder": export_vision_encoder(model, tmp / GRAPH_FILES["vision_encoder"], dtype=dtype),
             "language_model": export_language_model(model, tmp / GRAPH_FILES["language_model"], dtype=dtype),
-            "mask_decoder": export_mask_decoder(mask_decoder, tmp / GRAPH_FILES["mask_decoder"], dtype=dtype),
         }
+        if mask_decoder is not None:
+            specs["mask_decoder"] = export_mask_decoder(
+                mask_decoder, tmp / GRAPH_FILES["mask_decoder"], dtype=dtype
+            )
         manifest["graphs"] = {k: graph_entry(spec, GRAPH_FILES[k]) for k, spec in specs.items()}
         # GroupQueryAttention takes one buffer as past and present: the runtime keeps the cache in place.
         manifest["graphs"]["language_model"]["attention"] = "group_query"
@@ -304,7 +346,8 @@ def swap_into_place(tmp: Path, out_dir: Path) -> None:
 def summary_line(out: Path, manifest: dict[str, Any]) -> str:
     total = sum(f["bytes"] for f in manifest["files"].values())
     count = len(manifest["files"])
-    return f"pack {manifest['name']} ({manifest['dtype']}): {count} files, {total / 1e6:.1f} MB in {out}"
+    line = f"pack {manifest['name']} ({manifest['dtype']}): {count} files, {total / 1e6:.1f} MB in {out}"
+    return line if has_mask_decoder(manifest) else f"{line}; {NO_MASK_DECODER}"
 
 
 def load_manifest(pack_dir: Path) -> dict[str, Any]:
@@ -341,4 +384,56 @@ def verify_pack(pack_dir: Path) -> list[str]:
         problems.append(f"{rel}: not listed in the manifest's files")
     for rel in sorted(set(files_section(pack_dir)) - set(listed)):
         problems.append(f"{rel}: present but not listed in the manifest")
+    return problems
+
+
+def manifest_problems(manifest: dict[str, Any]) -> list[str]:
+    """What makes a manifest unusable by the runtime (empty = OK): the format, the sections every pack
+    has, the two required graphs, and a mask decoder that is either wholly there (graph and sizes) or
+    wholly absent (no graph, no sizes, `provenance.mask_decoder` null). Checksums: `verify_pack`."""
+    problems: list[str] = []
+    if manifest.get("format_version") != PACK_FORMAT_VERSION:
+        problems.append(
+            f"format_version is {manifest.get('format_version')!r}, expected {PACK_FORMAT_VERSION}"
+        )
+    for key, kind in (("name", str), ("description", str), ("dtype", str), ("provenance", dict)):
+        if not isinstance(manifest.get(key), kind):
+            problems.append(f"{key}: missing or not a {kind.__name__}")
+    if isinstance(manifest.get("dtype"), str) and manifest["dtype"] not in DTYPES:
+        problems.append(f"dtype {manifest['dtype']!r} is not one of {', '.join(DTYPES)}")
+    if "domain" in manifest and not (isinstance(manifest["domain"], str) and manifest["domain"].strip()):
+        problems.append("domain: present but not a non-empty string (leave it out when unknown)")
+    for key in ("model", "preprocess", "tokens", "prompts", "tokenizer", "graphs", "files"):
+        if not isinstance(manifest.get(key), dict):
+            problems.append(f"{key}: missing or not an object")
+    if problems:
+        return problems
+    model, graphs = manifest["model"], manifest["graphs"]
+    for part in ("text", "vision"):
+        if not isinstance(model.get(part), dict):
+            problems.append(f"model.{part}: missing")
+    for role in REQUIRED_GRAPHS:
+        if role not in graphs:
+            problems.append(f"graphs.{role}: missing")
+    for role, entry in graphs.items():
+        if role not in GRAPH_FILES:
+            problems.append(f"graphs.{role}: unknown graph role (expected {', '.join(GRAPH_FILES)})")
+        elif not (isinstance(entry, dict) and {"file", "inputs", "outputs"} <= set(entry)):
+            problems.append(f"graphs.{role}: needs file, inputs and outputs")
+    for prompt in ("chat", "ground", "describe"):
+        if not isinstance(manifest["prompts"].get(prompt), str):
+            problems.append(f"prompts.{prompt}: missing")
+    graph, sizes = "mask_decoder" in graphs, "mask_decoder" in model
+    if graph != sizes:
+        have, lack = ("graphs", "model") if graph else ("model", "graphs")
+        problems.append(
+            f"{have}.mask_decoder is present but {lack}.mask_decoder is not: a pack has both or neither"
+        )
+    elif sizes:
+        decoder = model["mask_decoder"]
+        missing = [k for k in MASK_DECODER_KEYS if not isinstance(decoder, dict) or k not in decoder]
+        if missing:
+            problems.append(f"model.mask_decoder lacks {', '.join(missing)}")
+    elif manifest["provenance"].get("mask_decoder") is not None:
+        problems.append("provenance.mask_decoder names a mask decoder but the pack has none (expected null)")
     return problems

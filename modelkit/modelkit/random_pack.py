@@ -37,6 +37,7 @@ from .mask_decoder import MaskDecoder, MaskDecoderConfig, save_mask_decoder_chec
 from .pack import (
     TOKENIZER_FILES,
     build_pack,
+    check_domain,
     check_dtype,
     check_output_dir,
     check_pixels,
@@ -138,6 +139,7 @@ def cmd_random_pack(args: argparse.Namespace) -> int:
     check_output_dir(reference_dir, args.force)
     check_dtype(args.dtype)
     check_pixels(args.min_pixels, args.max_pixels)
+    domain = check_domain(args.domain)
     if not args.weight_scale > 0:
         raise ModelkitError("INVALID_INPUT", f"Expected --weight-scale > 0 but received {args.weight_scale}")
     ids = read_tokenizer_ids(args.tokenizer)
@@ -191,6 +193,7 @@ def cmd_random_pack(args: argparse.Namespace) -> int:
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
         stop_tokens=stop,
+        domain=domain,
     )
     print(f"{summary_line(pack_dir, manifest)} ({time.monotonic() - t:.1f} s)")
     print(f"total {time.monotonic() - t0:.1f} s")

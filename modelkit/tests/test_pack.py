@@ -101,6 +101,7 @@ def test_manifest_fields(built: Path) -> None:
     assert all(f"{{{k}}}" in m["prompts"]["describe"] for k in ("x1", "y1", "x2", "y2"))
     assert m["tokenizer"] == {"file": "tokenizer.json", "config": "tokenizer_config.json"}
     assert set(m["provenance"]) >= {"base", "mask_decoder", "exporter", "transformers", "torch", "created"}
+    assert "domain" not in m  # only written when given
 
     graphs = m["graphs"]
     assert {k: g["file"] for k, g in graphs.items()} == GRAPH_FILES

@@ -125,6 +125,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
         mp.setattr(random_pack, "released_config", _shrunk)
         argv = ["random-pack", "--shape", "qwen3-vl-8b", "--text-layers", "3", "--vision-depth", "4"]
         argv += ["--out", str(out), "--tokenizer", str(TOKENIZER), "--min-pixels", "65536"]
+        argv += ["--domain", "nothing: random weights"]
         assert main([*argv, "--max-pixels", "262144"]) == 0
     return out
 
@@ -140,6 +141,7 @@ def test_pack_and_reference_layout(built: Path) -> None:
         3,
     ]
     assert m["provenance"]["random_pack"]["shape"] == "qwen3-vl-8b"
+    assert m["domain"] == "nothing: random weights"
     assert m["tokens"]["stop"] == [151645, 151643]
     names = {p.name for p in reference.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
