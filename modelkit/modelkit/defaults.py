@@ -30,5 +30,6 @@ BOX_JITTER = 0.05
 
 # The shapes demo pack's `domain` in pack.json (modelkit/scripts/export_shapes_pack.sh passes it).
 SHAPES_DOMAIN = (
-    "synthetic scenes of circles, squares, triangles and stars in six colours; not a general-purpose model"
+    "synthetic scenes of circles, squares, triangles and stars in six colours on light backgrounds "
+    "(128-640 px images); not a general-purpose model"
 )

@@ -9,5 +9,5 @@ DECODER=${DECODER:-modelkit/.work/decoder-v2.safetensors}
 OUT=${OUT:-models/shapes}
 exec "${PYTHON:-python}" -m modelkit export --checkpoint "$CHECKPOINT" --mask-decoder "$DECODER" \
   --out "$OUT" --name shapes --dtype fp16 --min-pixels 16384 --max-pixels 81920 --describe-mode crop \
-  --domain "synthetic scenes of circles, squares, triangles and stars in six colours; not a general-purpose model" \
+  --domain "synthetic scenes of circles, squares, triangles and stars in six colours on light backgrounds (128-640 px images); not a general-purpose model" \
   "$@"

@@ -266,6 +266,8 @@ def test_shapes_export_script_passes_the_shapes_domain(tmp_path: Path) -> None:
     the first cheap check, so its arguments parse."""
     script = REPO / "modelkit" / "scripts" / "export_shapes_pack.sh"
     assert f'--domain "{SHAPES_DOMAIN}"' in script.read_text()
+    # A rebuilt pack carries the committed pack's text (once the committed pack.json has one).
+    assert load_manifest(SHAPES_PACK).get("domain", SHAPES_DOMAIN) == SHAPES_DOMAIN
     env = {
         **os.environ,
         "PYTHON": sys.executable,
