@@ -35,7 +35,8 @@ export const DEFAULTS = {
   maxDataUriBytes: 8 * MiB,
   maxInputPixels: 40_000_000,
   maxExpressionChars: 1000,
-  previewMaxSide: 256,
+  /** Big enough for a model to read the numbered badges; the JPEG stays under 200 KB. */
+  previewMaxSide: 768,
   logLevel: "info" as LogLevel,
   sessionIdleMs: 30 * 60_000,
   maxHttpSessions: 64,
@@ -73,7 +74,10 @@ const configSchema = z.strictObject({
   maxInputPixels: z.number().int().positive().default(DEFAULTS.maxInputPixels),
   /** Longest referring expression, in characters. */
   maxExpressionChars: z.number().int().positive().default(DEFAULTS.maxExpressionChars),
-  /** Longest side of the optional preview image returned inline. */
+  /**
+   * Longest side of the inline preview (segment with preview: true): a JPEG of the numbered, outlined
+   * overlay, kept under 200 KB by lowering its quality.
+   */
   previewMaxSide: z.number().int().min(32).max(1024).default(DEFAULTS.previewMaxSide),
   executionProvider: z.enum(EXECUTION_PROVIDERS).default(DEFAULTS.executionProvider),
   /** Engine cache budget in bytes (encoded images); 0 disables it; unset lets the engine size it. */

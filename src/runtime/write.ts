@@ -1,6 +1,7 @@
 /**
  * Writing a segment result into the output directory: one 1-bit mask PNG per instance, and on request
- * an overlay PNG and a JPEG preview of it (made from the pixels in memory, never read back from disk).
+ * an overlay PNG (full resolution, numbered like `instances`) and a JPEG preview of it (made from the
+ * pixels in memory, never read back from disk).
  * Nothing is written after a cancellation, and a call that fails half way removes what it wrote.
  */
 
@@ -65,18 +66,23 @@ export async function writeMasks(
     }
     const out: Written = { instances };
     if (masks.length > 0 && (opts.overlay || opts.previewMaxSide !== undefined)) {
-      const overlay = await renderOverlay(
-        await opts.pixels(),
-        masks.map((m) => m.mask.bitmap),
-      );
+      const pixels = await opts.pixels();
+      const bitmaps = masks.map((m) => m.mask.bitmap);
+      // Each is drawn at its own size (the file at full resolution, the preview at previewMaxSide) so
+      // that both get legible numbers and outlines of the same relative size, never a blurred copy.
       if (opts.overlay) {
+        const overlay = await renderOverlay(pixels, bitmaps);
         throwIfAborted(opts.signal, "before its overlay was written");
         const file = newOutputName(opts.outputDir, "overlay");
         await writeRgbPng(overlay, file);
         files.push(file);
         out.overlayPath = file;
       }
-      if (opts.previewMaxSide !== undefined) out.preview = await jpegPreview(overlay, opts.previewMaxSide);
+      if (opts.previewMaxSide !== undefined) {
+        throwIfAborted(opts.signal, "before its preview was made");
+        const small = await renderOverlay(pixels, bitmaps, opts.previewMaxSide);
+        out.preview = await jpegPreview(small, opts.previewMaxSide);
+      }
     }
     if (masks.length > 0) opts.timer.lap("write");
     return out;

@@ -4,6 +4,7 @@ import type { ContentBlock } from "@modelcontextprotocol/sdk/types.js";
 import { z } from "zod";
 import { SegError } from "../errors.js";
 import { ensureOutputDir, outputUri } from "../paths.js";
+import { PREVIEW_MAX_BYTES } from "../runtime/output.js";
 import { prepareImage, validateBox, validateExpression } from "./inputs.js";
 import {
   boxField,
@@ -23,8 +24,11 @@ import {
   type ToolDefinition,
 } from "./shared.js";
 
-/** Inline previews stay far below the 1 MiB a client accepts in one result. */
-const MAX_PREVIEW_BYTES = 256 * 1024;
+/**
+ * Inline previews stay far below the 1 MiB a client accepts in one result: jpegPreview lowers its
+ * quality until the JPEG is under this, so the check below only guards against a change there.
+ */
+const MAX_PREVIEW_BYTES = PREVIEW_MAX_BYTES;
 
 const input = strictInput("segment", {
   image: imageField,
@@ -46,11 +50,15 @@ const input = strictInput("segment", {
   overlay: z
     .boolean()
     .optional()
-    .describe("Also write an overlay PNG of all masks drawn on the image. Default false."),
+    .describe(
+      "Also write an overlay PNG at the image's full resolution: every mask tinted (translucent) and outlined in a contrasting colour, with a badge numbered 1..n in the order of instances. Default false.",
+    ),
   preview: z
     .boolean()
     .optional()
-    .describe("Return a small JPEG preview of the overlay inline (at most 256 px a side). Default false."),
+    .describe(
+      "Return the overlay inline as a JPEG you can look at before using the masks (at most 768 px on its long side by default, under 200 KB): the same outlines and badges numbered 1..n as the overlay PNG, badge k = instances[k-1]. Implies overlay. Default false.",
+    ),
 });
 
 const fileOutput = z.object({
@@ -88,7 +96,11 @@ const output = z.object({
       }),
     )
     .describe("One entry per instance, highest score first"),
-  overlay: fileOutput.optional().describe("All masks drawn on the image, when overlay or preview was asked"),
+  overlay: fileOutput
+    .optional()
+    .describe(
+      "All masks drawn on the image at full resolution, numbered 1..n in the order of instances, when overlay or preview was asked",
+    ),
   ...commonOutput,
 });
 
