@@ -5,10 +5,13 @@
  * PyTorch path's predictions.
  *
  *   node dist/bench/eval.js --pack models/shapes --data DIR/annotations.json --mode ground|box|describe
- *        --out preds.json [--max-images N]
+ *        --out preds.json [--max-images N] [--min-score S]
  *
- * ground: `segment` with the ref's expression (grounding + masks); box: `segment` with each target's
- * ground-truth box (one call per target); describe: `describe_region` on each annotation's box.
+ * ground: `segment` with the ref's expression (grounding + masks; boxes below --min-score, by default
+ * the pack's calibrated threshold, are left out, and so are empty masks); box: `segment` with each
+ * target's ground-truth box (one call per target); describe: `describe_region` on each annotation's box.
+ * Ground predictions also carry each box's grounding and mask scores and its token evidence, and
+ * each ref how many empty masks were left out: `python -m modelkit calibrate` fits on them.
  */
 
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
@@ -29,6 +32,10 @@ interface RefData {
 interface PredInstance {
   box: Box;
   score: number;
+  grounding_score?: number;
+  mask_score: number;
+  /** Token log-probabilities: open, coord_mean, coord_min, label_mean. */
+  evidence?: [number, number, number, number];
   mask: { size: [number, number]; counts: number[] } | null;
 }
 
@@ -39,6 +46,7 @@ const { values } = parseArgs({
     mode: { type: "string", default: "ground" },
     out: { type: "string" },
     "max-images": { type: "string" },
+    "min-score": { type: "string" },
     device: { type: "string", default: "cpu" },
   },
 });
@@ -71,13 +79,26 @@ async function main(): Promise<void> {
   });
   const tmp = await mkdtemp(path.join(os.tmpdir(), "qvs-eval-"));
   const toBox = (b: [number, number, number, number]): Box => [b[0], b[1], b[0] + b[2], b[1] + b[3]];
+  const minScore = values["min-score"] === undefined ? undefined : Number(values["min-score"]);
   const toPred = (inst: SegmentInstance): PredInstance => ({
     box: inst.box,
     score: inst.score,
+    ...(inst.groundingScore === undefined ? {} : { grounding_score: inst.groundingScore }),
+    mask_score: inst.maskScore,
+    ...(inst.evidence
+      ? {
+          evidence: [
+            inst.evidence.open,
+            inst.evidence.coordMean,
+            inst.evidence.coordMin,
+            inst.evidence.labelMean,
+          ],
+        }
+      : {}),
     mask: inst.mask.rle ?? null,
   });
   const started = performance.now();
-  const refs: { ref_id: number; found: boolean; instances: PredInstance[] }[] = [];
+  const refs: { ref_id: number; found: boolean; instances: PredInstance[]; empty_masks: number }[] = [];
   const descriptions: { ann_id: number; text: string }[] = [];
   try {
     if (mode === "describe") {
@@ -96,9 +117,17 @@ async function main(): Promise<void> {
         if (!img || !included(ref.image_id)) continue;
         const image = await imageFromFile(path.join(root, img.file_name));
         const instances: PredInstance[] = [];
+        let emptyMasks = 0;
         if (mode === "ground") {
-          const res = await engine.segment({ image, expression: ref.expression, outputDir: tmp, rle: true });
+          const res = await engine.segment({
+            image,
+            expression: ref.expression,
+            outputDir: tmp,
+            rle: true,
+            ...(minScore === undefined ? {} : { minScore }),
+          });
           for (const inst of res.instances) instances.push(toPred(inst));
+          emptyMasks = res.rejected.emptyMask;
         } else {
           for (const id of ref.ann_ids) {
             const ann = anns.get(id);
@@ -111,9 +140,10 @@ async function main(): Promise<void> {
               rle: true,
             });
             for (const inst of res.instances) instances.push(toPred(inst));
+            emptyMasks += res.rejected.emptyMask;
           }
         }
-        refs.push({ ref_id: ref.ref_id, found: instances.length > 0, instances });
+        refs.push({ ref_id: ref.ref_id, found: instances.length > 0, instances, empty_masks: emptyMasks });
       }
     }
   } finally {

@@ -64,6 +64,11 @@ const COMMAND_FLAGS: Record<
     value: "N",
     help: `at most N instances (default ${DEFAULT_MAX_INSTANCES})`,
   },
+  "min-score": {
+    type: "string",
+    value: "S",
+    help: "ground/segment: keep boxes with grounding_score >= S, 0..1 (default: the pack's threshold)",
+  },
   rle: { type: "boolean", help: "segment: include run-length encodings" },
   overlay: { type: "boolean", help: "segment: also write an overlay PNG" },
   http: {
@@ -267,7 +272,15 @@ async function runCommand(
     const info = await deps.engine.info();
     return {
       structured: info,
-      summary: `${info.name}: ${info.description}\npack: ${info.dir}\ndtype: ${info.dtype}, execution provider: ${info.executionProvider}\n`,
+      summary: [
+        `${info.name}: ${info.description}`,
+        `knows: ${info.domain ?? "(the pack does not say)"}`,
+        `segment: ${info.segmentation ? "yes" : "no (this pack has no mask decoder; ground and describe work)"}`,
+        `grounding threshold: ${info.groundingThreshold ?? "none (uncalibrated)"}`,
+        `pack: ${info.dir}`,
+        `dtype: ${info.dtype}, execution provider: ${info.executionProvider}`,
+        "",
+      ].join("\n"),
     };
   }
   if (image === undefined) {
@@ -287,6 +300,14 @@ async function runCommand(
     typeof values["max-instances"] === "string"
       ? parseCount("--max-instances", values["max-instances"])
       : undefined;
+  // The tool's schema checks the range; a word that is not a number is refused here.
+  const minScore = typeof values["min-score"] === "string" ? Number(values["min-score"]) : undefined;
+  if (minScore !== undefined && (values["min-score"] === "" || Number.isNaN(minScore))) {
+    throw new SegError(
+      "INVALID_INPUT",
+      `--min-score must be a number between 0 and 1, got "${values["min-score"]}"`,
+    );
+  }
   const optional = (key: string, value: unknown) => (value === undefined ? {} : { [key]: value });
   switch (command) {
     case "ground":
@@ -296,7 +317,12 @@ async function runCommand(
           `ground needs an expression: ${PACKAGE_NAME} ground <image> "<expression>"`,
         );
       }
-      return runTool(groundTool, deps, { image, expression, ...optional("max_instances", maxInstances) });
+      return runTool(groundTool, deps, {
+        image,
+        expression,
+        ...optional("max_instances", maxInstances),
+        ...optional("min_score", minScore),
+      });
     case "segment":
       // A one-off run keeps the output folder within its bounds too (and clears killed writers' temp files).
       await sweepOutputDir(deps.config.outDir, deps.config);
@@ -305,6 +331,7 @@ async function runCommand(
         ...optional("expression", expression),
         ...optional("box", box),
         ...optional("max_instances", maxInstances),
+        ...optional("min_score", minScore),
         ...(values.rle === true ? { rle: true } : {}),
         ...(values.overlay === true ? { overlay: true } : {}),
       });

@@ -15,6 +15,7 @@ const CODES = {
   REQUEST_TOO_LARGE: { input: true },
   ADDRESS_IN_USE: { input: true },
   LISTEN_FAILED: { input: true },
+  MASK_DECODER_MISSING: { input: true },
   MODEL_NOT_FOUND: { input: false },
   MODEL_LOAD_FAILED: { input: false },
   INFERENCE_FAILED: { input: false },

@@ -19,6 +19,7 @@ import { SegError, toSegError } from "./errors.js";
 import { admitValue, errorReply, PARSE_ERROR } from "./jsonrpc.js";
 import type { Logger } from "./logger.js";
 import { isInside, OUTPUT_URI_PREFIX, readOutputFile, rootsToDirs } from "./paths.js";
+import { type PackSummary, readPackSummary } from "./runtime/pack.js";
 import type { Engine } from "./runtime/types.js";
 import { StdioTransport } from "./stdio.js";
 import { describeRegionTool } from "./tools/describe-region.js";
@@ -49,6 +50,20 @@ const INSTRUCTIONS = `Pixel-level vision on local images with Qwen3-VL-Seg.
 - describe_region: describe what is inside a box or a mask from segment.
 Images are file paths (inside the allowed directories), file:// URIs or base64 data: URIs; URLs are never fetched. Masks can be read back as resources (${OUTPUT_URI_PREFIX}<name>).`;
 
+/** What the pack knows and cannot do, appended to the instructions and to every tool's description. */
+function packNotes(pack: PackSummary | undefined): { all: string; segment: string } {
+  if (!pack) return { all: "", segment: "" };
+  const knows = pack.domain
+    ? ` The loaded model pack "${pack.name}" knows: ${pack.domain}. Expect reliable answers only on such images.`
+    : "";
+  const segment = pack.segmentation
+    ? ""
+    : ` Unavailable with the loaded pack "${pack.name}": it has no mask decoder (segment answers MASK_DECODER_MISSING); use ground for boxes.`;
+  return { all: knows, segment };
+}
+
+const packSummaries = new Map<string, PackSummary | undefined>();
+
 /**
  * One MCP server (for one connection) with the tools and resources registered. The engine (and its
  * queue) is shared by every connection of the process.
@@ -59,9 +74,16 @@ export function createServer(
   logger: Logger,
   options: { trustRoots: boolean } = { trustRoots: true },
 ): McpServer {
+  if (!packSummaries.has(config.packDir)) packSummaries.set(config.packDir, readPackSummary(config.packDir));
+  const notes = packNotes(packSummaries.get(config.packDir));
   const server = new McpServer(
     { name: PACKAGE_NAME, title: "Qwen3-VL-Seg", version: packageInfo().version },
-    { instructions: INSTRUCTIONS },
+    {
+      instructions:
+        INSTRUCTIONS +
+        (notes.all ? `\n${notes.all.trim()}` : "") +
+        (notes.segment ? `\nsegment:${notes.segment}` : ""),
+    },
   );
 
   // MCP roots, for a local (stdio) client that offers them, narrow --allow-dir (the folders both allow)
@@ -93,7 +115,14 @@ export function createServer(
   };
 
   const deps: ToolDeps = { config, engine, logger, allowDirs };
-  registerTools(server, deps, [groundTool, segmentTool, describeRegionTool]);
+  registerTools(
+    server,
+    deps,
+    [groundTool, segmentTool, describeRegionTool].map((tool) => ({
+      ...tool,
+      description: tool.description + notes.all + (tool === segmentTool ? notes.segment : ""),
+    })),
+  );
 
   server.registerResource(
     "mask",

@@ -6,7 +6,7 @@
  */
 import { readFileSync } from "node:fs";
 import { beforeAll, describe, expect, it } from "vitest";
-import { BoxGrammar, BoxVocabulary } from "../src/runtime/grammar.js";
+import { type AdvanceEvent, BoxGrammar, BoxVocabulary } from "../src/runtime/grammar.js";
 import { type Box1000, groundingAnswerIds } from "../src/runtime/prompt.js";
 import { QwenTokenizer } from "../src/runtime/tokenizer.js";
 
@@ -52,17 +52,29 @@ describe.each(cases.map((c) => [c.text, c] as const))("canonical answer %s", (_,
     let i = 0;
     const closedAt: number[] = [];
     let coordinateTokens = 0;
+    // Per event kind, the answer positions of the tokens that raised it (forced ones included).
+    const at = { opens: [] as number[], label: [] as number[], closes: [] as number[] };
+    const note = (event: AdvanceEvent, k: number) => {
+      if (event.opensObject) at.opens.push(k);
+      if (event.label) at.label.push(k);
+      if (event.closesObject) at.closes.push(k);
+    };
     while (i < c.ids.length) {
       const forced = g.forced();
       if (forced.length > 0) {
         expect(c.ids.slice(i, i + forced.length), `forced chunk at ${i}`).toEqual(forced);
-        for (const t of forced) if (g.advance(t).boxClosed) closedAt.push(i - 1);
+        forced.forEach((t, k) => {
+          const event = g.advance(t);
+          if (event.boxClosed) closedAt.push(i - 1);
+          note(event, i + k);
+        });
         i += forced.length;
         continue;
       }
       const id = c.ids[i] as number;
       expect(g.accepts(id), `token ${id} (${JSON.stringify(texts[id])}) at ${i}`).toBe(true);
       const event = g.advance(id);
+      note(event, i);
       if (event.boxClosed) closedAt.push(i - 1);
       if (event.coordinate) coordinateTokens++;
       i++;
@@ -80,5 +92,18 @@ describe.each(cases.map((c) => [c.text, c] as const))("canonical answer %s", (_,
       return span.slice(b.labelTrim[0], span.length - b.labelTrim[1]);
     });
     expect(labels).toEqual(c.labels);
+    // Evidence spans: one opening and one closing token per object, the label's tokens between the
+    // box's last coordinate and its close; an empty answer opens nothing.
+    const n = c.boxes.length;
+    expect(at.opens).toHaveLength(n);
+    expect(at.closes).toHaveLength(n);
+    g.boxes.forEach((b, k) => {
+      const inLabel = at.label.filter(
+        (t) => t > (c.last_coordinate[k] as number) && t <= (at.closes[k] as number),
+      );
+      expect(inLabel[0]).toBe(b.labelTokens[0]);
+      expect(inLabel.at(-1)).toBe(b.labelTokens[1]);
+      expect((at.opens[k] as number) < (c.last_coordinate[k] as number)).toBe(true);
+    });
   });
 });

@@ -13,7 +13,13 @@ import { createConfig } from "../src/config.js";
 import { SegError } from "../src/errors.js";
 import { OUTPUT_URI_PREFIX } from "../src/paths.js";
 import { writeMaskPng } from "../src/runtime/output.js";
-import { checkImage, type InputContext, prepareImage, prepareMaskBox } from "../src/tools/inputs.js";
+import {
+  checkImage,
+  type InputContext,
+  prepareImage,
+  prepareMaskBox,
+  validateBox,
+} from "../src/tools/inputs.js";
 
 let dir: string;
 let ctx: InputContext;
@@ -144,5 +150,18 @@ describe("prepareMaskBox", () => {
       /not a data: URI/,
     );
     await expectCode(prepareMaskBox("missing.png", image, ctx), "IMAGE_NOT_FOUND", /does not exist/);
+  });
+});
+
+describe("validateBox", () => {
+  it("refuses a box in 0..1 coordinates, naming the image's size and the pixel box meant", () => {
+    const image = { width: 640, height: 480 };
+    expect(() => validateBox([0.1, 0.25, 0.5, 0.75], image)).toThrow(
+      /box \[0\.1, 0\.25, 0\.5, 0\.75\] looks normalised to 0\.\.1: send pixels of the original 640x480 image, e\.g\. \[64, 120, 320, 360\]/,
+    );
+    expect(() => validateBox([0, 0, 1, 1], image)).toThrow(/looks normalised/);
+    // A 2x2 image has no other way to name its pixels; a real pixel box passes.
+    expect(validateBox([0, 0, 1, 1], { width: 2, height: 2 })).toEqual([0, 0, 1, 1]);
+    expect(validateBox([10, 20, 300, 400], image)).toEqual([10, 20, 300, 400]);
   });
 });

@@ -22,7 +22,7 @@ import {
   writeRgbPng,
 } from "../src/runtime/output.js";
 import { Timer } from "../src/runtime/timer.js";
-import { writeMasks } from "../src/runtime/write.js";
+import { OVERLAY_MAX_SIDE, writeMasks } from "../src/runtime/write.js";
 import { checkImage, decodeMaskBitmap } from "../src/tools/inputs.js";
 
 /** A mask file read back the way describe_region reads one. */
@@ -387,6 +387,35 @@ describe("output", () => {
     expect((await sharp(worst).metadata()).width).toBe(1024);
     expect(worst.length).toBeLessThan(PREVIEW_MAX_BYTES);
   }, 60_000);
+
+  it("writeMasks: the overlay file of a very wide image stays at most OVERLAY_MAX_SIDE; its mask is full size", async () => {
+    const w = 3000;
+    const h = 60;
+    const out = join(dir, "wide");
+    mkdirSync(out);
+    const bitmap = maskOf(w, h, (x, y) => x >= 100 && x < 900 && y >= 10 && y < 50);
+    const written = await writeMasks(
+      [
+        {
+          query: { label: "bar", box: [0, 0, w, h] as [number, number, number, number] },
+          mask: { bitmap, areaPx: bitmap.reduce((s, v) => s + v, 0), box: null },
+          maskScore: 1,
+          score: 1,
+        },
+      ],
+      {
+        outputDir: out,
+        size: { width: w, height: h },
+        pixels: async () => ({ rgb: gradient(w, h), width: w, height: h }),
+        overlay: true,
+        timer: new Timer(undefined),
+      },
+    );
+    const overlay = await sharp(written.overlayPath as string).metadata();
+    expect([overlay.width, overlay.height]).toEqual([OVERLAY_MAX_SIDE, 41]);
+    const mask = await sharp(written.instances[0]?.mask.path as string).metadata();
+    expect([mask.width, mask.height]).toEqual([w, h]);
+  });
 
   it("writeMasks: the overlay file at full size and the preview carry the same numbers", async () => {
     const w = 1000;

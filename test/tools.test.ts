@@ -486,14 +486,37 @@ describe("tool-layer mapping with a scripted engine", () => {
     const two = await conn.call("ground", { image: "cat.png", expression: "two cats" });
     const out = groundTool.output.parse(two.structuredContent);
     expect(out.instances).toEqual([
-      { label: "two cats", box: [0, 0, 32, 24], score: 0.9 },
-      { label: "two cats", box: [32, 24, 64, 48], score: 0.8 },
+      { label: "two cats", box: [0, 0, 32, 24], grounding_score: 0.9, score: 0.9 },
+      { label: "two cats", box: [32, 24, 64, 48], grounding_score: 0.8, score: 0.8 },
     ]);
+    expect(out.rejected).toEqual({ below_min_score: 0, empty_mask: 0 });
     expect(textOf(two)).toMatch(
-      /^Found 2 instances of "two cats" in the 64x48 image.*\n1\. two cats \[0, 0, 32, 24\] score 0\.90/,
+      /^Found 2 instances of "two cats" in the 64x48 image.*\n1\. two cats \[0, 0, 32, 24\] grounding 0\.90/,
     );
     const one = await conn.call("ground", { image: "cat.png", expression: "two cats", max_instances: 1 });
     expect(groundTool.output.parse(one.structuredContent).instances).toHaveLength(1);
+    await conn.close();
+  });
+
+  it("min_score: passed to the engine, boxes under it counted in rejected and named in the summary", async () => {
+    const engine = new FakeEngine();
+    const conn = await connect(engine);
+    const g = await conn.call("ground", { image: "cat.png", expression: "two cats", min_score: 0.85 });
+    const out = groundTool.output.parse(g.structuredContent);
+    expect(out.instances.map((i) => i.grounding_score)).toEqual([0.9]);
+    expect(out).toMatchObject({ min_score: 0.85, rejected: { below_min_score: 1, empty_mask: 0 } });
+    expect(textOf(g)).toMatch(
+      /Not returned: 1 box below min_score 0\.85 \(pass a lower min_score to see them\)\./,
+    );
+    const none = await conn.call("segment", { image: "cat.png", expression: "two cats", min_score: 0.95 });
+    const seg = segmentTool.output.parse(none.structuredContent);
+    expect(seg).toMatchObject({ found: false, instances: [], rejected: { below_min_score: 2 } });
+    expect(textOf(none)).toMatch(/^No match for "two cats".*\nNot returned: 2 boxes below min_score 0\.95/s);
+    const one = await conn.call("segment", { image: "cat.png", expression: "two cats", min_score: 0.5 });
+    const inst = segmentTool.output.parse(one.structuredContent).instances[0];
+    expect(inst).toMatchObject({ grounding_score: 0.9, mask_score: 0.9, score: 0.81 });
+    const bad = await conn.call("ground", { image: "cat.png", expression: "x", min_score: 1.5 });
+    expectError(bad, "INVALID_INPUT", /min_score must be between 0 and 1/);
     await conn.close();
   });
 

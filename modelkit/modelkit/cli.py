@@ -213,6 +213,23 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--pred", type=Path, required=True, help="predictions JSON")
     sc.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
+    ca = _command(
+        sub,
+        "calibrate",
+        "calibrate:cmd_calibrate",
+        "fit a pack's grounding score and threshold on held-out predictions (bench/eval.ts --min-score 0)",
+    )
+    ca.add_argument("--data", type=Path, required=True, help="annotations.json (or its folder)")
+    ca.add_argument("--pred", type=Path, required=True, help="ground predictions with evidence")
+    ca.add_argument("--pack", type=Path, help="pack folder whose pack.json gets calibration.grounding")
+    ca.add_argument(
+        "--holdout-images",
+        type=int,
+        default=60,
+        help="the first N images are only measured (AUC, absent accuracy, recall); the rest fit (default 60)",
+    )
+    ca.add_argument("--fitted-on", help="what the data is, recorded in pack.json")
+
     pr = _command(
         sub, "predict", "predict:cmd_predict", "PyTorch predictions (ground | box | describe) for scoring"
     )

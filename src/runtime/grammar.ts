@@ -59,7 +59,22 @@ export interface AdvanceEvent {
   coordinate: boolean;
   /** The 4th coordinate's last digit is inside this token (never for Qwen's vocabulary). */
   lastCoordinateInToken: boolean;
+  /** This token chose to write another object (its `{`, or the `,` before it), not to end the list. */
+  opensObject: boolean;
+  /** This token writes label characters or the label's closing quote. */
+  label: boolean;
+  /** This token ended an object (its `}`): the box is recorded in `boxes`. */
+  closesObject: boolean;
 }
+
+const NO_EVENT: AdvanceEvent = {
+  boxClosed: false,
+  coordinate: false,
+  lastCoordinateInToken: false,
+  opensObject: false,
+  label: false,
+  closesObject: false,
+};
 
 enum Phase {
   Literal = 0,
@@ -408,7 +423,7 @@ export class BoxGrammar {
       if (s.phase !== Phase.End) throw this.#rejected(tokenId);
       s.phase = Phase.Done;
       this.#tokenIndex++;
-      return { boxClosed: false, coordinate: false, lastCoordinateInToken: false };
+      return NO_EVENT;
     }
     const text = this.#vocab.texts[tokenId];
     if (text === undefined || text.length === 0) throw this.#rejected(tokenId);
@@ -422,10 +437,14 @@ export class BoxGrammar {
     let boxClosed = false;
     let digitBeforeClose = false;
     let coordinate = false;
+    let opensObject = false;
+    let label = false;
     for (let i = 0; i < text.length; i++) {
       const c = text.charCodeAt(i);
       const before = next.phase;
       const isDigit = c >= DIGIT_0 && c <= DIGIT_0 + 9;
+      if (before === Phase.Label) label = true;
+      if ((before === Phase.ListOpen || before === Phase.AfterObject) && c !== CLOSE_BRACKET) opensObject = true;
       if (before === Phase.Number) {
         if (isDigit) coordinate = true;
         else coords[next.k] = next.value; // the character that ends a number
@@ -455,7 +474,14 @@ export class BoxGrammar {
       });
     }
     this.#tokenIndex++;
-    return { boxClosed, coordinate, lastCoordinateInToken: digitBeforeClose };
+    return {
+      boxClosed,
+      coordinate,
+      lastCoordinateInToken: digitBeforeClose,
+      opensObject,
+      label,
+      closesObject: closedObject,
+    };
   }
 
   #rejected(tokenId: number): SegError {

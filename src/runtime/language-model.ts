@@ -18,6 +18,7 @@ import {
   release,
   type SessionOptions,
 } from "./onnx.js";
+import type { AdvanceEvent } from "./grammar.js";
 import type { LoadedPack } from "./pack.js";
 import { decodePositions } from "./rope.js";
 
@@ -120,10 +121,55 @@ export interface TokenConstraint {
   /**
    * Accept a token. `boxClosed`: it closed a box's coordinate list (T_seg capture); `coordinate`: it
    * holds coordinate digits (box scores); `lastCoordinateInToken`: the closing token also holds the
-   * last digit, which would make T_seg the next step's row (no Qwen token does this).
+   * last digit, which would make T_seg the next step's row (no Qwen token does this);
+   * `opensObject`, `label`, `closesObject`: where an object's evidence starts, grows and ends.
    */
-  advance(token: number): { boxClosed: boolean; coordinate: boolean; lastCoordinateInToken: boolean };
+  advance(token: number): AdvanceEvent;
   isDone(): boolean;
+}
+
+/**
+ * How sure the model was of one object it wrote, as natural-log probabilities (<= 0) of its sampled
+ * tokens under the full softmax (forced tokens count as log 1 = 0): the token that chose to open the
+ * object rather than end the list, the mean and the least of its coordinate tokens, the mean of its
+ * label tokens. Calibration (pack.json) turns them into one grounding score.
+ */
+export interface BoxEvidence {
+  open: number;
+  coordMean: number;
+  coordMin: number;
+  labelMean: number;
+}
+
+/** Sums an object's evidence while it is written. */
+class EvidenceTally {
+  open = 0;
+  #coordSum = 0;
+  #coordMin = 0;
+  #coordN = 0;
+  #labelSum = 0;
+  #labelN = 0;
+
+  add(event: AdvanceEvent, logProb: number): void {
+    if (event.coordinate) {
+      this.#coordSum += logProb;
+      this.#coordMin = Math.min(this.#coordMin, logProb);
+      this.#coordN++;
+    }
+    if (event.label) {
+      this.#labelSum += logProb;
+      this.#labelN++;
+    }
+  }
+
+  evidence(): BoxEvidence {
+    return {
+      open: this.open,
+      coordMean: this.#coordN > 0 ? this.#coordSum / this.#coordN : 0,
+      coordMin: this.#coordMin,
+      labelMean: this.#labelN > 0 ? this.#labelSum / this.#labelN : 0,
+    };
+  }
 }
 
 export interface GenerateOptions {
@@ -141,8 +187,8 @@ export interface GenerateResult {
   probs: number[];
   /** Final-norm hidden state [H] that predicted each box-closing token (T_seg per box). */
   boxHidden: Float32Array[];
-  /** Per box: geometric-mean probability of its coordinate tokens (the model's confidence in it). */
-  boxScores: number[];
+  /** Per closed object, in order: the log-probabilities of the tokens that wrote it. */
+  boxEvidence: BoxEvidence[];
   /** Decoder calls made (one per sampled token or forced chunk). */
   steps: number;
   stoppedBy: "stop" | "budget" | "grammar";
@@ -299,9 +345,17 @@ export class LanguageModel {
     const tokens: number[] = [];
     const probs: number[] = [];
     const boxHidden: Float32Array[] = [];
-    const boxScores: number[] = [];
-    let coordLogProb = 0;
-    let coordCount = 0;
+    const boxEvidence: BoxEvidence[] = [];
+    let tally = new EvidenceTally();
+    // An object's tokens in order: label characters, the closing `}`, then perhaps the next `, {`.
+    const note = (event: AdvanceEvent, logProb: number) => {
+      tally.add(event, logProb);
+      if (event.closesObject) {
+        boxEvidence.push(tally.evidence());
+        tally = new EvidenceTally();
+      }
+      if (event.opensObject) tally.open = logProb;
+    };
     let steps = 0;
     let { logits, lastHidden, cache } = start;
     let stoppedBy: GenerateResult["stoppedBy"] = "budget";
@@ -317,9 +371,10 @@ export class LanguageModel {
         if (forced.length > 0) {
           chunk = forced.slice(0, options.maxNewTokens - tokens.length);
           for (const t of chunk) {
+            const event = constraint?.advance(t);
             // The token closing a box follows a number, which the grammar never forces.
-            if (constraint?.advance(t).boxClosed)
-              throw new SegError("INFERENCE_FAILED", "a forced token closed a box");
+            if (event?.boxClosed) throw new SegError("INFERENCE_FAILED", "a forced token closed a box");
+            if (event) note(event, 0);
             tokens.push(t);
             probs.push(1);
           }
@@ -330,17 +385,9 @@ export class LanguageModel {
           if (event?.lastCoordinateInToken) {
             throw new SegError("INFERENCE_FAILED", "this vocabulary merges a coordinate digit with `]`");
           }
-          if (event?.coordinate) {
-            coordLogProb += Math.log(Math.max(p, 1e-12));
-            coordCount++;
-          }
-          if (event?.boxClosed) {
-            // T_seg: the state that predicted the closing token, i.e. the one at the last digit.
-            boxHidden.push(lastHidden.slice());
-            boxScores.push(coordCount > 0 ? Math.exp(coordLogProb / coordCount) : 0);
-            coordLogProb = 0;
-            coordCount = 0;
-          }
+          // T_seg: the state that predicted the closing token, i.e. the one at the last digit.
+          if (event?.boxClosed) boxHidden.push(lastHidden.slice());
+          if (event) note(event, Math.log(Math.max(p, 1e-30)));
           tokens.push(token);
           probs.push(p);
           if (stopTokens.has(token)) {
@@ -365,7 +412,7 @@ export class LanguageModel {
     } finally {
       if (cache !== start.cache) releaseCache(cache);
     }
-    return { tokens, probs, boxHidden, boxScores, steps, stoppedBy };
+    return { tokens, probs, boxHidden, boxEvidence, steps, stoppedBy };
   }
 
   dispose(): Promise<void> {

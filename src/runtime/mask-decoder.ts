@@ -5,6 +5,7 @@
  * image, and a predicted mask IoU.
  */
 
+import { SegError } from "../errors.js";
 import { f32, OnnxSession, type SessionOptions } from "./onnx.js";
 import type { LoadedPack } from "./pack.js";
 import type { Box1000 } from "./prompt.js";
@@ -58,13 +59,16 @@ export class MaskDecoder {
 
   static async load(pack: LoadedPack, options: SessionOptions): Promise<MaskDecoder> {
     const m = pack.manifest;
-    const session = await OnnxSession.create(pack.file(m.graphs.mask_decoder.file), options);
+    const graph = m.graphs.mask_decoder;
+    const spec = m.model.mask_decoder;
+    if (!graph || !spec) throw new SegError("MASK_DECODER_MISSING", `the pack ${m.name} has no mask decoder`);
+    const session = await OnnxSession.create(pack.file(graph.file), options);
     return new MaskDecoder(session, {
       textHidden: m.model.text.hidden_size,
       visionHidden: m.model.vision.hidden_size,
       patchSize: m.preprocess.patch_size,
       mergeSize: m.preprocess.merge_size,
-      outputStride: m.model.mask_decoder.output_stride,
+      outputStride: spec.output_stride,
     });
   }
 

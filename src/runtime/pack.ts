@@ -4,7 +4,7 @@
  */
 
 import { createHash } from "node:crypto";
-import { createReadStream } from "node:fs";
+import { createReadStream, readFileSync } from "node:fs";
 import { readFile, stat } from "node:fs/promises";
 import path from "node:path";
 import { z } from "zod";
@@ -28,11 +28,34 @@ const graphSpec = z.object({
   attention: z.enum(["group_query"]).optional(),
 });
 
+/**
+ * How the evidence of a box the model wrote (language-model.ts BoxEvidence) becomes its grounding
+ * score: a logistic model fitted by `modelkit calibrate` on held-out scenes, and the score below which
+ * a box is not returned (the caller may override it per call with min_score).
+ */
+const groundingCalibration = z.object({
+  kind: z.literal("logistic"),
+  features: z.tuple([
+    z.literal("open"),
+    z.literal("coord_mean"),
+    z.literal("coord_min"),
+    z.literal("label_mean"),
+  ]),
+  weights: z.array(z.number()).length(4),
+  bias: z.number(),
+  threshold: z.number().min(0).max(1),
+  /** Where it was fitted and what it reached there, for people (not read by the runtime). */
+  fitted_on: z.string().optional(),
+  metrics: z.record(z.string(), z.unknown()).optional(),
+});
+
 const manifestSchema = z.object({
   format: z.literal("qwen3-vl-seg-pack"),
   format_version: z.literal(1),
   name: z.string().min(1),
   description: z.string(),
+  /** What the pack knows (its training domain), told to agents in tool descriptions. */
+  domain: z.string().optional(),
   dtype: z.string(),
   provenance: z.record(z.string(), z.unknown()),
   model: z.object({
@@ -60,7 +83,7 @@ const manifestSchema = z.object({
       out_hidden_size: z.number().int().positive(),
     }),
     // The sizes are the graph's business; the runtime reads only how small the mask logits are.
-    mask_decoder: z.looseObject({ output_stride: z.number().int().positive() }),
+    mask_decoder: z.looseObject({ output_stride: z.number().int().positive() }).optional(),
   }),
   preprocess: z.object({
     patch_size: z.number().int().positive(),
@@ -94,8 +117,10 @@ const manifestSchema = z.object({
   graphs: z.object({
     vision_encoder: graphSpec,
     language_model: graphSpec,
-    mask_decoder: graphSpec,
+    /** Absent in a pack exported without a trained mask decoder: segment is then unavailable. */
+    mask_decoder: graphSpec.optional(),
   }),
+  calibration: z.object({ grounding: groundingCalibration.optional() }).optional(),
   files: z.record(
     z.string(),
     z.object({ sha256: z.string().regex(/^[0-9a-f]{64}$/), bytes: z.number().int() }),
@@ -103,6 +128,7 @@ const manifestSchema = z.object({
 });
 
 export type PackManifest = z.infer<typeof manifestSchema>;
+export type GroundingCalibration = z.infer<typeof groundingCalibration>;
 export type GraphRole = keyof PackManifest["graphs"];
 
 export interface LoadedPack {
@@ -114,6 +140,33 @@ export interface LoadedPack {
 }
 
 export type VerifyMode = NonNullable<EngineOptions["verify"]>;
+
+/** What a server tells agents about its pack before the pack has loaded. */
+export interface PackSummary {
+  name: string;
+  domain?: string;
+  segmentation: boolean;
+}
+
+/**
+ * Name, domain and whether it can segment, from pack.json alone (no checksums, no graphs): for tool
+ * descriptions, which clients list before the first call. Undefined when the manifest cannot be read;
+ * loading the pack then reports why.
+ */
+export function readPackSummary(dir: string): PackSummary | undefined {
+  try {
+    const json = JSON.parse(readFileSync(path.join(dir, "pack.json"), "utf8")) as Record<string, unknown>;
+    const graphs = json.graphs as Record<string, unknown> | undefined;
+    if (typeof json.name !== "string") return undefined;
+    return {
+      name: json.name,
+      ...(typeof json.domain === "string" && json.domain.trim() ? { domain: json.domain.trim() } : {}),
+      segmentation: graphs?.mask_decoder !== undefined,
+    };
+  } catch {
+    return undefined;
+  }
+}
 
 /**
  * Load and validate `pack.json`, check every listed file exists with the recorded size and (in `full`
@@ -170,8 +223,14 @@ export async function loadPack(dir: string, verify: VerifyMode = "full"): Promis
   const needed = [
     manifest.tokenizer.file,
     manifest.tokenizer.config,
-    ...Object.values(manifest.graphs).map((g) => g.file),
+    ...Object.values(manifest.graphs).flatMap((g) => (g ? [g.file] : [])),
   ];
+  if ((manifest.graphs.mask_decoder === undefined) !== (manifest.model.mask_decoder === undefined)) {
+    throw new SegError(
+      "MODEL_LOAD_FAILED",
+      `${manifestPath} must give both graphs.mask_decoder and model.mask_decoder, or neither (a pack without a mask decoder)`,
+    );
+  }
   for (const name of needed) {
     if (!(name in manifest.files)) {
       throw new SegError("MODEL_LOAD_FAILED", `${manifestPath} lists no checksum for ${name}`);

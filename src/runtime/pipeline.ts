@@ -13,8 +13,10 @@ import { createHash } from "node:crypto";
 import sharp from "sharp";
 import { SegError, throwIfAborted } from "../errors.js";
 import { ByteLru, byteSize } from "./cache.js";
+import { combinedScore, GroundingScorer } from "./confidence.js";
 import { BoxGrammar, type BoxRecord, BoxVocabulary } from "./grammar.js";
 import {
+  type BoxEvidence,
   cacheBytes,
   type GenerateResult,
   type KvCache,
@@ -83,11 +85,22 @@ interface Prefilled {
   ropeDelta: number;
 }
 
-/** A box to segment: where, what it is called, how sure the model is, and its T_seg state. */
+/** A box to segment: where, what it is called, how sure the model is of it, and its T_seg state. */
 interface Query extends MaskQuery {
   label: string;
   box: Box;
-  score: number;
+  /** Absent for a box the agent gave. */
+  groundingScore?: number;
+  evidence?: BoxEvidence;
+}
+
+/** What grounding kept, and what it did not return and why. */
+interface Grounded {
+  queries: Query[];
+  text: string;
+  generated: Generated;
+  minScore: number;
+  belowMinScore: number;
 }
 
 export class Pipeline implements Engine {
@@ -95,7 +108,9 @@ export class Pipeline implements Engine {
   readonly #tokenizer: QwenTokenizer;
   readonly #vision: VisionEncoder;
   readonly #lm: LanguageModel;
-  readonly #maskDecoder: MaskDecoder;
+  /** Absent when the pack has none: segment is then refused with MASK_DECODER_MISSING. */
+  readonly #maskDecoder: MaskDecoder | undefined;
+  readonly #grounding: GroundingScorer;
   readonly #vocab: BoxVocabulary;
   readonly #stop: ReadonlySet<number>;
   readonly #cache: ByteLru<EncodedImage>;
@@ -104,7 +119,7 @@ export class Pipeline implements Engine {
   private constructor(
     pack: LoadedPack,
     tokenizer: QwenTokenizer,
-    stages: { vision: VisionEncoder; lm: LanguageModel; maskDecoder: MaskDecoder },
+    stages: { vision: VisionEncoder; lm: LanguageModel; maskDecoder: MaskDecoder | undefined },
     cacheBudget: number,
   ) {
     this.#pack = pack;
@@ -112,6 +127,7 @@ export class Pipeline implements Engine {
     this.#vision = stages.vision;
     this.#lm = stages.lm;
     this.#maskDecoder = stages.maskDecoder;
+    this.#grounding = new GroundingScorer(pack.manifest.calibration?.grounding);
     this.#stop = new Set(pack.manifest.tokens.stop);
     this.#cache = new ByteLru(cacheBudget, (image) => releaseCache(image.prefixCache));
     // Rows past the tokenizer's last id exist in the embedding but are never valid output ('' text).
@@ -147,7 +163,7 @@ export class Pipeline implements Engine {
       // The provider is chosen once, on the first graph; the others follow it.
       const chosen: SessionOptions = { ...session, provider: vision.provider };
       const lm = await load(LanguageModel.load(pack, chosen));
-      const maskDecoder = await load(MaskDecoder.load(pack, chosen));
+      const maskDecoder = m.graphs.mask_decoder ? await load(MaskDecoder.load(pack, chosen)) : undefined;
       const pipeline = new Pipeline(
         pack,
         tokenizer,
@@ -167,6 +183,9 @@ export class Pipeline implements Engine {
     return {
       name: m.name,
       description: m.description,
+      ...(m.domain ? { domain: m.domain } : {}),
+      segmentation: this.#maskDecoder !== undefined,
+      ...(this.#grounding.calibrated ? { groundingThreshold: this.#grounding.threshold } : {}),
       dir: this.#pack.dir,
       dtype: m.dtype,
       provenance: m.provenance,
@@ -184,11 +203,19 @@ export class Pipeline implements Engine {
   ground(req: GroundRequest): Promise<GroundResult> {
     return this.#exclusive(req, async (r) => {
       const { image, cached } = await this.#encode(req.image, r);
-      const { queries, text, generated } = await this.#ground(image, req, r);
+      const { queries, text, generated, minScore, belowMinScore } = await this.#ground(image, req, r);
       return {
         found: queries.length > 0,
         image: { width: image.width, height: image.height },
-        instances: queries.map(({ label, box, score }) => ({ label, box, score })),
+        instances: queries.map(({ label, box, groundingScore = 0, evidence }) => ({
+          label,
+          box,
+          groundingScore,
+          score: groundingScore,
+          ...(evidence ? { evidence } : {}),
+        })),
+        minScore,
+        rejected: { belowMinScore, emptyMask: 0 },
         text,
         generated,
         timings: r.timer.finish(),
@@ -198,13 +225,17 @@ export class Pipeline implements Engine {
   }
 
   segment(req: SegmentRequest): Promise<SegmentResult> {
+    const decoder = this.#maskDecoder;
+    if (!decoder) return Promise.reject(this.#noMaskDecoder());
     return this.#exclusive(req, async (r) => {
       const { image, cached, decoded } = await this.#encode(req.image, r);
-      const { queries, text, generated } =
+      const { queries, text, generated, minScore, belowMinScore } =
         "box" in req
           ? await this.#boxQuery(image, req.box, req.label ?? "region", r)
           : await this.#ground(image, req, r);
-      const masks = await this.#masks(image, queries, r);
+      const all = await this.#masks(decoder, image, queries, r);
+      // A mask with no pixel is not an instance, whatever its box or scores.
+      const masks = all.filter((m) => m.mask.areaPx > 0);
       const written = await writeMasks(masks, {
         ...req,
         size: { width: image.width, height: image.height },
@@ -215,6 +246,8 @@ export class Pipeline implements Engine {
         found: written.instances.length > 0,
         image: { width: image.width, height: image.height },
         ...written,
+        minScore,
+        rejected: { belowMinScore, emptyMask: all.length - masks.length },
         text,
         generated,
         timings: r.timer.finish(),
@@ -279,7 +312,7 @@ export class Pipeline implements Engine {
   async dispose(): Promise<void> {
     await this.#current?.catch(() => undefined);
     this.#cache.clear();
-    await Promise.all([this.#vision.dispose(), this.#lm.dispose(), this.#maskDecoder.dispose()]);
+    await Promise.all([this.#vision.dispose(), this.#lm.dispose(), this.#maskDecoder?.dispose()]);
   }
 
   /**
@@ -295,7 +328,7 @@ export class Pipeline implements Engine {
       const { image } = await this.#encode({ bytes, width: side, height: side }, r);
       await this.#ground(image, { expression: "region", maxTokens: 2 }, r); // one decode step
       const { queries } = await this.#boxQuery(image, [64, 64, 192, 192], "region", r);
-      await this.#masks(image, queries, r);
+      if (this.#maskDecoder) await this.#masks(this.#maskDecoder, image, queries, r);
     });
     this.#cache.clear();
   }
@@ -421,9 +454,9 @@ export class Pipeline implements Engine {
   /** Grounding: the boxes the model writes for `expression`, each with its T_seg state and score. */
   async #ground(
     image: EncodedImage,
-    req: { expression: string; maxInstances?: number; maxTokens?: number },
+    req: { expression: string; maxInstances?: number; maxTokens?: number; minScore?: number },
     r: RequestScope,
-  ): Promise<{ queries: Query[]; text: string; generated: Generated }> {
+  ): Promise<Grounded> {
     const { timer, signal } = r;
     const limit = req.maxInstances ?? DEFAULT_MAX_INSTANCES;
     const question = groundQuestion(this.#pack.manifest.prompts, req.expression);
@@ -442,7 +475,9 @@ export class Pipeline implements Engine {
     timer.lap("generate");
     timer.perStep(gen.steps);
     // Boxes come from the grammar's own record, paired by order with the states generation captured;
-    // boxes without area and repeats are dropped.
+    // boxes without area and repeats are dropped, and so are boxes the model is not sure enough of.
+    const minScore = req.minScore ?? this.#grounding.threshold;
+    let belowMinScore = 0;
     const seen = new Set<string>();
     const queries: Query[] = [];
     grammar.boxes.forEach((record, i) => {
@@ -451,64 +486,87 @@ export class Pipeline implements Engine {
       if (!hidden) throw new SegError("INFERENCE_FAILED", `box ${i} of the answer has no hidden state`);
       if (box1000 === null || seen.has(box1000.join())) return;
       seen.add(box1000.join());
+      const evidence = gen.boxEvidence[i];
+      if (!evidence) throw new SegError("INFERENCE_FAILED", `box ${i} of the answer has no token record`);
+      const groundingScore = this.#grounding.score(evidence);
+      if (groundingScore < minScore) {
+        belowMinScore++;
+        return;
+      }
       const [x1, y1, x2, y2] = box1000;
       const { width: w, height: h } = image;
       queries.push({
         label: this.#label(gen.tokens, record),
         box: [(x1 / 1000) * w, (y1 / 1000) * h, (x2 / 1000) * w, (y2 / 1000) * h],
         box1000,
-        score: gen.boxScores[i] ?? 0,
+        groundingScore,
+        evidence,
         hidden,
       });
     });
-    queries.sort((a, b) => b.score - a.score);
-    return { queries, text: this.#text(gen), generated: { tokens: gen.tokens.length, steps: gen.steps } };
+    queries.sort((a, b) => (b.groundingScore ?? 0) - (a.groundingScore ?? 0));
+    return {
+      queries,
+      text: this.#text(gen),
+      generated: { tokens: gen.tokens.length, steps: gen.steps },
+      minScore,
+      belowMinScore,
+    };
   }
 
   /** A box the agent gave: the question and the box's text are prefilled; T_seg is the last row. */
-  async #boxQuery(
-    image: EncodedImage,
-    box: Box,
-    label: string,
-    r: RequestScope,
-  ): Promise<{ queries: Query[]; text: string; generated: Generated }> {
+  async #boxQuery(image: EncodedImage, box: Box, label: string, r: RequestScope): Promise<Grounded> {
     const box1000 = boxTo1000(box, image.width, image.height);
     const answer = groundingAnswerIds(this.#tokenizer, [box1000], [label], { close: false });
     const question = groundQuestion(this.#pack.manifest.prompts, label);
     const prefill = await this.#prefill(image, question, answer.ids, r);
     return {
-      queries: [{ label, box, box1000, score: 1, hidden: prefill.lastHidden }],
+      queries: [{ label, box, box1000, hidden: prefill.lastHidden }],
       text: `${boxPrefixText(box1000)}], "label": ${JSON.stringify(label)}}]`,
       generated: { tokens: 0, steps: 0 },
+      minScore: 0,
+      belowMinScore: 0,
     };
   }
 
-  /** Mask decoder + post-processing: one mask per query at the original size, best predicted IoU first. */
+  /** Mask decoder + post-processing: one mask per query at the original size, best score first. */
   async #masks(
+    decoder: MaskDecoder,
     image: EncodedImage,
     queries: readonly Query[],
     r: RequestScope,
-  ): Promise<{ query: Query; mask: MaskResult; score: number }[]> {
+  ): Promise<{ query: Query; mask: MaskResult; maskScore: number; score: number }[]> {
     const { timer, signal } = r;
     if (queries.length === 0) return [];
     throwIfAborted(signal);
     timer.progress("mask", 0);
-    const out = await this.#maskDecoder.decode(image, queries);
+    const out = await decoder.decode(image, queries);
     timer.lap("mask", "postprocess");
     const plane = out.height * out.width;
-    const masks = queries.map((query, i) => ({
-      query,
-      mask: maskFromLogits(
-        out.logits.subarray(i * plane, (i + 1) * plane),
-        out.height,
-        out.width,
-        image.resized,
-        [image.height, image.width],
-      ),
-      score: Math.min(1, Math.max(0, out.iou[i] ?? 0)),
-    }));
+    const masks = queries.map((query, i) => {
+      const maskScore = Math.min(1, Math.max(0, out.iou[i] ?? 0));
+      return {
+        query,
+        mask: maskFromLogits(
+          out.logits.subarray(i * plane, (i + 1) * plane),
+          out.height,
+          out.width,
+          image.resized,
+          [image.height, image.width],
+        ),
+        maskScore,
+        score: combinedScore(query.groundingScore, maskScore),
+      };
+    });
     timer.lap("postprocess", "write");
     return masks.sort((a, b) => b.score - a.score);
+  }
+
+  #noMaskDecoder(): SegError {
+    return new SegError(
+      "MASK_DECODER_MISSING",
+      `the model pack ${this.#pack.manifest.name} has no mask decoder, so it cannot segment: call ground for boxes instead, or train a mask decoder for this checkpoint (python -m modelkit train-mask-decoder --checkpoint DIR --data ANNOTATIONS, RefCOCO-style data: docs/data-format.md) and export the pack again with --mask-decoder`,
+    );
   }
 
   /** The answer's text without stop tokens. */

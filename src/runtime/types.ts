@@ -5,6 +5,7 @@
  */
 
 import type { Logger } from "../logger.js";
+import type { BoxEvidence } from "./language-model.js";
 
 export type Box = [x1: number, y1: number, x2: number, y2: number];
 
@@ -61,13 +62,30 @@ export interface GroundRequest extends RequestOptions {
   maxInstances?: number;
   /** At most this many answer tokens (bounds the time). @default room for maxInstances boxes */
   maxTokens?: number;
+  /** Boxes whose grounding score is below this are not returned. @default the pack's calibrated threshold */
+  minScore?: number;
 }
 
 export interface Instance {
   label: string;
   box: Box;
-  /** 0..1. For grounding: the mean probability of the box's coordinate tokens; for masks: predicted IoU. */
+  /**
+   * 0..1, how sure the language model is that this box is what the expression names (calibrated on
+   * held-out scenes when the pack has a calibration); absent for a box the agent gave.
+   */
+  groundingScore?: number;
+  /** 0..1, what instances are ranked by: grounding score (ground), grounding x mask score (segment). */
   score: number;
+  /** The token log-probabilities behind groundingScore (for calibration; tools do not show them). */
+  evidence?: BoxEvidence;
+}
+
+/** Boxes the model wrote that a call did not return, and why. */
+export interface Rejected {
+  /** Grounding score below the call's min_score (or the pack's threshold). */
+  belowMinScore: number;
+  /** The mask decoder found no pixel in the box. */
+  emptyMask: number;
 }
 
 /** What generation did: answer tokens, and decoder calls (forced text is fed as one chunk). */
@@ -77,9 +95,13 @@ export interface Generated {
 }
 
 export interface GroundResult {
+  /** True when an instance is returned (boxes below the minimum score are not). */
   found: boolean;
   image: ImageInfo;
   instances: Instance[];
+  /** The minimum grounding score this call applied. */
+  minScore: number;
+  rejected: Rejected;
   /** The model's raw answer text (for debugging and for the CLI's --verbose). */
   text: string;
   generated: Generated;
@@ -89,7 +111,7 @@ export interface GroundResult {
 
 /** What to segment: the objects an expression names, or the object in a box the agent already has. */
 export type SegmentTarget =
-  | { expression: string; maxInstances?: number; maxTokens?: number }
+  | { expression: string; maxInstances?: number; maxTokens?: number; minScore?: number }
   | {
       box: Box;
       /** What the box holds, if the agent knows; the model is asked about this label. @default "region" */
@@ -119,15 +141,21 @@ export interface MaskInfo {
 }
 
 export interface SegmentInstance extends Instance {
+  /** 0..1, the mask decoder's predicted IoU of its mask with the object in the box (fit, not identity). */
+  maskScore: number;
   /** Tight box of the mask's pixels (falls back to the grounding box when the mask is empty). */
   maskBox: Box;
   mask: MaskInfo;
 }
 
 export interface SegmentResult {
+  /** True when an instance with a non-empty mask is returned. */
   found: boolean;
   image: ImageInfo;
   instances: SegmentInstance[];
+  /** The minimum grounding score applied (expression calls; 0 for a box). */
+  minScore: number;
+  rejected: Rejected;
   overlayPath?: string;
   /** JPEG bytes of the overlay, when a preview was asked and there is an instance. */
   preview?: Uint8Array;
@@ -156,6 +184,12 @@ export interface DescribeResult {
 export interface PackInfo {
   name: string;
   description: string;
+  /** What the pack knows (pack.json `domain`), when it says. */
+  domain?: string;
+  /** Whether `segment` works (the pack has a mask decoder). */
+  segmentation: boolean;
+  /** The calibrated grounding threshold, when the pack has one. */
+  groundingThreshold?: number;
   dir: string;
   dtype: string;
   provenance: Record<string, unknown>;

@@ -7,6 +7,7 @@
 
 import { unlink } from "node:fs/promises";
 import { throwIfAborted } from "../errors.js";
+import type { BoxEvidence } from "./language-model.js";
 import type { MaskResult } from "./mask-post.js";
 import { rleEncode } from "./mask-post.js";
 import {
@@ -19,6 +20,9 @@ import {
 } from "./output.js";
 import type { Timer } from "./timer.js";
 import type { Box, ImageInfo, SegmentInstance } from "./types.js";
+
+/** The overlay PNG's longer side at most (masks stay at the image's full size). */
+export const OVERLAY_MAX_SIDE = 2048;
 
 export interface WriteOptions {
   outputDir: string;
@@ -39,14 +43,19 @@ export interface Written {
 }
 
 export async function writeMasks(
-  masks: readonly { query: { label: string; box: Box }; mask: MaskResult; score: number }[],
+  masks: readonly {
+    query: { label: string; box: Box; groundingScore?: number; evidence?: BoxEvidence };
+    mask: MaskResult;
+    maskScore: number;
+    score: number;
+  }[],
   opts: WriteOptions,
 ): Promise<Written> {
   const { width, height } = opts.size;
   const files: string[] = [];
   const instances: SegmentInstance[] = [];
   try {
-    for (const [i, { query, mask, score }] of masks.entries()) {
+    for (const [i, { query, mask, maskScore, score }] of masks.entries()) {
       throwIfAborted(opts.signal, "before its masks were written");
       const file = newOutputName(opts.outputDir, "mask", i);
       await writeMaskPng(mask.bitmap, width, height, file);
@@ -54,7 +63,10 @@ export async function writeMasks(
       instances.push({
         label: query.label,
         box: query.box,
+        ...(query.groundingScore === undefined ? {} : { groundingScore: query.groundingScore }),
+        maskScore,
         score,
+        ...(query.evidence ? { evidence: query.evidence } : {}),
         maskBox: mask.box ?? query.box,
         mask: {
           path: file,
@@ -68,10 +80,11 @@ export async function writeMasks(
     if (masks.length > 0 && (opts.overlay || opts.previewMaxSide !== undefined)) {
       const pixels = await opts.pixels();
       const bitmaps = masks.map((m) => m.mask.bitmap);
-      // Each is drawn at its own size (the file at full resolution, the preview at previewMaxSide) so
-      // that both get legible numbers and outlines of the same relative size, never a blurred copy.
+      // Each is drawn at its own size (the file at most OVERLAY_MAX_SIDE, the preview at
+      // previewMaxSide) so both get legible numbers and outlines, never a blurred copy. The file is
+      // for looking at: a 4000x3000 photo's full-size overlay would be ~30 MB of PNG per call.
       if (opts.overlay) {
-        const overlay = await renderOverlay(pixels, bitmaps);
+        const overlay = await renderOverlay(pixels, bitmaps, OVERLAY_MAX_SIDE);
         throwIfAborted(opts.signal, "before its overlay was written");
         const file = newOutputName(opts.outputDir, "overlay");
         await writeRgbPng(overlay, file);

@@ -14,10 +14,14 @@ import {
   expressionField,
   fileLink,
   formatBox,
+  groundingScoreOutput,
   imageField,
   imageInfoOutput,
   inputContext,
   maxInstancesField,
+  minScoreField,
+  rejectedNote,
+  rejectedOutput,
   roundBox,
   roundScore,
   strictInput,
@@ -43,6 +47,7 @@ const input = strictInput("segment", {
       "A box [x1, y1, x2, y2] in pixels you already have (e.g. from ground): skips grounding and segments exactly this region.",
     ),
   max_instances: maxInstancesField.optional(),
+  min_score: minScoreField.optional(),
   rle: z
     .boolean()
     .optional()
@@ -51,7 +56,7 @@ const input = strictInput("segment", {
     .boolean()
     .optional()
     .describe(
-      "Also write an overlay PNG at the image's full resolution: every mask tinted (translucent) and outlined in a contrasting colour, with a badge numbered 1..n in the order of instances. Default false.",
+      "Also write an overlay PNG at the image's resolution (at most 2048 px on its long side): every mask tinted (translucent) and outlined in a contrasting colour, with a badge numbered 1..n in the order of instances. Default false.",
     ),
   preview: z
     .boolean()
@@ -67,7 +72,11 @@ const fileOutput = z.object({
 });
 
 const output = z.object({
-  found: z.boolean().describe("False when nothing matches the expression (instances is then empty)"),
+  found: z
+    .boolean()
+    .describe(
+      "True when at least one instance has a non-empty mask (and, for an expression, grounding_score >= min_score); false otherwise, with instances empty",
+    ),
   image: imageInfoOutput,
   instances: z
     .array(
@@ -77,7 +86,21 @@ const output = z.object({
           "The grounding box [x1, y1, x2, y2] in pixels (the given box when one was passed)",
         ),
         mask_box: boxOutput.describe("Tight box [x1, y1, x2, y2] around the mask's pixels"),
-        score: z.number().describe("Predicted mask IoU, 0..1"),
+        grounding_score: groundingScoreOutput
+          .optional()
+          .describe(
+            "0..1: how sure the language model is that this box is the named object (calibrated when the pack is); absent when you gave the box",
+          ),
+        mask_score: z
+          .number()
+          .describe(
+            "0..1: the mask decoder's predicted IoU of its mask with the object in the box: how well the mask fits the box, not whether the box is the right object",
+          ),
+        score: z
+          .number()
+          .describe(
+            "What instances are ranked by: grounding_score x mask_score (mask_score for a given box)",
+          ),
         mask: fileOutput
           .extend({
             area_px: z.number().int().describe("Number of foreground pixels"),
@@ -96,10 +119,12 @@ const output = z.object({
       }),
     )
     .describe("One entry per instance, highest score first"),
+  min_score: z.number().describe("The minimum grounding_score applied (0 when a box was given)"),
+  rejected: rejectedOutput,
   overlay: fileOutput
     .optional()
     .describe(
-      "All masks drawn on the image at full resolution, numbered 1..n in the order of instances, when overlay or preview was asked",
+      "All masks drawn on the image (at most 2048 px on its long side), numbered 1..n in the order of instances, when overlay or preview was asked",
     ),
   ...commonOutput,
 });
@@ -108,7 +133,7 @@ export const segmentTool: ToolDefinition<typeof input, typeof output> = {
   name: "segment",
   title: "Segment objects",
   description:
-    "Segment every object matching a referring expression (or the object inside a given box) and write one binary mask PNG per instance, the size of the input image, into the server's output directory. Returns per instance: label, box and tight mask box in pixels, score, mask path + resource link, area in pixels and as a fraction. found: false when nothing matches. Optional RLE, overlay image and small inline preview.",
+    "Segment every object matching a referring expression (or the object inside a given box) and write one binary mask PNG per instance, the size of the input image, into the server's output directory. Returns per instance: label, box and tight mask box in pixels, grounding_score (is this the named object?), mask_score (does the mask fit the box?), score (their product, for ranking), mask path + resource link, area in pixels and as a fraction. Boxes below min_score and empty masks are not returned; found: false when nothing remains. Optional RLE, overlay image and small inline preview.",
   input,
   output,
   // Each call writes new files (fresh names), only inside its own output directory; it never
@@ -135,6 +160,7 @@ export const segmentTool: ToolDefinition<typeof input, typeof output> = {
         : {
             expression: expression as string,
             ...(args.max_instances === undefined ? {} : { maxInstances: args.max_instances }),
+            ...(args.min_score === undefined ? {} : { minScore: args.min_score }),
           };
     const { result, common } = await callEngine(deps, () =>
       deps.engine.segment({
@@ -151,6 +177,8 @@ export const segmentTool: ToolDefinition<typeof input, typeof output> = {
       label: inst.label,
       box: roundBox(inst.box),
       mask_box: roundBox(inst.maskBox),
+      ...(inst.groundingScore === undefined ? {} : { grounding_score: roundScore(inst.groundingScore) }),
+      mask_score: roundScore(inst.maskScore),
       score: roundScore(inst.score),
       mask: {
         path: inst.mask.path,
@@ -182,6 +210,8 @@ export const segmentTool: ToolDefinition<typeof input, typeof output> = {
         found: instances.length > 0,
         image: result.image,
         instances,
+        min_score: roundScore(result.minScore),
+        rejected: { below_min_score: result.rejected.belowMinScore, empty_mask: result.rejected.emptyMask },
         ...(overlay ? { overlay } : {}),
         ...common,
       },
@@ -192,13 +222,18 @@ export const segmentTool: ToolDefinition<typeof input, typeof output> = {
   summary(args, out) {
     const size = `${out.image.width}x${out.image.height}`;
     const what = args.expression?.trim() ? `"${args.expression.trim()}"` : `box ${formatBox(args.box ?? [])}`;
-    if (!out.found) return `No match for ${what} in the ${size} image (found: false); no mask written.`;
-    const lines = out.instances.map(
-      (inst, i) =>
-        `${i + 1}. ${inst.label} ${formatBox(inst.mask_box)} score ${inst.score.toFixed(2)}, ${inst.mask.area_px} px (${(100 * inst.mask.area_fraction).toFixed(1)}%), mask ${inst.mask.path}`,
-    );
+    if (!out.found)
+      return `No match for ${what} in the ${size} image (found: false); no mask written.${rejectedNote(out)}`;
+    const lines = out.instances.map((inst, i) => {
+      const grounding =
+        inst.grounding_score === undefined ? "" : `grounding ${inst.grounding_score.toFixed(2)}, `;
+      return `${i + 1}. ${inst.label} ${formatBox(inst.mask_box)} ${grounding}mask ${inst.mask_score.toFixed(2)}, ${inst.mask.area_px} px (${(100 * inst.mask.area_fraction).toFixed(1)}%), mask ${inst.mask.path}`;
+    });
     const n = out.instances.length;
     const head = `Segmented ${n} instance${n === 1 ? "" : "s"} of ${what} in the ${size} image (mask PNGs are ${size}, white = object; boxes are [x1, y1, x2, y2] pixels):`;
-    return [head, ...lines, ...(out.overlay ? [`Overlay: ${out.overlay.path}`] : [])].join("\n");
+    return (
+      [head, ...lines, ...(out.overlay ? [`Overlay: ${out.overlay.path}`] : [])].join("\n") +
+      rejectedNote(out)
+    );
   },
 };

@@ -228,6 +228,43 @@ export const imageInfoOutput = z
   .describe("Size of the input image; all boxes use its pixel coordinates");
 
 /** The fields every tool's result ends with (callEngine fills them). */
+export const minScoreField = z
+  .number()
+  .min(0, { error: "min_score must be between 0 and 1" })
+  .max(1, { error: "min_score must be between 0 and 1" })
+  .describe(
+    "Return only boxes whose grounding_score is at least this (0..1). Default: the model pack's calibrated threshold (0 for an uncalibrated pack). Lower it to see doubtful candidates; raise it to keep only sure ones.",
+  );
+
+export const groundingScoreOutput = z
+  .number()
+  .describe(
+    "0..1: how sure the language model is that this box is the object the expression names, from the probabilities of the box's own tokens (calibrated on held-out scenes when the pack is calibrated: about the chance the box is right)",
+  );
+
+/** Boxes the model wrote that were not returned, so an agent knows whether to lower min_score. */
+export const rejectedOutput = z
+  .object({
+    below_min_score: z.number().int().describe("Boxes whose grounding_score was below min_score"),
+    empty_mask: z.number().int().describe("Boxes whose mask had no pixel (segment only)"),
+  })
+  .describe("Candidates the model wrote that are not in instances, and why");
+
+/** The summary's sentence about candidates left out, or "" when none were. */
+export function rejectedNote(out: {
+  min_score: number;
+  rejected: { below_min_score: number; empty_mask: number };
+}): string {
+  const { below_min_score: low, empty_mask: empty } = out.rejected;
+  const parts: string[] = [];
+  if (low > 0)
+    parts.push(
+      `${low} box${low === 1 ? "" : "es"} below min_score ${out.min_score} (pass a lower min_score to see them)`,
+    );
+  if (empty > 0) parts.push(`${empty} box${empty === 1 ? "" : "es"} whose mask was empty`);
+  return parts.length > 0 ? `\nNot returned: ${parts.join("; ")}.` : "";
+}
+
 export const commonOutput = {
   model: z.string().describe("Name of the model pack that produced this result"),
   timings_ms: z

@@ -53,6 +53,8 @@ export class FakeEngine implements Engine {
     return {
       name: "fake-engine",
       description: "scripted engine for tool-layer tests",
+      domain: "scripted scenes for tests; not a model",
+      segmentation: true,
       dir: "/nonexistent",
       dtype: "fp32",
       provenance: {},
@@ -84,7 +86,7 @@ export class FakeEngine implements Engine {
   private boxes(
     size: { width: number; height: number },
     expression: string,
-  ): Array<{ label: string; box: Box; score: number }> {
+  ): Array<{ label: string; box: Box; groundingScore: number; score: number }> {
     if (expression.includes("nothing")) return [];
     const { width: w, height: h } = size;
     const centre: Box = [
@@ -95,22 +97,36 @@ export class FakeEngine implements Engine {
     ];
     if (expression.startsWith("two")) {
       return [
-        { label: expression, box: [0, 0, Math.round(w / 2), Math.round(h / 2)], score: 0.9 },
-        { label: expression, box: [Math.round(w / 2), Math.round(h / 2), w, h], score: 0.8 },
+        {
+          label: expression,
+          box: [0, 0, Math.round(w / 2), Math.round(h / 2)],
+          groundingScore: 0.9,
+          score: 0.9,
+        },
+        {
+          label: expression,
+          box: [Math.round(w / 2), Math.round(h / 2), w, h],
+          groundingScore: 0.8,
+          score: 0.8,
+        },
       ];
     }
-    return [{ label: expression, box: centre, score: 0.75 }];
+    return [{ label: expression, box: centre, groundingScore: 0.75, score: 0.75 }];
   }
 
   ground(req: GroundRequest): Promise<GroundResult> {
     return this.queued(req, async () => {
       await this.work("ground", req);
       const image = { width: req.image.width, height: req.image.height };
-      const instances = this.boxes(image, req.expression).slice(0, req.maxInstances ?? 20);
+      const all = this.boxes(image, req.expression).slice(0, req.maxInstances ?? 20);
+      const minScore = req.minScore ?? 0;
+      const instances = all.filter((i) => i.groundingScore >= minScore);
       return {
         found: instances.length > 0,
         image,
         instances,
+        minScore,
+        rejected: { belowMinScore: all.length - instances.length, emptyMask: 0 },
         text: "",
         generated: { tokens: 0, steps: 0 },
         timings: { total: 1 },
@@ -126,10 +142,14 @@ export class FakeEngine implements Engine {
   private async segmentNow(req: SegmentRequest): Promise<SegmentResult> {
     await this.work("segment", req);
     const image = { width: req.image.width, height: req.image.height };
-    const found =
+    const minScore = "box" in req ? 0 : (req.minScore ?? 0);
+    const all =
       "box" in req
-        ? [{ label: req.label ?? "region", box: req.box, score: 0.7 }]
-        : this.boxes(image, req.expression).slice(0, req.maxInstances ?? 20);
+        ? [{ label: req.label ?? "region", box: req.box, maskScore: 0.7, score: 0.7 }]
+        : this.boxes(image, req.expression)
+            .slice(0, req.maxInstances ?? 20)
+            .map((i) => ({ ...i, maskScore: 0.9, score: i.groundingScore * 0.9 }));
+    const found = all.filter((i) => ("groundingScore" in i ? (i.groundingScore as number) : 1) >= minScore);
     const instances = [];
     for (const inst of found) {
       const [x1, y1, x2, y2] = inst.box.map(Math.round) as Box;
@@ -176,6 +196,8 @@ export class FakeEngine implements Engine {
       found: instances.length > 0,
       image,
       instances,
+      minScore,
+      rejected: { belowMinScore: all.length - found.length, emptyMask: 0 },
       ...(overlayPath === undefined ? {} : { overlayPath }),
       ...(preview === undefined ? {} : { preview }),
       text: "",

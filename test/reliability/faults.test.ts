@@ -124,8 +124,8 @@ describe("a call that fails half way", () => {
     const query = { label: "x", box: [0, 0, 10, 10] as [number, number, number, number] };
     const run = writeMasks(
       [
-        { query, mask, score: 1 },
-        { query, mask, score: 1 },
+        { query, mask, maskScore: 1, score: 1 },
+        { query, mask, maskScore: 1, score: 1 },
       ],
       {
         outputDir: out,
