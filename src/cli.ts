@@ -87,10 +87,14 @@ const COMMAND_FLAGS: Record<
     multiple: true,
     help: "serve --http: extra allowed Origin header value; repeatable",
   },
+  sessions: {
+    type: "boolean",
+    help: "serve --http: per-client sessions (Mcp-Session-Id state, GET stream) instead of stateless requests; needs load balancer affinity",
+  },
   "session-idle": {
     type: "string",
     value: "MINUTES",
-    help: `serve --http: close sessions idle this long (default ${DEFAULTS.sessionIdleMs / 60_000})`,
+    help: `serve --http --sessions: close sessions idle this long (default ${DEFAULTS.sessionIdleMs / 60_000})`,
   },
   help: { type: "boolean", short: "h", help: "this text" },
   version: { type: "boolean", short: "v", help: "the version" },
@@ -210,10 +214,16 @@ function configOptions(command: Command, rest: string[], values: Values, io: Cli
   if (command === "serve" && typeof values.http === "string") {
     const token = (values.token as string | undefined) ?? io.env[TOKEN_ENV];
     const idle = values["session-idle"] as string | undefined;
+    if (values.sessions !== true && idle !== undefined)
+      throw new SegError(
+        "INVALID_INPUT",
+        "--session-idle applies to --sessions only: add --sessions to keep sessions (serve --http is stateless by default)",
+      );
     options.http = {
       ...parseListenAddress(values.http),
       ...(token === undefined ? {} : { token }),
       allowedOrigins: (values["allow-origin"] as string[] | undefined) ?? [],
+      mode: values.sessions === true ? "sessions" : "stateless",
       ...(idle === undefined ? {} : { sessionIdleMs: parseCount("--session-idle", idle) * 60_000 }),
     };
   } else if (command !== "serve" && options.allowDirs === undefined) {

@@ -27,6 +27,10 @@ export const DEFAULT_PACK_NAME = "shapes";
 
 const MiB = 1024 * 1024;
 
+/** How `serve --http` keeps clients: see the `http.mode` setting. */
+export const HTTP_MODES = ["stateless", "sessions"] as const;
+export type HttpMode = (typeof HTTP_MODES)[number];
+
 /** Every default, once. */
 export const DEFAULTS = {
   /** Relative to the working directory (the temp folder when that is the filesystem root). */
@@ -38,6 +42,7 @@ export const DEFAULTS = {
   /** Big enough for a model to read the numbered badges; the JPEG stays under 200 KB. */
   previewMaxSide: 768,
   logLevel: "info" as LogLevel,
+  httpMode: "stateless" as HttpMode,
   sessionIdleMs: 30 * 60_000,
   maxHttpSessions: 64,
   /** Masks and overlays older than this are removed from the output folder. */
@@ -97,9 +102,14 @@ const configSchema = z.strictObject({
       token: z.string().min(16).optional(),
       /** Extra allowed Origin header values (the server's own loopback origins are always allowed). */
       allowedOrigins: z.array(z.string()).default([]),
-      /** A session with no request for this long (and none in flight) is closed. */
+      /**
+       * "stateless": every POST is served on its own, so any replica behind a load balancer can
+       * answer any request; "sessions": per-client server state, which needs affinity.
+       */
+      mode: z.enum(HTTP_MODES).default(DEFAULTS.httpMode),
+      /** Sessions mode: a session with no request for this long (and none in flight) is closed. */
       sessionIdleMs: z.number().int().positive().default(DEFAULTS.sessionIdleMs),
-      /** Open sessions beyond this get 503 with Retry-After. */
+      /** Sessions mode: open sessions beyond this get 503 with Retry-After. */
       maxSessions: z.number().int().positive().default(DEFAULTS.maxHttpSessions),
     })
     .optional(),
@@ -131,6 +141,7 @@ export interface ConfigOptions {
     port: number;
     token?: string;
     allowedOrigins?: string[];
+    mode?: HttpMode;
     sessionIdleMs?: number;
     maxSessions?: number;
   };

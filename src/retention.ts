@@ -4,11 +4,18 @@
  * than a minimum age is removed, so a client that was just told about a file can still read it.
  * Temporary files left by a killed writer are removed too. Only files named as this server names
  * them are ever touched: --out may be a folder that holds other things.
+ *
+ * Several processes may share one folder (replicas behind a load balancer, on one host or many):
+ * each removes only files old enough by the bounds above, a file another sweep removed first is
+ * skipped, and a temporary file is judged by its writer's pid only when that pid lives in this
+ * process's pid space (same boot, pid namespace and host); any other is removed only once it is
+ * older than any write takes.
  */
 
 import { readdir, stat, unlink } from "node:fs/promises";
 import path from "node:path";
 import type { Logger } from "./logger.js";
+import { processPidSpace } from "./runtime/output.js";
 
 /** The bounds (Config's outMaxAgeMs, outMaxBytes, outMinAgeMs). */
 export interface Retention {
@@ -19,10 +26,17 @@ export interface Retention {
 
 /** mask-<time>-<16 hex>[-<i>].png and overlay-<time>-<16 hex>.png (runtime/output.ts's names). */
 const OURS = /^(mask|overlay)-[0-9a-z]+-[0-9a-f]{16}(-\d+)?\.png$/;
-/** .<our name>.<pid>-<12 hex>.tmp (writeFileAtomic's temporary names). */
-const TEMP = /^\.(mask|overlay)-[0-9a-z]+-[0-9a-f]{16}(-\d+)?\.png\.(\d+)-[0-9a-f]{12}\.tmp$/;
-/** A temporary file this old is a leftover even if its writer's pid is alive again (reused). */
-const TEMP_MAX_AGE_MS = 10 * 60_000;
+/**
+ * .<our name>.<pid space>-<pid>-<12 hex>.tmp (writeFileAtomic's temporary names); earlier versions
+ * wrote .<our name>.<pid>-<12 hex>.tmp, with no pid space.
+ */
+const TEMP =
+  /^\.(mask|overlay)-[0-9a-z]+-[0-9a-f]{16}(-\d+)?\.png\.(?:([0-9a-f]{8})-)?(\d+)-[0-9a-f]{12}\.tmp$/;
+/**
+ * A temporary file this old is a leftover whoever wrote it: a write takes milliseconds (one
+ * writeFile, then a rename), and the pid may have been reused or belong to another host.
+ */
+export const TEMP_MAX_AGE_MS = 10 * 60_000;
 
 function alive(pid: number): boolean {
   try {
@@ -61,7 +75,8 @@ export async function sweepOutputDir(dir: string, policy: Retention, now = Date.
     if (!info?.isFile()) continue;
     const age = now - info.mtimeMs;
     if (temp) {
-      if (!alive(Number(temp[3])) || age > TEMP_MAX_AGE_MS) await remove(file);
+      const ours = temp[3] === processPidSpace();
+      if ((ours && !alive(Number(temp[4]))) || age > TEMP_MAX_AGE_MS) await remove(file);
     } else if (age > policy.outMaxAgeMs) {
       await remove(file);
     } else {

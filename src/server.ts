@@ -229,10 +229,63 @@ async function readJsonBody(req: IncomingMessage, limit: number): Promise<unknow
   );
 }
 
+/** A failed pack load is tried again by the readiness probe at most this often. */
+const READY_RETRY_MS = 30_000;
+/** How long the readiness probe waits for the engine before it answers "loading". */
+const READY_WAIT_MS = 250;
+
+type Readiness = "ready" | "loading" | "failed";
+
+/** SSE keep-alive on a stateless call's stream (the SDK's default is 15 s). */
+const STATELESS_KEEP_ALIVE_MS = 5_000;
+
+/**
+ * Readiness for GET /healthz: "ready" once the engine has its pack loaded. Asking engine.info()
+ * also notices a worker that crashed and is loading again; a failed load is retried (by asking
+ * again) at most every READY_RETRY_MS, so a probe every few seconds does not reload a broken pack.
+ */
+function readinessProbe(engine: Engine): () => Promise<Readiness> {
+  let failedAt = Number.NEGATIVE_INFINITY;
+  return async () => {
+    if (Date.now() - failedAt < READY_RETRY_MS) return "failed";
+    let timer: NodeJS.Timeout | undefined;
+    const state = await Promise.race([
+      engine.info().then(
+        () => "ready" as const,
+        () => {
+          failedAt = Date.now();
+          return "failed" as const;
+        },
+      ),
+      new Promise<"loading">((resolve) => {
+        timer = setTimeout(() => resolve("loading"), READY_WAIT_MS);
+      }),
+    ]);
+    clearTimeout(timer);
+    return state;
+  };
+}
+
+/** A line for the debug log naming a request (its method, id and tool; never its arguments). */
+function describeMessage(body: unknown): string {
+  const m = body as { method?: unknown; id?: unknown; params?: { name?: unknown } };
+  const tool = m.method === "tools/call" && typeof m.params?.name === "string" ? ` ${m.params.name}` : "";
+  const id = m.id === undefined ? "" : ` (id ${JSON.stringify(m.id)})`;
+  return typeof m.method === "string" ? `${m.method}${tool}${id}` : `response${id}`;
+}
+
 /**
  * Serve Streamable HTTP at `/mcp` on config.http (loopback by default). Every request is checked
  * before the SDK sees it: the Host header (DNS rebinding), the Origin header (browsers), and the
  * bearer token when one is configured. A non-loopback address requires a token.
+ *
+ * Stateless (the default): each POST gets its own server and transport, closed when its response
+ * ends, so replicas behind a load balancer need no affinity. A call whose client goes away is
+ * cancelled (its answer has nowhere to go). The initialize response still names the client with an
+ * Mcp-Session-Id that holds no state: a notifications/cancelled that reaches the replica running
+ * the call (always, with one process) finds it by that id. Sessions (`mode: "sessions"`): per-client
+ * state under Mcp-Session-Id, a GET event stream and DELETE, idle sessions closed, at most
+ * maxSessions. GET /healthz answers readiness without the token (see README, "Scale out").
  */
 export async function serveHttp(config: Config, engine: Engine, logger: Logger): Promise<HttpHandle> {
   const http = config.http;
@@ -262,9 +315,62 @@ export async function serveHttp(config: Config, engine: Engine, logger: Logger):
   const allowedOrigins = () =>
     new Set([...hostNames.map((h) => `http://${h}:${port}`), ...http.allowedOrigins]);
 
+  const probe = readinessProbe(engine);
+  const healthz = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
+    if (req.method !== "GET" && req.method !== "HEAD") {
+      return refuse(res, 405, "method not allowed: GET /healthz", { headers: { allow: "GET, HEAD" } });
+    }
+    // The state word only: no pack, path or version, since the probe needs no token.
+    const status = await probe();
+    res.writeHead(status === "ready" ? 200 : 503, {
+      "content-type": "application/json",
+      "cache-control": "no-store",
+      ...(status === "ready" ? {} : { "retry-after": "5" }),
+    });
+    res.end(req.method === "HEAD" ? undefined : JSON.stringify({ status }));
+  };
+
+  // Stateless mode: calls in flight by client id and request id, for notifications/cancelled.
+  const running = new Map<string, McpServer>();
+  const callKey = (client: string, id: unknown) => `${client}\n${JSON.stringify(id)}`;
+  const serveStateless = async (req: IncomingMessage, res: ServerResponse, body: unknown): Promise<void> => {
+    const header = req.headers["mcp-session-id"];
+    const client = typeof header === "string" ? header : undefined;
+    const message = body as { id?: unknown; method?: unknown; params?: { requestId?: unknown } };
+    if (client !== undefined && message.method === "notifications/cancelled") {
+      // Closing the call's server aborts its handler (the engine sees the signal) and its stream.
+      const call = running.get(callKey(client, message.params?.requestId));
+      if (call)
+        logger.debug(`cancelling request ${JSON.stringify(message.params?.requestId)}: the client asked`);
+      call?.close().catch(() => undefined);
+    }
+    if (isInitializeRequest(body)) res.setHeader("mcp-session-id", randomUUID());
+    const server = createServer(config, engine, logger, { trustRoots: false });
+    // No sessionIdGenerator: the SDK's stateless mode (no session checks, a transport per request).
+    // The keep-alive comment also finds a client gone behind a proxy that keeps half-closed
+    // requests (haproxy does): the write fails, the proxy closes its side, the call is cancelled.
+    const transport = new StreamableHTTPServerTransport({ keepAliveMs: STATELESS_KEEP_ALIVE_MS });
+    const key =
+      client !== undefined && typeof message.method === "string" && message.id !== undefined
+        ? callKey(client, message.id)
+        : undefined;
+    if (key !== undefined) running.set(key, server);
+    const done = () => {
+      if (key !== undefined && running.get(key) === server) running.delete(key);
+      // After the answer this frees the server; before it (the client left) it aborts the call.
+      server.close().catch(() => undefined);
+    };
+    res.once("close", done);
+    if (res.destroyed) return done(); // gone while its body was read: 'close' has fired already
+    await server.connect(transport);
+    await transport.handleRequest(req, res, body);
+  };
+
   const handle = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
     const url = new URL(req.url ?? "/", "http://localhost");
-    if (url.pathname !== "/mcp") return refuse(res, 404, "not found: the MCP endpoint is /mcp");
+    if (url.pathname !== "/mcp" && url.pathname !== "/healthz") {
+      return refuse(res, 404, "not found: the MCP endpoint is /mcp");
+    }
     if (loopback && !allowedHosts().has((req.headers.host ?? "").toLowerCase())) {
       return refuse(res, 403, `forbidden: Host header "${req.headers.host ?? ""}" is not this server`);
     }
@@ -272,6 +378,9 @@ export async function serveHttp(config: Config, engine: Engine, logger: Logger):
     if (origin !== undefined && !allowedOrigins().has(origin)) {
       return refuse(res, 403, `forbidden: Origin "${origin}" is not allowed (add it with --allow-origin)`);
     }
+    // Readiness needs no token: load balancers and orchestrators probe it, and it tells only
+    // whether the pack is loaded.
+    if (url.pathname === "/healthz") return healthz(req, res);
     if (tokenDigest) {
       const auth = req.headers.authorization ?? "";
       const given = auth.startsWith("Bearer ") ? auth.slice(7) : "";
@@ -280,8 +389,9 @@ export async function serveHttp(config: Config, engine: Engine, logger: Logger):
         return refuse(res, 401, "unauthorized: send Authorization: Bearer <token>");
       }
     }
+    const stateless = http.mode === "stateless";
     const sessionId = req.headers["mcp-session-id"];
-    const session = typeof sessionId === "string" ? sessions.get(sessionId) : undefined;
+    const session = !stateless && typeof sessionId === "string" ? sessions.get(sessionId) : undefined;
     if (session) {
       session.seen = Date.now();
       session.open++;
@@ -314,6 +424,8 @@ export async function serveHttp(config: Config, engine: Engine, logger: Logger):
         res.writeHead(200, { "content-type": "application/json" });
         return void res.end(JSON.stringify(reply));
       }
+      logger.debug(`HTTP POST ${describeMessage(body)}`);
+      if (stateless) return serveStateless(req, res, body);
       if (existing) return existing.handleRequest(req, res, body);
       if (sessionId === undefined && isInitializeRequest(body) && sessions.size >= http.maxSessions) {
         return refuse(res, 503, `the server has ${sessions.size} open sessions, its limit: retry later`, {
@@ -337,6 +449,12 @@ export async function serveHttp(config: Config, engine: Engine, logger: Logger):
       if (sessionId !== undefined)
         return refuse(res, 404, "unknown or expired mcp-session-id: initialize again");
       return refuse(res, 400, "bad request: no valid mcp-session-id (initialize first)");
+    }
+    // A stateless server has no event stream to offer and no session to end (MCP spec: 405).
+    if (stateless) {
+      return refuse(res, 405, `method not allowed: ${req.method} (this server is stateless: POST only)`, {
+        headers: { allow: "POST" },
+      });
     }
     if (existing && (req.method === "GET" || req.method === "DELETE"))
       return existing.handleRequest(req, res);
@@ -391,11 +509,15 @@ export async function serveHttp(config: Config, engine: Engine, logger: Logger):
   port = (server.address() as AddressInfo).port;
   const host = http.host.includes(":") ? `[${http.host}]` : http.host;
   const url = `http://${host}:${port}/mcp`;
-  logger.info(`serving Streamable HTTP at ${url}${tokenDigest ? " (bearer token required)" : ""}`);
+  logger.info(
+    `serving Streamable HTTP at ${url} (${http.mode}${tokenDigest ? ", bearer token required" : ""})`,
+  );
   return {
     url,
     close: async () => {
       clearInterval(sweeper);
+      await Promise.all([...running.values()].map((s) => s.close().catch(() => undefined)));
+      running.clear();
       await Promise.all([...sessions.values()].map((s) => s.transport.close().catch(() => undefined)));
       sessions.clear();
       server.closeAllConnections();

@@ -1,4 +1,7 @@
-/** Streamable HTTP: a real SDK client end to end, and the checks every request passes first. */
+/**
+ * Streamable HTTP in the sessions mode: a real SDK client end to end, and the checks every request
+ * passes first.
+ */
 
 import { mkdtemp, rm } from "node:fs/promises";
 import { request } from "node:http";
@@ -47,7 +50,8 @@ beforeAll(async () => {
     cwd: root,
     outDir: path.join(root, "out"),
     logLevel: "warn",
-    http: { host: "127.0.0.1", port: 0, token: TOKEN },
+    // This file covers the sessions mode; test/stateless.test.ts the stateless default.
+    http: { host: "127.0.0.1", port: 0, token: TOKEN, mode: "sessions" },
   });
   handle = await serveHttp(config, new FakeEngine(), silentLogger);
 });
@@ -178,7 +182,7 @@ describe("idle HTTP sessions", () => {
     const config = createConfig({
       cwd: root,
       logLevel: "silent",
-      http: { host: "127.0.0.1", port: 0, sessionIdleMs: 2000 },
+      http: { host: "127.0.0.1", port: 0, mode: "sessions", sessionIdleMs: 2000 },
     });
     const idle = await serveHttp(config, new FakeEngine(), silentLogger);
     try {
@@ -206,7 +210,7 @@ describe("HTTP limits", () => {
     const config = createConfig({
       cwd: root,
       logLevel: "silent",
-      http: { host: "127.0.0.1", port: 0, maxSessions: 2 },
+      http: { host: "127.0.0.1", port: 0, mode: "sessions", maxSessions: 2 },
     });
     const capped = await serveHttp(config, new FakeEngine(), silentLogger);
     try {

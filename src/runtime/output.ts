@@ -8,9 +8,10 @@
  * and fast for 4000x3000, while sharp's palette path goes through a quantiser.
  */
 
-import { randomBytes } from "node:crypto";
-import { existsSync } from "node:fs";
+import { createHash, randomBytes } from "node:crypto";
+import { existsSync, readFileSync, readlinkSync } from "node:fs";
 import { rename, unlink, writeFile } from "node:fs/promises";
+import { hostname } from "node:os";
 import { basename, dirname, join } from "node:path";
 import { deflateSync } from "node:zlib";
 import sharp from "sharp";
@@ -28,9 +29,42 @@ function writeFailed(path: string, e: unknown): SegError {
   });
 }
 
-/** Write `data` to `path` via a temporary file in the same directory and a rename. */
+let pidSpace: string | undefined;
+
+/**
+ * 8 hex naming the space this process's pid lives in: the kernel boot, the pid namespace and the
+ * host name. Temporary files carry it, so a sweeper judges a writer's pid only when the pid means
+ * the same process for it: replicas on other hosts or in other containers sharing --out have pids
+ * that are not comparable (a pid that is not alive here may be a live writer there).
+ */
+export function processPidSpace(): string {
+  const read = (f: () => string) => {
+    try {
+      return f().trim();
+    } catch {
+      return ""; // not Linux: the host name alone
+    }
+  };
+  pidSpace ??= createHash("sha256")
+    .update(
+      [
+        read(() => readFileSync("/proc/sys/kernel/random/boot_id", "utf8")),
+        read(() => readlinkSync("/proc/self/ns/pid")),
+        hostname(),
+      ].join("\n"),
+    )
+    .digest("hex")
+    .slice(0, 8);
+  return pidSpace;
+}
+
+/**
+ * Write `data` to `path` via a temporary file in the same directory and a rename. The temporary
+ * name is `.<final name>.<pid space>-<pid>-<12 hex>.tmp` (retention.ts reads it back).
+ */
 export async function writeFileAtomic(path: string, data: Uint8Array): Promise<void> {
-  const tmp = join(dirname(path), `.${basename(path)}.${process.pid}-${randomBytes(6).toString("hex")}.tmp`);
+  const owner = `${processPidSpace()}-${process.pid}`;
+  const tmp = join(dirname(path), `.${basename(path)}.${owner}-${randomBytes(6).toString("hex")}.tmp`);
   try {
     await writeFile(tmp, data, { flag: "wx", mode: 0o644 });
     await rename(tmp, path);
@@ -42,7 +76,8 @@ export async function writeFileAtomic(path: string, data: Uint8Array): Promise<v
 
 /**
  * A fresh path `<dir>/<stem>-<time>-<random>[-<index>].png` that does not exist yet. `stem` is a
- * fixed word chosen by the program ("mask", "overlay"), never caller text.
+ * fixed word chosen by the program ("mask", "overlay"), never caller text. 64 random bits keep
+ * names unique between processes too (replicas sharing one --out).
  */
 export function newOutputName(dir: string, stem: string, index?: number): string {
   if (!/^[a-z][a-z0-9-]{0,31}$/.test(stem)) {

@@ -14,6 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { SegError } from "../../src/errors.js";
 import { sweepOutputDir } from "../../src/retention.js";
 import { maskFromLogits } from "../../src/runtime/mask-post.js";
+import { processPidSpace } from "../../src/runtime/output.js";
 import { Timer } from "../../src/runtime/timer.js";
 import { writeMasks } from "../../src/runtime/write.js";
 import { bin, repo } from "./harness.js";
@@ -57,7 +58,7 @@ describe("the output folder's retention", () => {
     const old2 = await at(NAME(2), 400, 50 * 60_000);
     const young = await at(NAME(3), 400, 60_000);
     const foreign = await at("holiday.png", 10_000, 3 * day);
-    const staleTemp = await at(`.${NAME(4)}.999999999-0123456789ab.tmp`, 50, 1000);
+    const staleTemp = await at(`.${NAME(4)}.${processPidSpace()}-999999999-0123456789ab.tmp`, 50, 1000);
     const policy = { outMaxAgeMs: day, outMaxBytes: 900, outMinAgeMs: 10 * 60_000 };
     const result = await sweepOutputDir(dir, policy, now);
     const left = (await readdir(dir)).sort();
