@@ -6,13 +6,16 @@ its evidence: the natural-log probabilities of the token that opened the object,
 its coordinate tokens, and the mean of its label tokens; and per ref how many empty masks were left
 out). A box is right when its box IoU with one of the ref's targets is >= 0.5.
 
-The fit: logistic regression (Newton's method, a little L2) of right/wrong on the four features, on
-the scenes after the first `holdout` (in annotation order); the threshold is picked on those same
-fit scenes, maximising the mean of absent-target accuracy (an absent ref returns nothing) and
-single-target recall (a one-target ref returns a right box). The first `holdout` scenes are only
-measured: the AUC of the score for right vs wrong boxes, and absent accuracy and recall before
-(every box returned, empty masks counted as found: the runtime before calibration) and after (boxes
-below the threshold and empty masks left out).
+The fit: logistic regression (Newton's method, a very little L2) of right/wrong on the four features,
+on the scenes after the first `holdout` (in annotation order); the threshold is picked on those same
+fit boxes where it best separates right from wrong ones (the largest true-positive rate minus
+false-positive rate, Youden's J). A threshold picked on refs instead (absent accuracy + recall) runs
+to where nothing is returned when the model is mostly wrong, which helps no one; `min_score` moves
+it per call. The first `holdout` scenes are only measured: the AUC of the score for right vs wrong
+boxes, the precision of the boxes returned, and absent-target accuracy (an absent ref returns
+nothing) and single-target recall (a one-target ref returns a right box) before (every box
+returned, empty masks counted as found: the runtime before calibration) and after (boxes below the
+threshold and empty masks left out).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def collect(ds: RefDataset, doc: Mapping[str, Any]) -> list[RefOutcome]:
 
 
 def fit_logistic(
-    x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 100
+    x: np.ndarray, y: np.ndarray, l2: float = 1e-4, steps: int = 100
 ) -> tuple[np.ndarray, float]:
     """x [N, F], y [N] in {0, 1} -> weights [F], bias; Newton's method on the L2-penalised log loss."""
     n, f = x.shape
@@ -133,16 +136,23 @@ def _share(k: int, n: int) -> float | None:
     return round(k / n, 4) if n else None
 
 
-def choose_threshold(refs: Sequence[RefOutcome], score: Any) -> float:
-    """The threshold with the best mean of absent accuracy and single-target recall (lowest on ties)."""
-    candidates = sorted({0.0, *(float(score(b)) for r in refs for b in r.boxes)})
-    best, best_value = 0.0, -1.0
-    for t in candidates:
-        m = found_metrics(refs, score, t, empty_found=False)
-        value = ((m["absent_accuracy"] or 0.0) + (m["single_target_recall"] or 0.0)) / 2
-        if value > best_value + 1e-12:
-            best, best_value = t, value
+def choose_threshold(boxes: Sequence[Box], score: Any) -> float:
+    """The score at which right and wrong boxes separate best: the largest true-positive rate minus
+    false-positive rate (Youden's J) over the boxes' own scores (lowest on ties)."""
+    s = np.asarray([score(b) for b in boxes], dtype=np.float64)  # [N]
+    y = np.asarray([b.right for b in boxes], dtype=bool)  # [N]
+    best, best_j = 0.0, -1.0
+    for t in np.unique(s):
+        j = float((s[y] >= t).mean() - (s[~y] >= t).mean())
+        if j > best_j + 1e-12:
+            best, best_j = float(t), j
     return best
+
+
+def precision(boxes: Sequence[Box], score: Any, threshold: float) -> float | None:
+    """The share of right boxes among those at or above `threshold`."""
+    kept = [b.right for b in boxes if score(b) >= threshold]
+    return _share(sum(kept), len(kept))
 
 
 def calibrate(ds: RefDataset, doc: Mapping[str, Any], holdout_images: int) -> dict[str, Any]:
@@ -169,7 +179,7 @@ def calibrate(ds: RefDataset, doc: Mapping[str, Any], holdout_images: int) -> di
     def uncalibrated(b: Box) -> float:  # the runtime's score without a calibration
         return float(np.exp(b.features[1]))
 
-    threshold = choose_threshold(fit, calibrated)
+    threshold = choose_threshold(fit_boxes, calibrated)
     test_boxes = [b for r in test for b in r.boxes]
     labels = [b.right for b in test_boxes]
     metrics = {
@@ -180,8 +190,14 @@ def calibrate(ds: RefDataset, doc: Mapping[str, Any], holdout_images: int) -> di
         "fit_boxes": len(fit_boxes),
         "auc": _round(auc([calibrated(b) for b in test_boxes], labels)),
         "auc_uncalibrated": _round(auc([uncalibrated(b) for b in test_boxes], labels)),
-        "before": found_metrics(test, calibrated, 0.0, empty_found=True),
-        "after": found_metrics(test, calibrated, threshold, empty_found=False),
+        "before": {
+            **found_metrics(test, calibrated, 0.0, empty_found=True),
+            "precision": precision(test_boxes, calibrated, 0.0),
+        },
+        "after": {
+            **found_metrics(test, calibrated, threshold, empty_found=False),
+            "precision": precision(test_boxes, calibrated, threshold),
+        },
     }
     return {
         "kind": "logistic",
