@@ -13,6 +13,7 @@ import {
   KvStorage,
   LanguageModel,
   type LmDims,
+  lmDims,
   tokenProbability,
 } from "../src/runtime/language-model.js";
 import {
@@ -157,14 +158,7 @@ describe("KV cache written in place (GroupQueryAttention graphs on the CPU)", ()
       provider: "cpu",
     });
     try {
-      const t = pack.manifest.model.text;
-      const dims = {
-        layers: t.num_hidden_layers,
-        kvHeads: t.num_key_value_heads,
-        headDim: t.head_dim,
-        hidden: t.hidden_size,
-        vocab: t.vocab_size,
-      };
+      const dims = lmDims(pack);
       const run = async (inPlace: boolean) => {
         const lm = new LanguageModel(session, dims, { inPlace });
         const n = 40;

@@ -83,6 +83,32 @@ function maskOf(w: number, h: number, inside: (x: number, y: number) => boolean)
 }
 
 /** A smooth colourful [h, w, 3] image (a gradient), deterministic. */
+/** writeMasks of whole-image boxes over a gradient, with an overlay file. */
+function writeOnGradient(
+  bitmaps: Uint8Array[],
+  w: number,
+  h: number,
+  outputDir: string,
+  extra: { previewMaxSide?: number },
+) {
+  return writeMasks(
+    bitmaps.map((bitmap) => ({
+      query: { label: "thing", box: [0, 0, w, h] as [number, number, number, number] },
+      mask: { bitmap, areaPx: bitmap.reduce((s, v) => s + v, 0), box: null },
+      maskScore: 1,
+      score: 1,
+    })),
+    {
+      outputDir,
+      size: { width: w, height: h },
+      pixels: async () => ({ rgb: gradient(w, h), width: w, height: h }),
+      overlay: true,
+      ...extra,
+      timer: new Timer(undefined),
+    },
+  );
+}
+
 function gradient(w: number, h: number): Uint8Array {
   const rgb = new Uint8Array(w * h * 3);
   for (let y = 0; y < h; y++) {
@@ -394,23 +420,7 @@ describe("output", () => {
     const out = join(dir, "wide");
     mkdirSync(out);
     const bitmap = maskOf(w, h, (x, y) => x >= 100 && x < 900 && y >= 10 && y < 50);
-    const written = await writeMasks(
-      [
-        {
-          query: { label: "bar", box: [0, 0, w, h] as [number, number, number, number] },
-          mask: { bitmap, areaPx: bitmap.reduce((s, v) => s + v, 0), box: null },
-          maskScore: 1,
-          score: 1,
-        },
-      ],
-      {
-        outputDir: out,
-        size: { width: w, height: h },
-        pixels: async () => ({ rgb: gradient(w, h), width: w, height: h }),
-        overlay: true,
-        timer: new Timer(undefined),
-      },
-    );
+    const written = await writeOnGradient([bitmap], w, h, out, {});
     const overlay = await sharp(written.overlayPath as string).metadata();
     expect([overlay.width, overlay.height]).toEqual([OVERLAY_MAX_SIDE, 41]);
     const mask = await sharp(written.instances[0]?.mask.path as string).metadata();
@@ -426,22 +436,7 @@ describe("output", () => {
       maskOf(w, h, (x, y) => x >= 100 && x < 400 && y >= 100 && y < 400),
       maskOf(w, h, (x, y) => x >= 600 && x < 900 && y >= 300 && y < 700),
     ];
-    const written = await writeMasks(
-      bitmaps.map((bitmap) => ({
-        query: { label: "thing", box: [0, 0, w, h] as [number, number, number, number] },
-        mask: { bitmap, areaPx: bitmap.reduce((s, v) => s + v, 0), box: null },
-        maskScore: 1,
-        score: 1,
-      })),
-      {
-        outputDir: out,
-        size: { width: w, height: h },
-        pixels: async () => ({ rgb: gradient(w, h), width: w, height: h }),
-        overlay: true,
-        previewMaxSide: 768,
-        timer: new Timer(undefined),
-      },
-    );
+    const written = await writeOnGradient(bitmaps, w, h, out, { previewMaxSide: 768 });
     const file = await sharp(written.overlayPath as string).metadata();
     expect([file.width, file.height]).toEqual([w, h]);
     const preview = await sharp(written.preview as Uint8Array).metadata();

@@ -319,6 +319,28 @@ def _median(samples: list[dict[str, float]], key: str) -> float:
     return round(statistics.median(s[key] for s in samples), 3)
 
 
+def _fp32_tokens_and_warm_up(
+    ref: Reference,
+    image: Path,
+    question: str,
+    n_tokens: int,
+    dtype: str,
+    box: Sequence[float] | None,
+    box_label: str,
+) -> GroundPass:
+    """The fp32 tokens and their margins first, on the device, with TF32 off so they really are fp32
+    (for --dtype fp32 this pass is also the ground warm-up); then the model in `dtype`, warmed up."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ref.to(torch.float32)
+    fp32 = ground_pass(ref, image, question, n_tokens, margins=True)
+    ref.to(DTYPES[dtype])
+    if dtype != "fp32":
+        ground_pass(ref, image, question, n_tokens)  # warm-up
+    segment_box_pass(ref, image, box, box_label)  # warm-up
+    return fp32
+
+
 def run_benchmark(
     ref: Reference,
     image: Path,
@@ -332,16 +354,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """The JSON object of `modelkit bench-reference` (see the module docstring)."""
     question = ground_question(ref.manifest, expression)
-    # The fp32 tokens and their margins first, on the device, with TF32 off so they really are fp32;
-    # for --dtype fp32 this pass is also the ground warm-up.
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    ref.to(torch.float32)
-    fp32 = ground_pass(ref, image, question, n_tokens, margins=True)
-    ref.to(DTYPES[dtype])
-    if dtype != "fp32":
-        ground_pass(ref, image, question, n_tokens)  # warm-up
-    segment_box_pass(ref, image, box, box_label)  # warm-up
+    fp32 = _fp32_tokens_and_warm_up(ref, image, question, n_tokens, dtype, box, box_label)
 
     grounds: list[GroundPass] = []
     segments: list[dict[str, float]] = []
@@ -411,14 +424,7 @@ def serve_rounds(
     whose grammar-constrained answer was T tokens long.
     """
     question = ground_question(ref.manifest, expression)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    ref.to(torch.float32)
-    fp32 = ground_pass(ref, image, question, n_tokens, margins=True)
-    ref.to(DTYPES[dtype])
-    if dtype != "fp32":
-        ground_pass(ref, image, question, n_tokens)  # warm-up
-    segment_box_pass(ref, image, box, box_label)  # warm-up
+    fp32 = _fp32_tokens_and_warm_up(ref, image, question, n_tokens, dtype, box, box_label)
     emit(
         {
             "ready": True,

@@ -6,6 +6,7 @@
  */
 
 import { SegError, throwIfAborted } from "../errors.js";
+import type { AdvanceEvent } from "./grammar.js";
 import {
   type DeviceTensor,
   f32,
@@ -18,7 +19,6 @@ import {
   release,
   type SessionOptions,
 } from "./onnx.js";
-import type { AdvanceEvent } from "./grammar.js";
 import type { LoadedPack } from "./pack.js";
 import { decodePositions } from "./rope.js";
 
@@ -28,6 +28,18 @@ export interface LmDims {
   headDim: number;
   hidden: number;
   vocab: number;
+}
+
+/** The sizes the runtime needs, from the pack's text config. */
+export function lmDims(pack: LoadedPack): LmDims {
+  const t = pack.manifest.model.text;
+  return {
+    layers: t.num_hidden_layers,
+    kvHeads: t.num_key_value_heads,
+    headDim: t.head_dim,
+    hidden: t.hidden_size,
+    vocab: t.vocab_size,
+  };
 }
 
 /** Rows a storage gets beyond what it must hold, so a question and a short answer fit without growing. */
@@ -225,13 +237,7 @@ export class LanguageModel {
       ...options,
       keepOnDevice: presents.flat(),
     });
-    const dims = {
-      layers: t.num_hidden_layers,
-      kvHeads: t.num_key_value_heads,
-      headDim: t.head_dim,
-      hidden: t.hidden_size,
-      vocab: t.vocab_size,
-    };
+    const dims = lmDims(pack);
     // In place on the CPU, where the KV lives on the host anyway (WebGPU keeps it on the GPU instead).
     return new LanguageModel(session, dims, {
       inPlace: graph.attention === "group_query" && session.provider === "cpu",
