@@ -17,6 +17,7 @@ import { parseArgs } from "node:util";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
 import type { CallToolResult } from "@modelcontextprotocol/sdk/types.js";
+import sharp from "sharp";
 import { median } from "./compare.js";
 
 const here = path.dirname(new URL(import.meta.url).pathname);
@@ -74,14 +75,27 @@ async function main(): Promise<void> {
     server.once("exit", (code) => reject(new Error(`server exited ${code}: ${err}`)));
   });
   const pid = server.pid as number;
-  const images = [1, 2, 3, 4].map((i) => path.join(root, "examples", `shapes-${i}.png`));
-  const calls = [
-    (image: string) => ({ name: "segment", arguments: { image, box: [100, 80, 300, 260] } }),
-    (image: string) => ({
-      name: "ground",
-      arguments: { image, expression: "the red star", max_instances: 3 },
+  // The example images differ in size: each call's box is the middle half of its image.
+  const images = await Promise.all(
+    [1, 2, 3, 4].map(async (i) => {
+      const file = path.join(root, "examples", `shapes-${i}.png`);
+      const { width = 0, height = 0 } = await sharp(file).metadata();
+      return { file, box: [width / 4, height / 4, (3 * width) / 4, (3 * height) / 4] };
     }),
-    (image: string) => ({ name: "describe_region", arguments: { image, box: [100, 80, 300, 260] } }),
+  );
+  const calls = [
+    (image: { file: string; box: number[] }) => ({
+      name: "segment",
+      arguments: { image: image.file, box: image.box },
+    }),
+    (image: { file: string; box: number[] }) => ({
+      name: "ground",
+      arguments: { image: image.file, expression: "the red star", max_instances: 3 },
+    }),
+    (image: { file: string; box: number[] }) => ({
+      name: "describe_region",
+      arguments: { image: image.file, box: image.box },
+    }),
   ];
   let done = 0;
   let errors = 0;
@@ -92,8 +106,8 @@ async function main(): Promise<void> {
     const client = new Client({ name: `soak-${k}`, version: "1" });
     await client.connect(new StreamableHTTPClientTransport(new URL(url)));
     for (let i = k; Date.now() - start < durationMs; i++) {
-      const call = (calls[i % calls.length] as (img: string) => { name: string; arguments: object })(
-        images[i % images.length] as string,
+      const call = (calls[i % calls.length] as (typeof calls)[number])(
+        images[i % images.length] as { file: string; box: number[] },
       );
       const t0 = performance.now();
       try {

@@ -5,22 +5,24 @@ import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { SegError } from "../src/errors.js";
 import {
-  type Badge,
-  DIGIT_FONT,
-  DIGIT_H,
-  DIGIT_W,
   encodeMaskPng,
-  jpegPreview,
   newOutputName,
-  OUTLINE_COLOURS,
-  PREVIEW_MAX_BYTES,
-  placeBadges,
   type RgbImage,
-  renderOverlay,
   writeFileAtomic,
   writeMaskPng,
   writeRgbPng,
 } from "../src/runtime/output.js";
+import {
+  type Badge,
+  DIGIT_FONT,
+  DIGIT_H,
+  DIGIT_W,
+  jpegPreview,
+  OUTLINE_COLOURS,
+  PREVIEW_MAX_BYTES,
+  placeBadges,
+  renderOverlay,
+} from "../src/runtime/overlay.js";
 import { Timer } from "../src/runtime/timer.js";
 import { OVERLAY_MAX_SIDE, writeMasks } from "../src/runtime/write.js";
 import { checkImage, decodeMaskBitmap } from "../src/tools/inputs.js";

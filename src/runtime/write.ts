@@ -10,14 +10,8 @@ import { throwIfAborted } from "../errors.js";
 import type { BoxEvidence } from "./language-model.js";
 import type { MaskResult } from "./mask-post.js";
 import { rleEncode } from "./mask-post.js";
-import {
-  jpegPreview,
-  newOutputName,
-  type RgbImage,
-  renderOverlay,
-  writeMaskPng,
-  writeRgbPng,
-} from "./output.js";
+import { newOutputName, type RgbImage, writeMaskPng, writeRgbPng } from "./output.js";
+import { jpegPreview, renderOverlay } from "./overlay.js";
 import type { Timer } from "./timer.js";
 import type { Box, ImageInfo, SegmentInstance } from "./types.js";
 

@@ -4,7 +4,7 @@ import type { ContentBlock } from "@modelcontextprotocol/sdk/types.js";
 import { z } from "zod";
 import { SegError } from "../errors.js";
 import { ensureOutputDir, outputUri } from "../paths.js";
-import { PREVIEW_MAX_BYTES } from "../runtime/output.js";
+import { PREVIEW_MAX_BYTES } from "../runtime/overlay.js";
 import { prepareImage, validateBox, validateExpression } from "./inputs.js";
 import {
   boxField,
