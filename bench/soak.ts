@@ -1,5 +1,5 @@
 /**
- * npm run soak -- [--clients 8] [--minutes 10] [--interval 30] [--pack DIR] [--out-max-bytes N]
+ * npm run soak -- [--clients 8] [--minutes 10] [--interval 30] [--pack DIR] [--out-max-bytes 100000]
  *
  * A bounded load run: the built server over Streamable HTTP, N clients calling segment (a box),
  * ground and describe_region in a loop on the example images, for M minutes. Every interval it
@@ -30,7 +30,7 @@ const { values } = parseArgs({
     interval: { type: "string", default: "30" },
     pack: { type: "string" },
     // Small enough that the bound is reached, and kept, within a 10-minute run.
-    "out-max-bytes": { type: "string", default: "1000000" },
+    "out-max-bytes": { type: "string", default: "100000" },
   },
 });
 const clients = Number.parseInt(values.clients, 10);
