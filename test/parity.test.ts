@@ -51,7 +51,10 @@ beforeAll(async () => {
   vision = await VisionEncoder.load(pack, options);
   lm = await LanguageModel.load(pack, options);
   maskDecoder = await MaskDecoder.load(pack, options);
-  maskGraph = await OnnxSession.create(pack.file(pack.manifest.graphs.mask_decoder?.file ?? "missing"), options);
+  maskGraph = await OnnxSession.create(
+    pack.file(pack.manifest.graphs.mask_decoder?.file ?? "missing"),
+    options,
+  );
 });
 
 afterAll(async () => {

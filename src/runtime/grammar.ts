@@ -444,7 +444,8 @@ export class BoxGrammar {
       const before = next.phase;
       const isDigit = c >= DIGIT_0 && c <= DIGIT_0 + 9;
       if (before === Phase.Label) label = true;
-      if ((before === Phase.ListOpen || before === Phase.AfterObject) && c !== CLOSE_BRACKET) opensObject = true;
+      if ((before === Phase.ListOpen || before === Phase.AfterObject) && c !== CLOSE_BRACKET)
+        opensObject = true;
       if (before === Phase.Number) {
         if (isDigit) coordinate = true;
         else coords[next.k] = next.value; // the character that ends a number
