@@ -79,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
         default="box",
         help="describe_region by the box in the prompt (Qwen3-VL) or by a crop around it (default box)",
     )
+    e.add_argument(
+        "--compact-embedding",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="store only the embedding rows that are not all zero (same outputs); default: when at least "
+        "half of them are zero (a model trained from scratch on a small world)",
+    )
     e.add_argument("--force", action="store_true", help="replace an existing pack folder")
 
     t = _command(sub, "tiny", "cli:cmd_tiny", "build the tiny random pack and record its golden fixtures")
@@ -388,6 +395,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         stop_tokens=stop,
         describe_mode=args.describe_mode,
         domain=domain,
+        compact_embedding=args.compact_embedding,
     )
     print(summary_line(args.out, manifest))
     return 0

@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from transformers import Qwen3VLForConditionalGeneration
 
+from .compact_embedding import TABLE, compact_plan, rewrite_table_uses, should_compact
 from .errors import ModelkitError
 from .onnx_utils import GraphSpec, TensorSpec, check_io, external_data_name, graph_spec
 
@@ -565,13 +566,32 @@ def _tied_head_as_gemm(model: onnx.ModelProto) -> None:
     raise ModelkitError("EXPORT_FAILED", "the tied head's MatMul pattern was not found in the traced graph")
 
 
+def _compact_embedding(proto: onnx.ModelProto, graph: LanguageModelGraph, option: bool | None) -> bool:
+    """Keep only the embedding rows that are not all zero (compact_embedding.py), in the traced graph
+    before its weights are written; `graph.embed_tokens` becomes the compact table."""
+    table = graph.embed_tokens.detach()
+    if not should_compact(table.numpy(), option):
+        return False
+    rows, remap = compact_plan(table.numpy())
+    graph.embed_tokens = nn.Parameter(table[torch.from_numpy(rows)], requires_grad=False)
+    proto.graph.initializer.append(numpy_helper.from_array(remap, f"{TABLE}.remap"))
+    rewrite_table_uses(proto, TABLE, f"{TABLE}.remap")
+    return True
+
+
 def export_language_model(
-    model: Qwen3VLForConditionalGeneration, out_path: Path, dtype: str = "fp32"
+    model: Qwen3VLForConditionalGeneration,
+    out_path: Path,
+    dtype: str = "fp32",
+    compact_embedding: bool | None = None,
 ) -> GraphSpec:
     """Write `out_path` (decoder_model_merged.onnx) and return its GraphSpec (manifest entry).
 
     dtype: "fp32", "fp16" (matrices fp16, I/O, norms, RoPE and softmax fp32) or "int4" (MatMulNBits,
     block 32; embedding/tied head fp16). Weights go to `<out_path>_data` when they exceed ~1.5 GB.
+    compact_embedding: store only the embedding rows that are not all zero plus a remap table (same
+    outputs, bit for bit); None (default) does it when at least half the rows are zero (a model
+    trained from scratch on a small world), True/False force it.
     """
     if dtype not in DTYPES:
         raise ModelkitError("INVALID_INPUT", f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
@@ -585,13 +605,14 @@ def export_language_model(
         except Exception as e:  # the exporter raises many types; the message is what matters
             raise ModelkitError("EXPORT_FAILED", f"tracing the language model failed: {e}") from e
         proto = onnx.load(str(skeleton))
+    if dtype == "fp32" and graph.tied:
+        _tied_head_as_gemm(proto)
+    _compact_embedding(proto, graph, compact_embedding)
     weight_bytes = sum(p.numel() * 4 for p in graph.parameters())
     data_file = out_path.with_name(external_data_name(out_path))
     data_path = data_file if weight_bytes > INLINE_LIMIT_BYTES else None
     if data_path is None and data_file.exists():
         os.remove(data_file)  # a stale file from an earlier large export
-    if dtype == "fp32" and graph.tied:
-        _tied_head_as_gemm(proto)
     _attach_weights(proto, graph, dtype, data_path)
     spec = language_model_graph_spec(graph, out_path.name)
     check_io(graph_spec(proto, out_path.name), spec["inputs"], spec["outputs"])  # graph == contract

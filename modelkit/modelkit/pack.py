@@ -260,6 +260,7 @@ def build_pack(
     stop_tokens: list[int] | None = None,
     describe_mode: str = "box",
     domain: str | None = None,
+    compact_embedding: bool | None = None,
 ) -> dict[str, Any]:
     """Export `model` (Qwen3VLForConditionalGeneration) and `mask_decoder` (MaskDecoder) into a pack.
 
@@ -268,6 +269,8 @@ def build_pack(
     the top-level `"domain"`: a human description of what the model knows (left out otherwise).
     `describe_mode` "box" asks for a region by its 0..1000 box on the whole image (Qwen3-VL's way);
     "crop" shows the model a crop around the region instead (answers.crop_box).
+    `compact_embedding` (export_language_model): keep only the embedding rows that are not all zero;
+    None (default) when at least half are (a model trained from scratch on a small world).
 
     Returns the manifest. Raises ModelkitError (nothing written) for bad input; any other error
     during export also leaves `out_dir` untouched (the old pack stays when `force` was given).
@@ -307,7 +310,9 @@ def build_pack(
     try:
         specs = {
             "vision_encoder": export_vision_encoder(model, tmp / GRAPH_FILES["vision_encoder"], dtype=dtype),
-            "language_model": export_language_model(model, tmp / GRAPH_FILES["language_model"], dtype=dtype),
+            "language_model": export_language_model(
+                model, tmp / GRAPH_FILES["language_model"], dtype=dtype, compact_embedding=compact_embedding
+            ),
         }
         if mask_decoder is not None:
             specs["mask_decoder"] = export_mask_decoder(
