@@ -108,16 +108,14 @@ writeFileSync(
 );
 
 // 5. The manifest: scripts/mcpb-manifest.json (server command, user_config) + package.json + the tools,
-// taken from the built tool definitions so names and descriptions are the server's own.
-const tools = [];
-for (const file of ["ground.js", "segment.js", "describe-region.js"]) {
-  const mod = await import(pathToFileURL(path.join(stage, "dist", "src", "tools", file)).href);
-  for (const value of Object.values(mod)) {
-    if (value && typeof value === "object" && typeof value.name === "string" && "run" in value) {
-      tools.push({ name: value.name, description: value.description });
-    }
-  }
-}
+// taken from the built server with the bundled pack so names and descriptions are the server's own.
+const built = (file) => import(pathToFileURL(path.join(stage, "dist", "src", file)).href);
+const { packTools } = await built("server.js");
+const { defaultPackDir } = await built("config.js"); // the stage's own models/<default>
+const tools = packTools(defaultPackDir()).map((t) => ({
+  name: t.name,
+  description: t.description,
+}));
 const template = JSON.parse(readFileSync(path.join(repo, "scripts", "mcpb-manifest.json"), "utf8"));
 const manifest = {
   manifest_version: template.manifest_version,

@@ -4,7 +4,11 @@
  * JSON-RPC error it deserves, with the request's id where one can be read, in a sentence.
  */
 
-import { type JSONRPCMessage, JSONRPCMessageSchema } from "@modelcontextprotocol/sdk/types.js";
+import {
+  type JSONRPCMessage,
+  PROTOCOL_VERSION_META_KEY,
+  specTypeSchemas,
+} from "@modelcontextprotocol/server";
 import { truncate } from "./paths.js";
 
 export const PARSE_ERROR = -32700;
@@ -21,7 +25,13 @@ export interface JsonRpcErrorReply {
 export interface JsonRpcResultReply {
   jsonrpc: "2.0";
   id: string | number;
-  result: { isError: true; content: { type: "text"; text: string }[]; _meta: { code: string } };
+  result: {
+    isError: true;
+    content: { type: "text"; text: string }[];
+    _meta: { code: string };
+    /** Protocol revision 2026-07-28: every result says what it is. */
+    resultType?: "complete";
+  };
 }
 
 export type Admission = { message: JSONRPCMessage } | { reply: JsonRpcErrorReply | JsonRpcResultReply };
@@ -104,11 +114,19 @@ export function admitValue(value: unknown): Admission {
       );
       if (forbidden.length > 0 && id !== null) {
         const text = `INVALID_INPUT: unknown field(s) ${forbidden.map((k) => `"${k}"`).join(", ")} for ${truncate(params.name, 60)}: send only the fields tools/list names`;
+        // A 2026-07-28 request (its _meta names the revision) gets the result shape of that revision.
+        const meta = params._meta;
+        const modern = isObject(meta) && typeof meta[PROTOCOL_VERSION_META_KEY] === "string";
         return {
           reply: {
             jsonrpc: "2.0",
             id,
-            result: { isError: true, content: [{ type: "text", text }], _meta: { code: "INVALID_INPUT" } },
+            result: {
+              isError: true,
+              content: [{ type: "text", text }],
+              _meta: { code: "INVALID_INPUT" },
+              ...(modern ? { resultType: "complete" as const } : {}),
+            },
           },
         };
       }
@@ -118,11 +136,12 @@ export function admitValue(value: unknown): Admission {
       "a message needs a method (a request or a notification), or an id with a result or an error",
     );
   }
-  const parsed = JSONRPCMessageSchema.safeParse(v);
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0];
-    const where = issue && issue.path.length > 0 ? `${issue.path.join(".")}: ` : "";
+  const parsed = specTypeSchemas.JSONRPCMessage["~standard"].validate(v);
+  if (parsed.issues) {
+    const issue = parsed.issues[0];
+    const path = (issue?.path ?? []).map((p) => String(typeof p === "object" ? p.key : p));
+    const where = path.length > 0 ? `${path.join(".")}: ` : "";
     return invalid(`${where}${issue?.message ?? "not a JSON-RPC message"}`);
   }
-  return { message: parsed.data };
+  return { message: parsed.value as JSONRPCMessage };
 }

@@ -7,8 +7,7 @@
  */
 
 import type { Readable, Writable } from "node:stream";
-import type { Transport } from "@modelcontextprotocol/sdk/shared/transport.js";
-import type { JSONRPCMessage } from "@modelcontextprotocol/sdk/types.js";
+import type { JSONRPCMessage, Transport } from "@modelcontextprotocol/server";
 import { admitText, errorReply, INVALID_REQUEST } from "./jsonrpc.js";
 
 const NEWLINE = 0x0a;
@@ -26,6 +25,14 @@ export class StdioTransport implements Transport {
   /** Inside a line over the limit: drop bytes until its newline. */
   #skipping = false;
   #closed = false;
+  #resolveClosed!: () => void;
+  /**
+   * Settles when the connection has closed (the client ended stdin, or close() was called). The
+   * owner of the connection (the SDK's serveStdio) takes `onclose` for itself; this is for ours.
+   */
+  readonly closed = new Promise<void>((resolve) => {
+    this.#resolveClosed = resolve;
+  });
 
   constructor(input: Readable, output: Writable, options: { maxLineBytes: number }) {
     this.#input = input;
@@ -107,6 +114,7 @@ export class StdioTransport implements Transport {
     this.#input.off("end", this.#onEnd);
     this.#input.pause();
     this.#pending = [];
+    this.#resolveClosed();
     this.onclose?.();
   }
 }

@@ -6,9 +6,7 @@
 import { cp, mkdtemp, readdir, readFile, rm, unlink, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
-import { Client } from "@modelcontextprotocol/sdk/client/index.js";
-import { InMemoryTransport } from "@modelcontextprotocol/sdk/inMemory.js";
-import type { CallToolResult } from "@modelcontextprotocol/sdk/types.js";
+import type { CallToolResult } from "@modelcontextprotocol/client";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createConfig } from "../src/config.js";
 import { isSegError } from "../src/errors.js";
@@ -19,6 +17,7 @@ import { Pipeline } from "../src/runtime/pipeline.js";
 import type { CheckedImage, Engine } from "../src/runtime/types.js";
 import { createServer } from "../src/server.js";
 import { imageFromFile } from "../src/tools/inputs.js";
+import { connectInMemory, type TestClient } from "./helpers/clients.js";
 
 const root = path.resolve(import.meta.dirname, "..");
 const tinyPack = path.join(root, "models/tiny-random");
@@ -165,7 +164,7 @@ async function packWithoutDecoder(): Promise<string> {
 describe("a pack without a mask decoder, through MCP", () => {
   let packDir: string;
   let engine: Engine;
-  let client: Client;
+  let client: TestClient;
   let close: () => Promise<void>;
 
   beforeAll(async () => {
@@ -179,13 +178,12 @@ describe("a pack without a mask decoder, through MCP", () => {
       logLevel: "silent",
     });
     engine = await createEngine({ packDir, executionProvider: "cpu" });
-    const server = createServer(config, engine, silentLogger);
-    client = new Client({ name: "no-decoder", version: "1" });
-    const [a, b] = InMemoryTransport.createLinkedPair();
-    await Promise.all([server.connect(b), client.connect(a)]);
+    // A 2026-07-28 client (tools.test.ts runs both revisions).
+    client = await connectInMemory("modern", (ctx) =>
+      createServer(config, engine, silentLogger, { trustRoots: true, era: ctx.era }),
+    );
     close = async () => {
       await client.close();
-      await server.close();
       await engine.dispose();
     };
   });
@@ -193,8 +191,7 @@ describe("a pack without a mask decoder, through MCP", () => {
     await close?.();
   });
 
-  const call = (name: string, args: Record<string, unknown>) =>
-    client.callTool({ name, arguments: args }) as Promise<CallToolResult>;
+  const call = (name: string, args: Record<string, unknown>) => client.callTool(name, args);
   const text = (r: CallToolResult) => (r.content[0]?.type === "text" ? r.content[0].text : "");
 
   it("tells agents what it knows and that segment is unavailable", async () => {
@@ -202,7 +199,7 @@ describe("a pack without a mask decoder, through MCP", () => {
     for (const t of tools) expect(t.description).toContain("random weights for tests; knows nothing");
     expect(tools.find((t) => t.name === "segment")?.description).toMatch(/no mask decoder.*use ground/);
     expect(tools.find((t) => t.name === "ground")?.description).not.toMatch(/no mask decoder/);
-    expect(client.getInstructions()).toContain("random weights for tests; knows nothing");
+    expect(client.instructions()).toContain("random weights for tests; knows nothing");
   });
 
   it("grounds and describes; segment answers MASK_DECODER_MISSING with what to do, writing nothing", async () => {

@@ -1,7 +1,8 @@
 /**
  * Scale-out: two real server processes (the built CLI, the bundled pack) sharing one --out, behind a
  * real haproxy that balances round-robin with no affinity. An SDK client talks to the balancer
- * only: its initialize, calls and mask reads land on either replica, and every one must work.
+ * only: its initialize (2025-11-25) or discovery (2026-07-28), calls and mask reads land on either
+ * replica, and every one must work.
  * haproxy must be installed (`apt-get install -y haproxy`; CI's .ci/run does): without it this
  * test fails and says so rather than skipping.
  */
@@ -13,9 +14,6 @@ import { createServer as createNetServer } from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { Client } from "@modelcontextprotocol/sdk/client/index.js";
-import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
-import type { CallToolResult } from "@modelcontextprotocol/sdk/types.js";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createConfig } from "../src/config.js";
@@ -23,6 +21,7 @@ import { silentLogger } from "../src/logger.js";
 import { type HttpHandle, serveHttp } from "../src/server.js";
 import { groundTool } from "../src/tools/ground.js";
 import { segmentTool } from "../src/tools/segment.js";
+import { connectClient, ERAS, httpTransport, REVISION } from "./helpers/clients.js";
 import { FakeEngine } from "./helpers/fake-engine.js";
 
 const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
@@ -208,10 +207,13 @@ afterAll(async () => {
 });
 
 describe("two stateless replicas behind haproxy (round-robin, no affinity)", () => {
-  it("serve one SDK client: calls and mask reads land on both, all correct, all from one shared --out", async () => {
-    const shared = path.join(root, "shared-out");
+  let shared: string;
+  let replicas: Replica[];
+  let balancer: Balancer;
+  beforeAll(async () => {
+    shared = path.join(root, "shared-out");
     await mkdir(shared);
-    const replicas = await Promise.all([startReplica(shared), startReplica(shared)]);
+    replicas = await Promise.all([startReplica(shared), startReplica(shared)]);
     // Ready once the pack has loaded: /healthz says so (directly, before the balancer is up).
     for (const r of replicas) {
       await until("the replica's pack to load", 120_000, async () => {
@@ -219,83 +221,89 @@ describe("two stateless replicas behind haproxy (round-robin, no affinity)", () 
         return res.status === 200 ? true : undefined;
       });
     }
-    const balancer = await startBalancer(replicas.map((r) => r.port));
-
-    const client = new Client({ name: "replicas", version: "1" });
-    const transport = new StreamableHTTPClientTransport(new URL(balancer.url), {
-      requestInit: { headers: AUTH },
-    });
-    await client.connect(transport);
-    const uris: { uri: string; area: number }[] = [];
-    for (let i = 0; i < 4; i++) {
-      const result = (await client.callTool({
-        name: "segment",
-        arguments: { image: IMAGE, box: STAR },
-      })) as CallToolResult;
-      expect(result.isError, JSON.stringify(result.content)).toBeFalsy();
-      const out = segmentTool.output.parse(result.structuredContent);
-      expect(out.found).toBe(true);
-      expect(out.image).toEqual({ width: 512, height: 384 });
-      const star = out.instances[0];
-      expect(star?.mask_score).toBeGreaterThan(0.5);
-      // The mask lies inside the given box and fills much of it (README: mask_box 430,97,496,158).
-      const [x1, y1, x2, y2] = star?.mask_box ?? [0, 0, 0, 0];
-      expect(x1).toBeGreaterThanOrEqual(STAR[0] - 2);
-      expect(y1).toBeGreaterThanOrEqual(STAR[1] - 2);
-      expect(x2).toBeLessThanOrEqual(STAR[2] + 2);
-      expect(y2).toBeLessThanOrEqual(STAR[3] + 2);
-      expect(star?.mask.area_px).toBeGreaterThan(1000);
-      expect(path.dirname(star?.mask.path ?? "")).toBe(shared);
-      uris.push({ uri: star?.mask.uri ?? "", area: star?.mask.area_px ?? 0 });
-    }
-    const ground = (await client.callTool({
-      name: "ground",
-      arguments: { image: IMAGE, expression: "the red star" },
-    })) as CallToolResult;
-    expect(ground.isError, JSON.stringify(ground.content)).toBeFalsy();
-    expect(groundTool.output.parse(ground.structuredContent).image).toEqual({ width: 512, height: 384 });
-
-    // Each mask read twice: with strict alternation one of the two reads is served by the replica
-    // that did not write it.
-    for (const { uri, area } of uris) {
-      for (let k = 0; k < 2; k++) {
-        const read = await client.readResource({ uri });
-        const content = read.contents[0];
-        expect(content && "blob" in content).toBe(true);
-        const png = Buffer.from((content as { blob: string }).blob, "base64");
-        const { data, info } = await sharp(png).greyscale().raw().toBuffer({ resolveWithObject: true });
-        expect([info.width, info.height]).toEqual([512, 384]);
-        expect(data.reduce((n, v) => n + (v > 127 ? 1 : 0), 0)).toBe(area);
-      }
-    }
-    await transport.terminateSession(); // 405 from a stateless replica: nothing to end
-    await client.close();
-
-    // Both replicas served tool calls and mask reads (their debug logs name each request) ...
-    const calls = replicas.map((r) => (r.log().match(/HTTP POST tools\/call segment/g) ?? []).length);
-    const reads = replicas.map((r) => (r.log().match(/HTTP POST resources\/read/g) ?? []).length);
-    process.stderr.write(`segment calls per replica ${calls.join(" + ")}, mask reads ${reads.join(" + ")}\n`);
-    expect(calls.every((n) => n > 0)).toBe(true);
-    expect(calls.reduce((a, b) => a + b, 0)).toBe(4);
-    expect(reads.every((n) => n > 0)).toBe(true);
-    expect(reads.reduce((a, b) => a + b, 0)).toBe(8);
-    // ... which haproxy's own log confirms: POST /mcp 200 from each server, no error status.
-    for (const r of replicas) {
-      expect(balancer.log()).toContain(`127.0.0.1:${r.port} POST /mcp 200`);
-    }
-    expect(balancer.log()).not.toMatch(/ POST \/mcp (4\d\d|5\d\d)/);
-    // The shared folder holds the four masks, no temporary file.
-    const names = await readdir(shared);
-    expect(names.filter((n) => n.startsWith("mask-"))).toHaveLength(4);
-    expect(names.filter((n) => n.endsWith(".tmp"))).toEqual([]);
+    balancer = await startBalancer(replicas.map((r) => r.port));
   });
 
+  it.each(ERAS)(
+    "serve one %s SDK client: calls and mask reads land on both, all correct, all from one shared --out",
+    async (era) => {
+      const logFrom = replicas.map((r) => r.log().length);
+      const balancerFrom = balancer.log().length;
+      const masksBefore = (await readdir(shared)).filter((n) => n.startsWith("mask-")).length;
+      const transport = httpTransport(era, balancer.url, AUTH);
+      const client = await connectClient(transport, { negotiation: "auto" });
+      expect(client.protocolVersion()).toBe(REVISION[era]);
+      const uris: { uri: string; area: number }[] = [];
+      for (let i = 0; i < 4; i++) {
+        const result = await client.callTool("segment", { image: IMAGE, box: STAR });
+        expect(result.isError, JSON.stringify(result.content)).toBeFalsy();
+        const out = segmentTool.output.parse(result.structuredContent);
+        expect(out.found).toBe(true);
+        expect(out.image).toEqual({ width: 512, height: 384 });
+        const star = out.instances[0];
+        expect(star?.mask_score).toBeGreaterThan(0.5);
+        // The mask lies inside the given box and fills much of it (README: mask_box 430,97,496,158).
+        const [x1, y1, x2, y2] = star?.mask_box ?? [0, 0, 0, 0];
+        expect(x1).toBeGreaterThanOrEqual(STAR[0] - 2);
+        expect(y1).toBeGreaterThanOrEqual(STAR[1] - 2);
+        expect(x2).toBeLessThanOrEqual(STAR[2] + 2);
+        expect(y2).toBeLessThanOrEqual(STAR[3] + 2);
+        expect(star?.mask.area_px).toBeGreaterThan(1000);
+        expect(path.dirname(star?.mask.path ?? "")).toBe(shared);
+        uris.push({ uri: star?.mask.uri ?? "", area: star?.mask.area_px ?? 0 });
+      }
+      const ground = await client.callTool("ground", { image: IMAGE, expression: "the red star" });
+      expect(ground.isError, JSON.stringify(ground.content)).toBeFalsy();
+      expect(groundTool.output.parse(ground.structuredContent).image).toEqual({ width: 512, height: 384 });
+
+      // Each mask read twice: with strict alternation one of the two reads is served by the replica
+      // that did not write it.
+      for (const { uri, area } of uris) {
+        for (let k = 0; k < 2; k++) {
+          // Not from the client's cache (2026-07-28 results may carry a lifetime): from a replica.
+          const read = await client.readResource(uri);
+          const content = read.contents[0];
+          expect(content && "blob" in content).toBe(true);
+          const png = Buffer.from((content as { blob: string }).blob, "base64");
+          const { data, info } = await sharp(png).greyscale().raw().toBuffer({ resolveWithObject: true });
+          expect([info.width, info.height]).toEqual([512, 384]);
+          expect(data.reduce((n, v) => n + (v > 127 ? 1 : 0), 0)).toBe(area);
+        }
+      }
+      await transport.terminateSession(); // 405 from a stateless replica: nothing to end
+      await client.close();
+
+      // Both replicas served tool calls and mask reads (their debug logs name each request) ...
+      const logs = replicas.map((r, i) => r.log().slice(logFrom[i]));
+      const calls = logs.map((log) => (log.match(/HTTP POST tools\/call segment/g) ?? []).length);
+      const reads = logs.map((log) => (log.match(/HTTP POST resources\/read/g) ?? []).length);
+      process.stderr.write(
+        `${era}: segment calls per replica ${calls.join(" + ")}, mask reads ${reads.join(" + ")}\n`,
+      );
+      expect(calls.every((n) => n > 0)).toBe(true);
+      expect(calls.reduce((a, b) => a + b, 0)).toBe(4);
+      expect(reads.every((n) => n > 0)).toBe(true);
+      expect(reads.reduce((a, b) => a + b, 0)).toBe(8);
+      // ... which haproxy's own log confirms: POST /mcp 200 from each server, no error status.
+      const log = balancer.log().slice(balancerFrom);
+      for (const r of replicas) {
+        expect(log).toContain(`127.0.0.1:${r.port} POST /mcp 200`);
+      }
+      expect(log).not.toMatch(/ POST \/mcp (4\d\d|5\d\d)/);
+      // The shared folder holds the four new masks, no temporary file.
+      const names = await readdir(shared);
+      expect(names.filter((n) => n.startsWith("mask-"))).toHaveLength(masksBefore + 4);
+      expect(names.filter((n) => n.endsWith(".tmp"))).toEqual([]);
+    },
+  );
   it.each([
-    ["with option abortonclose: at once", true, 3_000],
-    ["without it: at the second SSE keep-alive (5 s each)", false, 15_000],
+    ["legacy", "with option abortonclose: at once", true, 3_000],
+    ["legacy", "without it: at the second SSE keep-alive (5 s each)", false, 15_000],
+    ["modern", "with option abortonclose: at once", true, 3_000],
+    ["modern", "without it: at the second SSE keep-alive (5 s each)", false, 15_000],
   ] as const)(
-    "a client that leaves mid-call through the balancer cancels the call on the replica; %s",
-    async (_, abortOnClose, within) => {
+    "a %s client that leaves mid-call through the balancer cancels the call on the replica; %s",
+    async (era, _, abortOnClose, within) => {
       // A scripted slow engine in this process stands in for a long model call.
       const engine = new FakeEngine({ delayMs: 20_000 });
       if (!existsSync(path.join(root, "img.png"))) {
@@ -313,18 +321,29 @@ describe("two stateless replicas behind haproxy (round-robin, no affinity)", () 
       stops.push(() => handle.close());
       const balancer = await startBalancer([Number(new URL(handle.url).port)], abortOnClose);
       const abort = new AbortController();
+      const params = { name: "ground", arguments: { image: "img.png", expression: "slow" } };
+      // 2026-07-28: the revision and client in `_meta`, and the standard headers that mirror them.
+      const modern = {
+        headers: { "mcp-protocol-version": "2026-07-28", "mcp-method": "tools/call", "mcp-name": "ground" },
+        meta: {
+          "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+          "io.modelcontextprotocol/clientInfo": { name: "raw", version: "1" },
+          "io.modelcontextprotocol/clientCapabilities": {},
+        },
+      };
       const res = await fetch(balancer.url, {
         method: "POST",
         headers: {
           ...AUTH,
           "content-type": "application/json",
           accept: "application/json, text/event-stream",
+          ...(era === "modern" ? modern.headers : {}),
         },
         body: JSON.stringify({
           jsonrpc: "2.0",
           id: 1,
           method: "tools/call",
-          params: { name: "ground", arguments: { image: "img.png", expression: "slow" } },
+          params: era === "modern" ? { ...params, _meta: modern.meta } : params,
         }),
         signal: abort.signal,
       });
@@ -339,7 +358,7 @@ describe("two stateless replicas behind haproxy (round-robin, no affinity)", () 
       );
       const ms = Date.now() - left;
       process.stderr.write(
-        `client gone -> call cancelled through haproxy (abortonclose ${abortOnClose}) in ${ms} ms\n`,
+        `${era} client gone -> call cancelled through haproxy (abortonclose ${abortOnClose}) in ${ms} ms\n`,
       );
       expect(ms).toBeLessThan(within);
     },

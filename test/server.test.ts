@@ -1,21 +1,20 @@
 /**
- * Streamable HTTP in the sessions mode: a real SDK client end to end, and the checks every request
- * passes first.
+ * Streamable HTTP in the sessions mode: real SDK clients end to end (a 2025-11-25 client gets a
+ * session; a 2026-07-28 client, which has no sessions, is served per request), and the checks every
+ * request passes first.
  */
 
 import { mkdtemp, rm } from "node:fs/promises";
 import { request } from "node:http";
 import { tmpdir } from "node:os";
 import path from "node:path";
-import { Client } from "@modelcontextprotocol/sdk/client/index.js";
-import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
-import { type CallToolResult, ListRootsRequestSchema } from "@modelcontextprotocol/sdk/types.js";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createConfig, isLoopbackHost, parseListenAddress } from "../src/config.js";
 import { silentLogger } from "../src/logger.js";
 import { type HttpHandle, serveHttp } from "../src/server.js";
 import { segmentTool } from "../src/tools/segment.js";
+import { connectClient, ERAS, httpTransport, REVISION } from "./helpers/clients.js";
 import { FakeEngine } from "./helpers/fake-engine.js";
 
 const TOKEN = "s3cret-token-0123456789";
@@ -62,46 +61,53 @@ afterAll(async () => {
 });
 
 describe("Streamable HTTP", () => {
-  it("serves the tools to an SDK client with the bearer token", async () => {
-    const client = new Client({ name: "http-test", version: "1" });
-    const transport = new StreamableHTTPClientTransport(new URL(handle.url), {
-      requestInit: { headers: { authorization: `Bearer ${TOKEN}` } },
-    });
-    await client.connect(transport);
+  it.each(ERAS)("serves the tools to a %s SDK client with the bearer token", async (era) => {
+    const transport = httpTransport(era, handle.url, { authorization: `Bearer ${TOKEN}` });
+    const client = await connectClient(transport);
+    expect(client.protocolVersion()).toBe(REVISION[era]);
+    // A session for the 2025 client; none for the 2026-07-28 one (that revision has no sessions).
+    if (era === "legacy") expect(transport.sessionId()).toMatch(/^[0-9a-f-]{36}$/);
+    else expect(transport.sessionId()).toBeUndefined();
     const { tools } = await client.listTools();
     expect(tools.map((t) => t.name).sort()).toEqual(["describe_region", "ground", "segment"]);
-    const result = (await client.callTool({
-      name: "segment",
-      arguments: { image: "img.png", expression: "the square" },
-    })) as CallToolResult;
+    const progress: number[] = [];
+    const result = await client.callTool(
+      "segment",
+      { image: "img.png", expression: "the square" },
+      { onprogress: (p) => progress.push(p.progress) },
+    );
     expect(result.isError).toBeFalsy();
+    expect(progress.length).toBeGreaterThan(0);
     const out = segmentTool.output.parse(result.structuredContent);
     const meta = await sharp(out.instances[0]?.mask.path ?? "").metadata();
     expect([meta.width, meta.height]).toEqual([40, 30]);
+    const read = await client.readResource(out.instances[0]?.mask.uri ?? "");
+    expect(read.contents[0]?.mimeType).toBe("image/png");
     await transport.terminateSession();
     await client.close();
   });
 
-  it("ignores a remote client's MCP roots: they cannot widen --allow-dir", async () => {
+  it.each(ERAS)("ignores a remote %s client's MCP roots: they cannot widen --allow-dir", async (era) => {
     const outside = await mkdtemp(path.join(tmpdir(), "seg-http-outside-"));
     try {
       await sharp({ create: { width: 8, height: 8, channels: 3, background: "#000" } })
         .png()
         .toFile(path.join(outside, "secret.png"));
-      const client = new Client({ name: "http-roots", version: "1" }, { capabilities: { roots: {} } });
-      client.setRequestHandler(ListRootsRequestSchema, async () => ({
-        roots: [{ uri: "file:///", name: "everything" }],
-      }));
-      const transport = new StreamableHTTPClientTransport(new URL(handle.url), {
-        requestInit: { headers: { authorization: `Bearer ${TOKEN}` } },
+      let asked = 0;
+      const transport = httpTransport(era, handle.url, { authorization: `Bearer ${TOKEN}` });
+      const client = await connectClient(transport, {
+        roots: async () => {
+          asked++;
+          return [{ uri: "file:///", name: "everything" }];
+        },
       });
-      await client.connect(transport);
-      const result = (await client.callTool({
-        name: "ground",
-        arguments: { image: path.join(outside, "secret.png"), expression: "x" },
-      })) as CallToolResult;
+      const result = await client.callTool("ground", {
+        image: path.join(outside, "secret.png"),
+        expression: "x",
+      });
       expect(result.isError).toBe(true);
       expect(JSON.stringify(result.content)).toContain("PATH_NOT_ALLOWED");
+      expect(asked).toBe(0); // not even asked
       await transport.terminateSession();
       await client.close();
     } finally {

@@ -1,7 +1,8 @@
 /**
  * Streamable HTTP in the stateless mode (the default): every POST served on its own, so replicas
- * need no affinity; progress and cancellation still work; /healthz readiness; and the output
- * folder's sweep is safe when several processes (on other hosts too) share it.
+ * need no affinity; progress and cancellation still work, for 2025-11-25 clients (initialize first)
+ * and 2026-07-28 clients (stateless by design) alike; /healthz readiness; and the output folder's
+ * sweep is safe when several processes (on other hosts too) share it.
  */
 
 import { spawn } from "node:child_process";
@@ -10,9 +11,6 @@ import { request } from "node:http";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { Client } from "@modelcontextprotocol/sdk/client/index.js";
-import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
-import type { CallToolResult } from "@modelcontextprotocol/sdk/types.js";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { runCli } from "../src/cli.js";
@@ -24,6 +22,7 @@ import { processPidSpace } from "../src/runtime/output.js";
 import type { PackInfo } from "../src/runtime/types.js";
 import { type HttpHandle, serveHttp } from "../src/server.js";
 import { segmentTool } from "../src/tools/segment.js";
+import { connectClient, ERAS, type Era, httpTransport, REVISION } from "./helpers/clients.js";
 import { FakeEngine } from "./helpers/fake-engine.js";
 
 const TOKEN = "stateless-token-0123456789";
@@ -36,6 +35,28 @@ const INIT = {
   method: "initialize",
   params: { protocolVersion: "2025-06-18", capabilities: {}, clientInfo: { name: "raw", version: "1" } },
 };
+
+/** What a 2026-07-28 request carries: its revision and client in `_meta`, and the same in headers. */
+const MODERN_META = {
+  "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+  "io.modelcontextprotocol/clientInfo": { name: "raw", version: "1" },
+  "io.modelcontextprotocol/clientCapabilities": {},
+};
+
+/** A raw request in the revision of `era`: 2025 (no envelope) or 2026-07-28 (envelope, headers). */
+function rawRequest(era: Era, id: number, method: string, params: Record<string, unknown> = {}) {
+  if (era === "legacy") {
+    return {
+      body: { jsonrpc: "2.0", id, method, params },
+      headers: { "mcp-protocol-version": "2025-06-18" },
+    };
+  }
+  const name = typeof params.name === "string" ? { "mcp-name": params.name } : {};
+  return {
+    body: { jsonrpc: "2.0", id, method, params: { ...params, _meta: MODERN_META } },
+    headers: { "mcp-protocol-version": "2026-07-28", "mcp-method": method, ...name },
+  };
+}
 
 function post(url: string, body: unknown, headers: Record<string, string> = AUTH, signal?: AbortSignal) {
   return fetch(url, {
@@ -100,39 +121,44 @@ describe("stateless Streamable HTTP", () => {
     await handle?.close();
   });
 
-  it("serves an SDK client, with progress on the call's own stream; DELETE and GET are 405", async () => {
-    const client = new Client({ name: "stateless", version: "1" });
-    const transport = new StreamableHTTPClientTransport(new URL(handle.url), {
-      requestInit: { headers: AUTH },
-    });
-    await client.connect(transport);
-    // The id names the client only (for cancellation); no server state hangs on it.
-    expect(transport.sessionId).toMatch(/^[0-9a-f-]{36}$/);
-    expect((await client.listTools()).tools.map((t) => t.name).sort()).toEqual([
-      "describe_region",
-      "ground",
-      "segment",
-    ]);
-    const progress: number[] = [];
-    const result = (await client.callTool(
-      { name: "segment", arguments: { image: "img.png", box: [5, 5, 30, 20] } },
-      undefined,
-      { onprogress: (p) => progress.push(p.progress) },
-    )) as CallToolResult;
-    expect(result.isError).toBeFalsy();
-    const out = segmentTool.output.parse(result.structuredContent);
-    expect(out.instances).toHaveLength(1);
-    expect(progress.length).toBeGreaterThan(2);
-    expect(progress).toEqual([...progress].sort((a, b) => a - b));
-    await transport.terminateSession(); // DELETE: 405, which the SDK takes as "not supported"
-    await client.close();
+  it.each(ERAS)(
+    "serves a %s SDK client, with progress on the call's own stream; DELETE and GET are 405",
+    async (era) => {
+      const transport = httpTransport(era, handle.url, AUTH);
+      const client = await connectClient(transport);
+      expect(client.protocolVersion()).toBe(REVISION[era]);
+      // 2025: the id names the client only (for cancellation); no server state hangs on it.
+      // 2026-07-28 has no session id at all.
+      if (era === "legacy") expect(transport.sessionId()).toMatch(/^[0-9a-f-]{36}$/);
+      else expect(transport.sessionId()).toBeUndefined();
+      expect((await client.listTools()).tools.map((t) => t.name).sort()).toEqual([
+        "describe_region",
+        "ground",
+        "segment",
+      ]);
+      const progress: number[] = [];
+      const result = await client.callTool(
+        "segment",
+        { image: "img.png", box: [5, 5, 30, 20] },
+        { onprogress: (p) => progress.push(p.progress) },
+      );
+      expect(result.isError).toBeFalsy();
+      const out = segmentTool.output.parse(result.structuredContent);
+      expect(out.instances).toHaveLength(1);
+      expect(progress.length).toBeGreaterThan(2);
+      expect(progress).toEqual([...progress].sort((a, b) => a - b));
+      const read = await client.readResource(out.instances[0]?.mask.uri ?? "");
+      expect(read.contents[0]?.mimeType).toBe("image/png");
+      await transport.terminateSession(); // DELETE: 405, which the SDK takes as "not supported"
+      await client.close();
 
-    for (const method of ["GET", "DELETE"]) {
-      const res = await fetch(handle.url, { method, headers: { ...AUTH, accept: "text/event-stream" } });
-      expect(res.status).toBe(405);
-      expect(res.headers.get("allow")).toBe("POST");
-    }
-  });
+      for (const method of ["GET", "DELETE"]) {
+        const res = await fetch(handle.url, { method, headers: { ...AUTH, accept: "text/event-stream" } });
+        expect(res.status).toBe(405);
+        expect(res.headers.get("allow")).toBe("POST");
+      }
+    },
+  );
 
   it("answers a call with no initialize before it, and any (or no) session id: no affinity needed", async () => {
     const call = {
@@ -184,18 +210,42 @@ describe("stateless Streamable HTTP", () => {
     expect(rebound).toBe(403);
   });
 
-  it("cancels a call whose client goes away: the engine's signal fires", async () => {
+  it("a 2026-07-28 request needs no initialize: lists carry ttlMs, results their resultType", async () => {
+    const list = rawRequest("modern", 3, "tools/list");
+    const listed = await post(handle.url, list.body, { ...AUTH, ...list.headers });
+    expect(listed.status).toBe(200);
+    expect(listed.headers.get("mcp-session-id")).toBeNull();
+    const tools = await reply(listed);
+    expect(tools.result).toMatchObject({ resultType: "complete", ttlMs: 300_000, cacheScope: "public" });
+    const call = rawRequest("modern", 4, "tools/call", {
+      name: "ground",
+      arguments: { image: "img.png", expression: "the square" },
+    });
+    const called = await reply(await post(handle.url, call.body, { ...AUTH, ...call.headers }));
+    expect(called.result).toMatchObject({ resultType: "complete", structuredContent: { found: true } });
+    // The server names itself on every 2026-07-28 answer.
+    expect(called.result?._meta).toMatchObject({
+      "io.modelcontextprotocol/serverInfo": { name: "qwen3-vl-seg-mcp" },
+    });
+    // The gate's own answer (a refused field) has the same shape.
+    const bad = rawRequest("modern", 5, "tools/call", {
+      name: "ground",
+      arguments: JSON.parse('{"image": "img.png", "expression": "x", "__proto__": {}}'),
+    });
+    const refused = await reply(await post(handle.url, bad.body, { ...AUTH, ...bad.headers }));
+    expect(refused.result).toMatchObject({ resultType: "complete", isError: true });
+  });
+
+  it.each(ERAS)("cancels a %s call whose client goes away: the engine's signal fires", async (era) => {
     engine.options.delayMs = 5_000;
     try {
       const before = engine.calls.length;
       const abort = new AbortController();
-      const call = {
-        jsonrpc: "2.0",
-        id: 9,
-        method: "tools/call",
-        params: { name: "ground", arguments: { image: "img.png", expression: "slow" } },
-      };
-      const res = await post(handle.url, call, AUTH, abort.signal);
+      const call = rawRequest(era, 9, "tools/call", {
+        name: "ground",
+        arguments: { image: "img.png", expression: "slow" },
+      });
+      const res = await post(handle.url, call.body, { ...AUTH, ...call.headers }, abort.signal);
       expect(res.status).toBe(200); // the SSE stream is open; the call runs
       await until(() => engine.calls.length > before, "the call to reach the engine");
       const started = Date.now();
@@ -207,19 +257,16 @@ describe("stateless Streamable HTTP", () => {
     }
   });
 
-  it("cancels a call on notifications/cancelled from the SDK client (same process)", async () => {
+  // 2025: the SDK client POSTs notifications/cancelled; 2026-07-28: it closes the call's stream.
+  it.each(ERAS)("cancels a call the %s SDK client gives up on", async (era) => {
     engine.options.delayMs = 5_000;
-    const client = new Client({ name: "cancel", version: "1" });
-    const transport = new StreamableHTTPClientTransport(new URL(handle.url), {
-      requestInit: { headers: AUTH },
-    });
+    const client = await connectClient(httpTransport(era, handle.url, AUTH));
     try {
-      await client.connect(transport);
       const before = engine.calls.length;
       const abort = new AbortController();
       const call = client.callTool(
-        { name: "ground", arguments: { image: "img.png", expression: "slow" } },
-        undefined,
+        "ground",
+        { image: "img.png", expression: "slow" },
         { signal: abort.signal },
       );
       await until(() => engine.calls.length > before, "the call to reach the engine");

@@ -1,6 +1,6 @@
 /** The `segment` tool: one mask PNG per matching instance (or for a box the caller already has). */
 
-import type { ContentBlock } from "@modelcontextprotocol/sdk/types.js";
+import type { ContentBlock } from "@modelcontextprotocol/server";
 import { z } from "zod";
 import { SegError } from "../errors.js";
 import { ensureOutputDir, outputUri } from "../paths.js";

@@ -4,20 +4,17 @@
  */
 
 import path from "node:path";
-import type { McpServer } from "@modelcontextprotocol/sdk/server/mcp.js";
-import type { RequestHandlerExtra } from "@modelcontextprotocol/sdk/shared/protocol.js";
 import {
-  CallToolRequestSchema,
   type CallToolResult,
   type ContentBlock,
-  ErrorCode,
-  ListToolsRequestSchema,
-  McpError,
-  type ServerNotification,
-  type ServerRequest,
+  type InputRequiredResult,
+  type McpServer,
+  ProtocolError,
+  ProtocolErrorCode,
+  type ServerContext,
   type Tool,
   type ToolAnnotations,
-} from "@modelcontextprotocol/sdk/types.js";
+} from "@modelcontextprotocol/server";
 import { z } from "zod";
 import type { Config } from "../config.js";
 import { SegError, toSegError } from "../errors.js";
@@ -33,7 +30,8 @@ import {
 } from "../runtime/types.js";
 import type { InputContext } from "./inputs.js";
 
-export type ToolExtra = RequestHandlerExtra<ServerRequest, ServerNotification>;
+/** The SDK's context of one request: its id, signal, `_meta` (progress token), envelope and sends. */
+export type ToolExtra = ServerContext;
 
 export interface ToolDeps {
   config: Config;
@@ -44,6 +42,12 @@ export interface ToolDeps {
    * (asked through `extra`, so the request travels on the call's own stream).
    */
   allowDirs(extra?: ToolExtra): Promise<readonly string[]>;
+  /**
+   * Before a call runs: what the server must ask the client first (protocol revision 2026-07-28,
+   * where a server asks by answering `input_required` and the client retries the call with the
+   * answers), or undefined to run the call now.
+   */
+  inputRequired?(extra: ToolExtra): Promise<InputRequiredResult | undefined>;
 }
 
 export interface CallOptions {
@@ -124,28 +128,30 @@ export function registerTools(
   const byName = new Map(tools.map((t) => [t.name, t]));
   const names = tools.map((t) => t.name).join(", ");
   server.server.registerCapabilities({ tools: {} });
-  server.server.setRequestHandler(ListToolsRequestSchema, () => ({
-    tools: tools.map((t) => ({
-      name: t.name,
-      title: t.title,
-      description: t.description,
-      inputSchema: z.toJSONSchema(t.input, { target: "draft-7", io: "input" }) as Tool["inputSchema"],
-      outputSchema: z.toJSONSchema(t.output, { target: "draft-7", io: "output" }) as Tool["outputSchema"],
-      annotations: t.annotations,
-    })),
+  const listed: Tool[] = tools.map((t) => ({
+    name: t.name,
+    title: t.title,
+    description: t.description,
+    inputSchema: z.toJSONSchema(t.input, { target: "draft-7", io: "input" }) as Tool["inputSchema"],
+    outputSchema: z.toJSONSchema(t.output, { target: "draft-7", io: "output" }) as Tool["outputSchema"],
+    annotations: t.annotations,
   }));
+  const outputSchemas = new Map(listed.map((t) => [t.name, t.outputSchema]));
+  server.server.setRequestHandler("tools/list", () => ({ tools: listed }));
   // Params that are not even the right shape are answered by the JSON-RPC gate (jsonrpc.ts) in a
   // sentence, before the SDK's own check of this schema would answer them with a dump.
-  server.server.setRequestHandler(CallToolRequestSchema, async (request, extra) => {
+  server.server.setRequestHandler("tools/call", async (request, extra) => {
     const { name, arguments: args } = request.params;
     const tool = byName.get(name);
     if (!tool) {
-      throw new McpError(
-        ErrorCode.InvalidParams,
+      throw new ProtocolError(
+        ProtocolErrorCode.InvalidParams,
         `unknown tool "${truncate(name, 80)}": the tools are ${names}`,
       );
     }
-    return handleTool(deps, extra, async (opts, callDeps) => {
+    const ask = await deps.inputRequired?.(extra);
+    if (ask) return ask;
+    const result = await handleTool(deps, extra, async (opts, callDeps) => {
       const input = parseArguments(tool, args);
       const out = await tool.run(callDeps, input, opts);
       return toolSuccess(
@@ -154,6 +160,8 @@ export function registerTools(
         out.blocks,
       );
     });
+    // The revision's own shaping of a result (identity for ours: structuredContent is an object).
+    return server.server.projectCallToolResult(result, outputSchemas.get(name));
   });
 }
 
@@ -310,7 +318,7 @@ const STAGE_ORDER: readonly Stage[] = [
  * progress token (0..100 over the pipeline, strictly increasing as the protocol requires).
  */
 export function progressNotifier(extra: ToolExtra, logger: Logger): ProgressFn | undefined {
-  const token = extra._meta?.progressToken;
+  const token = extra.mcpReq._meta?.progressToken;
   if (token === undefined) return undefined;
   let last = -1;
   return ({ stage, fraction, message }) => {
@@ -319,8 +327,8 @@ export function progressNotifier(extra: ToolExtra, logger: Logger): ProgressFn |
     const progress = Math.min(99, Math.floor((100 * (Math.max(0, index) + f)) / STAGE_ORDER.length));
     if (progress <= last) return;
     last = progress;
-    extra
-      .sendNotification({
+    extra.mcpReq
+      .notify({
         method: "notifications/progress",
         params: { progressToken: token, progress, total: 100, message: message ?? stage },
       })
@@ -374,7 +382,7 @@ export async function handleTool(
   const onProgress = progressNotifier(extra, deps.logger);
   const callDeps: ToolDeps = { ...deps, allowDirs: () => deps.allowDirs(extra) };
   try {
-    return await body({ signal: extra.signal, ...(onProgress ? { onProgress } : {}) }, callDeps);
+    return await body({ signal: extra.mcpReq.signal, ...(onProgress ? { onProgress } : {}) }, callDeps);
   } catch (error) {
     return toolError(error, deps.logger);
   }

@@ -10,10 +10,10 @@ import { mkdir, mkdtemp, realpath, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { getMcpConfigForManifest } from "@anthropic-ai/mcpb/node";
-import { Client } from "@modelcontextprotocol/sdk/client/index.js";
-import { getDefaultEnvironment, StdioClientTransport } from "@modelcontextprotocol/sdk/client/stdio.js";
+import { getDefaultEnvironment } from "@modelcontextprotocol/client/stdio";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { DEFAULT_PACK_NAME, PACKAGE_NAME } from "../../src/config.js";
+import { connectClient, ERAS, stdioTransport } from "../helpers/clients.js";
 import { exampleImage, explain, repo, run, segmentOverMcp, TOOL_NAMES } from "./shared.js";
 
 const pkg = JSON.parse(readFileSync(path.join(repo, "package.json"), "utf8")) as {
@@ -94,9 +94,9 @@ describe("MCP bundle", () => {
     expect(existsSync(path.join(unpacked, "dist", "bench"))).toBe(false);
   });
 
-  it("its entry point serves MCP over stdio as a host starts it", async () => {
+  it.each(ERAS)("its entry point serves MCP over stdio to a %s client as a host starts it", async (era) => {
     expect(manifest, "unpacked").toBeDefined();
-    const out = path.join(work, "masks");
+    const out = path.join(work, `masks-${era}`);
     await mkdir(out);
     const home = os.homedir();
     // What Claude Desktop does: the manifest's mcp_config with the user's settings substituted.
@@ -115,31 +115,27 @@ describe("MCP bundle", () => {
     });
     if (!config) throw new Error("the host would not start the server: required settings missing");
     expect(config.args).toContainEqual(expect.stringMatching(/^\$\{user_config\.pack_directory\}$/));
-    const transport = new StdioClientTransport({
+    const transport = stdioTransport(era, {
       command: config.command === "node" ? process.execPath : config.command,
       args: config.args ?? [],
       env: { ...getDefaultEnvironment(), ...config.env },
       // desktop hosts start servers in the filesystem root
       cwd: path.parse(work).root,
-      stderr: "pipe",
     });
     let stderr = "";
     transport.stderr?.on("data", (chunk: Buffer) => {
       stderr += chunk.toString();
     });
-    const client = new Client({ name: "bundle-test", version: "1" });
-    const protocolErrors: Error[] = [];
-    client.onerror = (error) => protocolErrors.push(error);
-    await client.connect(transport);
+    const client = await connectClient(transport, { name: "bundle-test" });
     try {
-      const tools = await segmentOverMcp(client, out);
+      const tools = await segmentOverMcp(client, era, out);
       // the manifest lists the server's own tools, with the same descriptions
       expect(
         manifest.tools
           .map((t) => ({ name: t.name, description: t.description }))
           .sort((a, b) => a.name.localeCompare(b.name)),
       ).toEqual(tools.sort((a, b) => a.name.localeCompare(b.name)));
-      expect(protocolErrors, stderr).toEqual([]);
+      expect(client.errors, stderr).toEqual([]);
     } finally {
       await client.close();
     }

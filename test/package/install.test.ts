@@ -11,10 +11,9 @@ import { existsSync, readdirSync } from "node:fs";
 import { mkdir, mkdtemp, realpath, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
-import { Client } from "@modelcontextprotocol/sdk/client/index.js";
-import { StdioClientTransport } from "@modelcontextprotocol/sdk/client/stdio.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { DEFAULT_PACK_NAME, PACKAGE_NAME } from "../../src/config.js";
+import { connectClient, ERAS, stdioTransport } from "../helpers/clients.js";
 import {
   exampleBox,
   exampleImage,
@@ -121,29 +120,28 @@ describe("npm package", () => {
     await expectStarMask(JSON.parse(r.stdout), path.join(elsewhere, "qwen3-vl-seg-out"));
   });
 
-  it("the installed binary serves MCP over stdio (started by its absolute path)", async () => {
-    expect(existsSync(bin), "installed").toBe(true);
-    const out = path.join(work, "masks");
-    // As a desktop client starts it: the SDK's default environment (HOME, PATH, ...), not this shell's.
-    const transport = new StdioClientTransport({
-      command: bin,
-      args: ["--allow-dir", path.dirname(exampleImage), "--out", out],
-      cwd: elsewhere,
-      stderr: "pipe",
-    });
-    let stderr = "";
-    transport.stderr?.on("data", (chunk: Buffer) => {
-      stderr += chunk.toString();
-    });
-    const client = new Client({ name: "package-test", version: "1" });
-    const protocolErrors: Error[] = [];
-    client.onerror = (error) => protocolErrors.push(error);
-    await client.connect(transport);
-    try {
-      await segmentOverMcp(client, out);
-      expect(protocolErrors, stderr).toEqual([]);
-    } finally {
-      await client.close();
-    }
-  });
+  it.each(ERAS)(
+    "the installed binary serves MCP over stdio to a %s client (started by its absolute path)",
+    async (era) => {
+      expect(existsSync(bin), "installed").toBe(true);
+      const out = path.join(work, `masks-${era}`);
+      // As a desktop client starts it: the SDK's default environment (HOME, PATH, ...), not this shell's.
+      const transport = stdioTransport(era, {
+        command: bin,
+        args: ["--allow-dir", path.dirname(exampleImage), "--out", out],
+        cwd: elsewhere,
+      });
+      let stderr = "";
+      transport.stderr?.on("data", (chunk: Buffer) => {
+        stderr += chunk.toString();
+      });
+      const client = await connectClient(transport, { name: "package-test" });
+      try {
+        await segmentOverMcp(client, era, out);
+        expect(client.errors, stderr).toEqual([]);
+      } finally {
+        await client.close();
+      }
+    },
+  );
 });

@@ -6,12 +6,11 @@
 import { execFile } from "node:child_process";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import type { Client } from "@modelcontextprotocol/sdk/client/index.js";
-import type { CallToolResult } from "@modelcontextprotocol/sdk/types.js";
 import sharp from "sharp";
 import { expect } from "vitest";
 import { DEFAULT_PACK_NAME } from "../../src/config.js";
 import { segmentTool } from "../../src/tools/segment.js";
+import { type Era, REVISION, type TestClient } from "../helpers/clients.js";
 
 export const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..", "..");
 export const exampleImage = path.join(repo, "examples", "shapes-1.png");
@@ -86,19 +85,21 @@ export async function expectStarMask(structured: unknown, outDir: string): Promi
   expect(area / boxArea).toBeLessThan(0.6);
 }
 
-/** List the tools, then segment the example's star over MCP and check the mask. */
+/** Check the revision, list the tools, then segment the example's star over MCP and check the mask. */
 export async function segmentOverMcp(
-  client: Client,
+  client: TestClient,
+  era: Era,
   outDir: string,
 ): Promise<{ name: string; description: string | undefined }[]> {
+  expect(client.protocolVersion()).toBe(REVISION[era]);
   const { tools } = await client.listTools();
   expect(tools.map((t) => t.name).sort()).toEqual(TOOL_NAMES);
-  const result = (await client.callTool(
-    { name: "segment", arguments: { image: exampleImage, box: [...exampleBox] } },
-    undefined,
+  const result = await client.callTool(
+    "segment",
+    { image: exampleImage, box: [...exampleBox] },
     // Model work on a busy machine: no tight limit (the SDK's default is 60 s).
     { timeout: 900_000 },
-  )) as CallToolResult;
+  );
   expect(result.isError, JSON.stringify(result.content)).toBeFalsy();
   await expectStarMask(result.structuredContent, outDir);
   return tools.map((t) => ({ name: t.name, description: t.description }));

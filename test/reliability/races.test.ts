@@ -9,9 +9,7 @@ import { type ChildProcess, execFileSync, spawn } from "node:child_process";
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
-import { Client } from "@modelcontextprotocol/sdk/client/index.js";
-import { InMemoryTransport } from "@modelcontextprotocol/sdk/inMemory.js";
-import type { CallToolResult } from "@modelcontextprotocol/sdk/types.js";
+import type { CallToolResult } from "@modelcontextprotocol/client";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createConfig } from "../../src/config.js";
@@ -23,6 +21,7 @@ import type {
   GroundResult,
 } from "../../src/runtime/types.js";
 import { createServer } from "../../src/server.js";
+import { connectInMemory, ERAS, type Era } from "../helpers/clients.js";
 import { FakeEngine } from "../helpers/fake-engine.js";
 
 const CALLS = 300;
@@ -86,27 +85,23 @@ function racer(body: string): ChildProcess {
   return spawn(process.execPath, ["-e", script], { stdio: "ignore" });
 }
 
-async function connect(engine: FakeEngine) {
+async function connect(era: Era, engine: FakeEngine) {
   const config = createConfig({
     cwd: allowed,
     allowDirs: [allowed],
     outDir: path.join(root, "out"),
     logLevel: "silent",
   });
-  const server = createServer(config, engine, silentLogger);
-  const client = new Client({ name: "racer", version: "1" });
-  const [a, b] = InMemoryTransport.createLinkedPair();
-  await Promise.all([server.connect(b), client.connect(a)]);
+  const client = await connectInMemory(era, (ctx) =>
+    createServer(config, engine, silentLogger, { trustRoots: true, era: ctx.era }),
+  );
   return {
     call: (name: string, args: Record<string, unknown>) =>
       Promise.race([
-        client.callTool({ name, arguments: args }) as Promise<CallToolResult>,
+        client.callTool(name, args),
         new Promise<never>((_, reject) => setTimeout(() => reject(new Error("a call hung")), 30_000)),
       ]),
-    close: async () => {
-      await client.close();
-      await server.close();
-    },
+    close: () => client.close(),
   };
 }
 
@@ -120,7 +115,7 @@ function codes(results: CallToolResult[]): Record<string, number> {
   return out;
 }
 
-describe("swap races", () => {
+describe.each(ERAS)("swap races (%s client)", (era) => {
   it("a directory on the path swapped for a symlink leading outside: nothing outside is read", async () => {
     const dir = JSON.stringify(path.join(allowed, "dir"));
     const real = JSON.stringify(path.join(allowed, "dir.real"));
@@ -129,7 +124,7 @@ describe("swap races", () => {
       `fs.renameSync(${dir}, ${real}); fs.symlinkSync(${out}, ${dir}); fs.unlinkSync(${dir}); fs.renameSync(${real}, ${dir});`,
     );
     const engine = new RecordingEngine();
-    const conn = await connect(engine);
+    const conn = await connect(era, engine);
     try {
       const results: CallToolResult[] = [];
       for (let i = 0; i < CALLS; i++)
@@ -152,7 +147,7 @@ describe("swap races", () => {
       `fs.renameSync(${m}, ${kept}); fs.symlinkSync(${out}, ${m}); fs.unlinkSync(${m}); fs.renameSync(${kept}, ${m});`,
     );
     const engine = new RecordingEngine();
-    const conn = await connect(engine);
+    const conn = await connect(era, engine);
     try {
       const results: CallToolResult[] = [];
       for (let i = 0; i < CALLS; i++)
@@ -175,7 +170,7 @@ describe("swap races", () => {
       `fs.renameSync(${img}, ${regular}); fs.renameSync(${fifo}, ${img}); fs.renameSync(${img}, ${fifo}); fs.renameSync(${regular}, ${img});`,
     );
     const engine = new RecordingEngine();
-    const conn = await connect(engine);
+    const conn = await connect(era, engine);
     try {
       const results: CallToolResult[] = [];
       for (let i = 0; i < CALLS; i++)
