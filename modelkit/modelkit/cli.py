@@ -274,6 +274,14 @@ def _parser() -> argparse.ArgumentParser:
     tv.add_argument("--text-layers", type=int, default=4)
     tv.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     tv.add_argument("--workers", type=int, default=0, help="data-loading processes (with --stream-seed)")
+    tv.add_argument(
+        "--render",
+        choices=("workers", "device"),
+        default="workers",
+        help="with --stream-seed: 'workers' draw each scene with PIL on the CPU (synth.py); 'device' has the"
+        " workers lay out the scenes and write the texts while the training device rasterises the pixels"
+        " of a whole batch with tensor ops (synth_torch.py)",
+    )
     tv.add_argument("--coord-step", type=int, default=1, help="round answer coordinates to multiples of this")
     tv.add_argument(
         "--light", action="store_true", help="save only <out>/training_state.pt (weights, no optimizer)"

@@ -233,6 +233,29 @@ def _coverage(shape: str, cx: float, cy: float, side: float, width: int, height:
     return cov
 
 
+def _place(
+    rng: np.random.Generator,
+    side: float,
+    w: int,
+    h: int,
+    margin: float,
+    gap: float,
+    footprints: list[tuple[float, float, float, float]],
+) -> tuple[float, float, tuple[float, float, float, float]] | None:
+    """A centre (cx, cy) and footprint for an object of `side` at least `gap` from every footprint
+    placed so far (200 random tries), or None where none was found."""
+    for _try in range(200):
+        cx = float(rng.uniform(margin + side / 2.0, w - margin - side / 2.0))
+        cy = float(rng.uniform(margin + side / 2.0, h - margin - side / 2.0))
+        fp = (cx - side / 2.0, cy - side / 2.0, cx + side / 2.0, cy + side / 2.0)
+        if all(
+            fp[2] + gap <= o[0] or o[2] + gap <= fp[0] or fp[3] + gap <= o[1] or o[3] + gap <= fp[1]
+            for o in footprints
+        ):
+            return cx, cy, fp
+    return None
+
+
 def _object_side(rng: np.random.Generator, size: str, short_side: int) -> float:
     base = max(SMALL_BASE_MIN, SMALL_BASE_FRAC * short_side)
     lo, hi = (0.9, 1.1) if size == "small" else (1.8, 2.2)
@@ -288,17 +311,10 @@ def render_scene(
     for _ in range(n_objects):
         shape, colour, size = _pick_attributes(rng, attrs)
         side = _object_side(rng, size, short)
-        for _try in range(200):
-            cx = float(rng.uniform(margin + side / 2.0, w - margin - side / 2.0))
-            cy = float(rng.uniform(margin + side / 2.0, h - margin - side / 2.0))
-            fp = (cx - side / 2.0, cy - side / 2.0, cx + side / 2.0, cy + side / 2.0)
-            if all(
-                fp[2] + gap <= o[0] or o[2] + gap <= fp[0] or fp[3] + gap <= o[1] or o[3] + gap <= fp[1]
-                for o in footprints
-            ):
-                break
-        else:
+        placed = _place(rng, side, w, h, margin, gap, footprints)
+        if placed is None:
             continue
+        cx, cy, fp = placed
         cov = _coverage(shape, cx, cy, side, w, h)  # [H, W]
         jitter = rng.integers(-12, 13, size=3)
         col = np.clip(np.asarray(COLOURS[colour], dtype=np.float64) + jitter, 0.0, 255.0)  # [3]

@@ -110,7 +110,7 @@ class Tok:
 
 @dataclass
 class Pixels:
-    resized: np.ndarray  # [Hr, Wr, 3] uint8
+    resized: np.ndarray | None  # [Hr, Wr, 3] uint8; None: drawn later on the device (DeviceData)
     grid: tuple[int, int]  # (gh, gw) patches
 
 
@@ -127,6 +127,7 @@ def patch_bytes(px: Pixels) -> np.ndarray:
     """[Hr, Wr, 3] uint8 -> [gh*gw, 3, 16, 16] uint8 patches in merge-window order (as the processor).
 
     Data workers ship these (1/8 of the float pixel values) and the model's device normalises them."""
+    assert px.resized is not None
     gh, gw = px.grid
     p, m = PATCH_SIZE, MERGE_SIZE
     x = px.resized.transpose(2, 0, 1).reshape(3, gh // m, m, p, gw // m, m, p)  # (C, bh, mh, py, bw, mw, px)
@@ -471,6 +472,48 @@ class Data:
         return min(mh - 1, int(cy * mh)) * mw + min(mw - 1, int(cx * mw))
 
 
+class DeviceData(Data):
+    """Samples of a stream pool whose pixels the training device draws (`--render device`): a batch
+    carries its scenes' packed layouts (synth_torch.pack) and, per sample, the scene, crop and resized
+    size; `synth_torch.attach_pixels` turns them into the `pixel_bytes` of `collate`."""
+
+    def __init__(
+        self,
+        pool: Any,  # synth_torch.Pool
+        ds: RefDataset,
+        samples: list[Sample],
+        min_pixels: int,
+        max_pixels: int,
+        attr_values: dict[str, list[str]],
+        coord_step: int = 1,
+    ) -> None:
+        super().__init__(ds, samples, min_pixels, max_pixels, attr_values, coord_step)
+        self.pool = pool
+
+    def pixels(self, s: Sample) -> Pixels:
+        rec = self.ds.images[s.image_id]
+        x0, y0, x1, y1 = s.crop if s.crop is not None else (0, 0, rec.width, rec.height)
+        f = PATCH_SIZE * MERGE_SIZE
+        hr, wr = smart_resize(
+            y1 - y0, x1 - x0, factor=f, min_pixels=self.min_pixels, max_pixels=self.max_pixels
+        )
+        return Pixels(None, (hr // PATCH_SIZE, wr // PATCH_SIZE))
+
+    def render_fields(self, batch: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        from .synth_torch import pack
+
+        ids = list(dict.fromkeys(s.image_id for s in batch))  # the scenes this batch shows, in order
+        index = {i: k for k, i in enumerate(ids)}
+        req = []
+        for s in batch:
+            rec = self.ds.images[s.image_id]
+            x0, y0, x1, y1 = s.crop if s.crop is not None else (0, 0, rec.width, rec.height)
+            gh, gw = self.pixels(s).grid
+            req.append([index[s.image_id], x0, y0, x1, y1, gh * PATCH_SIZE, gw * PATCH_SIZE])
+        packed = pack([self.pool.layouts[i] for i in ids], [self.pool.geoms[i] for i in ids])
+        return {**packed, "render_req": torch.tensor(req, dtype=torch.long)}
+
+
 def prompt_ids(tok: Tok, question: str, n_pads: int) -> list[int]:
     """The chat prompt with its one <|image_pad|> expanded to `n_pads` copies."""
     ids = tok.encode(answers.CHAT_TEMPLATE.format(question=question))
@@ -492,7 +535,8 @@ def collate(
     for s in batch:
         px = data.pixels(s)
         gh, gw = px.grid
-        pixel_bytes.append(patch_bytes(px))
+        if px.resized is not None:
+            pixel_bytes.append(patch_bytes(px))
         grids.append([1, gh, gw])
         p = prompt_ids(tok, s.question, gh * gw // (MERGE_SIZE * MERGE_SIZE))
         seqs.append(p + (s.answer_ids if with_answer else []))
@@ -546,11 +590,15 @@ def collate(
         t = torch.tensor(rows, dtype=torch.float64).reshape(-1, 3)
         return t[:, 0].long(), t[:, 1].long(), (t[:, 2].float() if last_float else t[:, 2].long())
 
+    if isinstance(data, DeviceData):  # the device draws the pixels: synth_torch.attach_pixels
+        pixels: dict[str, torch.Tensor] = data.render_fields(batch)
+    else:
+        pixels = {"pixel_bytes": torch.from_numpy(np.concatenate(pixel_bytes, axis=0))}  # [P, 3, 16, 16] u8
     return {
         "input_ids": ids,
         "attention_mask": mask,
         "mm_token_type_ids": (ids == vocab.image_token).int(),
-        "pixel_bytes": torch.from_numpy(np.concatenate(pixel_bytes, axis=0)),  # [P, 3, 16, 16] uint8
+        **pixels,
         "image_grid_thw": torch.tensor(grids, dtype=torch.long),
         "labels": labels,
         "weights": weights,
@@ -782,6 +830,9 @@ class TrainArgs:
     # Train on fresh synthetic scenes of this seed (modelkit.synth) instead of a dataset folder.
     stream_seed: int | None = None
     workers: int = 0  # data-loading processes (stream mode)
+    # Stream mode: "workers" draw the scenes with PIL (synth.py); "device": the workers lay out the
+    # scenes and write the texts, the training device draws the pixels (synth_torch.py).
+    render: str = "workers"
     coord_step: int = 1  # answer coordinates rounded to multiples of this
     # Save only the model weights (<out>/training_state.pt, no optimizer, no HF folder): for bringing
     # a run back from a remote machine; `--resume` on it here writes the checkpoint folders.
@@ -842,7 +893,9 @@ class SceneStream(torch.utils.data.IterableDataset[dict[str, Any]]):
         self.a, self.vocab, self.attr_values, self.t0, self.first = a, vocab, attr_values, t0, first
 
     def __iter__(self) -> Any:
+        from .refdata import MemoryRefDataset
         from .synth import memory_dataset
+        from .synth_torch import stream_pool
 
         a = self.a
         assert a.stream_seed is not None
@@ -853,8 +906,13 @@ class SceneStream(torch.utils.data.IterableDataset[dict[str, Any]]):
         rng = random.Random(a.seed * 1000 + wid)
         for k in itertools.count():
             first = self.first + (k * nw + wid) * STREAM_POOL
+            pool = None
             try:
-                ds = memory_dataset(a.stream_seed, first, STREAM_POOL)
+                if a.render == "device":
+                    pool = stream_pool(a.stream_seed, first, STREAM_POOL)
+                    ds: RefDataset = MemoryRefDataset(pool.records, {})
+                else:
+                    ds = memory_dataset(a.stream_seed, first, STREAM_POOL)
             except Exception as e:  # one bad pool must not end a long run
                 print(f"worker {wid}: skipped scenes {first}+{STREAM_POOL}: {e!r}", flush=True)
                 continue
@@ -864,7 +922,11 @@ class SceneStream(torch.utils.data.IterableDataset[dict[str, Any]]):
                 for s in build_samples(ds, builder)
                 if self.vocab.covers(s.answer_ids) and self.vocab.covers(tok.encode(s.question))
             ]
-            data = Data(ds, samples, a.min_pixels, a.max_pixels, self.attr_values, a.coord_step)
+            data = (
+                DeviceData(pool, ds, samples, a.min_pixels, a.max_pixels, self.attr_values, a.coord_step)
+                if pool is not None
+                else Data(ds, samples, a.min_pixels, a.max_pixels, self.attr_values, a.coord_step)
+            )
             pools = sample_pools(ds, samples)
             for _ in range(STREAM_BATCHES_PER_POOL):
                 frac = (time.time() - self.t0) / max(a.minutes * 60.0, 1e-9)
@@ -886,6 +948,10 @@ def train(a: TrainArgs) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if a.render not in ("workers", "device"):
+        raise ValueError(f"render is 'workers' or 'device', not {a.render!r}")
+    if a.render == "device" and a.stream_seed is None:
+        raise ValueError("render 'device' draws stream scenes: it needs a stream seed, not a dataset folder")
     tok = Tok(a.tokenizer)
     builder = SampleBuilder(tok, a.coord_step)
     if a.train is not None:
@@ -981,6 +1047,7 @@ def train(a: TrainArgs) -> dict[str, Any]:
     run_logs: dict[str, torch.Tensor] = {}
     n_logs = 0
     t_log = time.time()
+    t_data = 0.0  # seconds waiting for batches (and drawing them with --render device) since the last log
     first_loss: float | None = None
     loss = torch.zeros(())
     while True:
@@ -991,7 +1058,13 @@ def train(a: TrainArgs) -> dict[str, Any]:
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, frac))))
         for g in opt.param_groups:
             g["lr"] = lr
+        td = time.time()
         batch = to_device(next(batches), device)
+        if "render_req" in batch:
+            from .synth_torch import attach_pixels
+
+            batch = attach_pixels(batch)
+        t_data += time.time() - td
         loss, logs = compute_loss(wm, batch, a.aux_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1007,8 +1080,13 @@ def train(a: TrainArgs) -> dict[str, Any]:
             dt = (time.time() - t_log) / n_logs
             parts = " ".join(f"{k} {float(v) / n_logs:.3f}" for k, v in run_logs.items())
             easy = "easy " if frac < a.curriculum else ""
-            print(f"step {step} t {elapsed / 60:.1f}m lr {lr:.2e} {easy}{parts} {dt:.3f}s/step", flush=True)
-            run_logs, n_logs, t_log = {}, 0, time.time()
+            wait = t_data / n_logs
+            print(
+                f"step {step} t {elapsed / 60:.1f}m lr {lr:.2e} {easy}{parts} data {wait:.3f}s "
+                f"{dt:.3f}s/step",
+                flush=True,
+            )
+            run_logs, n_logs, t_log, t_data = {}, 0, time.time(), 0.0
         now = time.time()
         if val is not None and now - last_eval >= a.eval_every_s:
             run_eval()
@@ -1092,6 +1170,7 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
             device=args.device,
             stream_seed=args.stream_seed,
             workers=args.workers,
+            render=args.render,
             coord_step=args.coord_step,
             light=args.light,
             tokenizer=args.tokenizer,
