@@ -97,7 +97,15 @@ export async function sweepOutputDir(dir: string, policy: Retention, now = Date.
   return { removed, keptFiles: kept.length, keptBytes: total };
 }
 
-/** Sweeps once now and then every `everyMs` until stopped; a failed sweep is logged, never thrown. */
+/** A sweep that leaves the folder above this share of its size bound comes back after SOON_MS. */
+const NEAR_BOUND = 0.8;
+const SOON_MS = 1_000;
+
+/**
+ * Sweeps once now and then every `everyMs` until stopped; a failed sweep is logged, never thrown.
+ * While the folder stays near its size bound the next sweep comes after a second instead, so a busy
+ * server overshoots the bound by at most about a second of writes, not a whole interval's.
+ */
 export function keepOutputDir(
   dir: string,
   policy: Retention,
@@ -105,6 +113,8 @@ export function keepOutputDir(
   everyMs = Math.max(10_000, Math.min(5 * 60_000, policy.outMinAgeMs)),
 ): { stop(): void; sweep(): Promise<SweepResult> } {
   let running: Promise<SweepResult> | undefined;
+  let timer: NodeJS.Timeout | undefined;
+  let stopped = false;
   const sweep = () => {
     running ??= sweepOutputDir(dir, policy)
       .then((r) => {
@@ -120,8 +130,18 @@ export function keepOutputDir(
       });
     return running;
   };
-  void sweep();
-  const timer = setInterval(() => void sweep(), everyMs);
-  timer.unref();
-  return { stop: () => clearInterval(timer), sweep };
+  const next = (after: SweepResult) => {
+    if (stopped) return;
+    const soon = after.keptBytes > NEAR_BOUND * policy.outMaxBytes;
+    timer = setTimeout(() => void sweep().then(next), soon ? Math.min(SOON_MS, everyMs) : everyMs);
+    timer.unref();
+  };
+  void sweep().then(next);
+  return {
+    stop: () => {
+      stopped = true;
+      clearTimeout(timer);
+    },
+    sweep,
+  };
 }

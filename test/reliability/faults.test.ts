@@ -12,7 +12,8 @@ import path from "node:path";
 import sharp from "sharp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { SegError } from "../../src/errors.js";
-import { sweepOutputDir } from "../../src/retention.js";
+import { silentLogger } from "../../src/logger.js";
+import { keepOutputDir, sweepOutputDir } from "../../src/retention.js";
 import { maskFromLogits } from "../../src/runtime/mask-post.js";
 import { processPidSpace } from "../../src/runtime/output.js";
 import { Timer } from "../../src/runtime/timer.js";
@@ -67,6 +68,34 @@ describe("the output folder's retention", () => {
     expect(left).not.toContain(old1);
     expect(left).not.toContain(staleTemp);
     expect(result).toMatchObject({ removed: 3, keptFiles: 2, keptBytes: 800 });
+  });
+
+  it("a folder near its size bound is swept again within seconds, not after the whole interval", async () => {
+    const dir = path.join(root, "busy");
+    await mkdir(dir);
+    await writeFile(path.join(dir, NAME(0)), Buffer.alloc(850, 1)); // 85 % of the bound
+    // An interval of an hour: only the near-the-bound rule can bring the next sweep.
+    const keeper = keepOutputDir(
+      dir,
+      { outMaxAgeMs: 60 * 60_000, outMaxBytes: 1000, outMinAgeMs: 0 },
+      silentLogger,
+      3_600_000,
+    );
+    try {
+      await keeper.sweep(); // the first sweep: nothing to remove, and near the bound
+      await writeFile(path.join(dir, NAME(1)), Buffer.alloc(400, 1)); // 1250 bytes: over it
+      let total = Number.POSITIVE_INFINITY;
+      for (let waited = 0; waited < 60_000 && total > 1000; waited += 200) {
+        await new Promise((resolve) => setTimeout(resolve, 200));
+        const sizes = await Promise.all(
+          (await readdir(dir)).map((n) => stat(path.join(dir, n)).then((s) => s.size)),
+        );
+        total = sizes.reduce((a, b) => a + b, 0);
+      }
+      expect(total).toBeLessThanOrEqual(1000);
+    } finally {
+      keeper.stop();
+    }
   });
 
   it("a writer killed mid-file leaves a temp file that the next sweep removes", async () => {
