@@ -299,6 +299,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     tv.add_argument("--max-steps", type=int)
     tv.add_argument("--resume", action="store_true", help="continue from <out>/last/training_state.pt")
+    tv.add_argument(
+        "--init-pack",
+        type=Path,
+        help="start from the weights of this fp32/fp16 pack (e.g. models/shapes; its sizes replace "
+        "--text-hidden/--vision-hidden/--text-layers): training heads, optimizer and step count start "
+        "fresh; ignored when --resume finds a training state",
+    )
+
+    up = _command(
+        sub,
+        "unpack",
+        "unpack:cmd_unpack",
+        "rebuild the HF Qwen3-VL checkpoint of a pack (fp32/fp16; `export` of it gives the pack's graphs)",
+    )
+    up.add_argument("--pack", type=Path, required=True, help="pack folder, e.g. models/shapes")
+    up.add_argument("--out", type=Path, required=True, help="HF checkpoint folder to create")
+    up.add_argument("--force", action="store_true", help="replace an existing --out folder")
     return p
 
 

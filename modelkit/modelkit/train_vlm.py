@@ -387,6 +387,54 @@ def export_full_model(wm: WorldModel) -> Qwen3VLForConditionalGeneration:
     return full.eval()
 
 
+def pack_world(full: Qwen3VLForConditionalGeneration, world: Sequence[int]) -> list[int]:
+    """The world of a run started from a pack: this run's ids plus every id whose row the pack trained
+    (not all zero), so no token the pack knows is dropped. Ids new to the pack get its (zero) rows."""
+    from .compact_embedding import zero_rows
+
+    table = full.model.language_model.embed_tokens.weight.detach().numpy()  # [V, D]
+    dead = zero_rows(table)
+    if not dead.any():
+        raise ValueError("the pack's embedding has no all-zero rows: it is not a train-vlm world model")
+    live = {int(i) for i in np.flatnonzero(~dead)}
+    out = sorted(live | set(world))
+    print(
+        f"world from pack: {len(live)} live ids in the pack, {len(set(world) - live)} new in this run's "
+        f"data (zero rows, as in the pack), {len(live - set(world))} kept only from the pack: K={len(out)}",
+        flush=True,
+    )
+    return out
+
+
+def init_world_model(wm: WorldModel, full: Qwen3VLForConditionalGeneration) -> None:
+    """wm.lm's weights from a full-vocabulary model (the inverse of export_full_model): every tensor
+    as is, the embedding's world rows; the training heads keep their fresh init."""
+    from .pack import model_section
+
+    def arch(c: Qwen3VLConfig) -> tuple[Any, ...]:
+        return (
+            model_section(c),
+            c.text_config.intermediate_size,
+            c.vision_config.intermediate_size,
+            c.tie_word_embeddings,
+        )
+
+    if arch(full.config) != arch(wm.full_config):
+        raise ValueError(
+            f"the pack's model {arch(full.config)} is not the one train-vlm builds at its sizes "
+            f"{arch(wm.full_config)} (shapes_config)"
+        )
+    sd = {k: v.detach() for k, v in full.state_dict().items()}
+    emb_key = "model.language_model.embed_tokens.weight"
+    sd[emb_key] = sd[emb_key][torch.tensor(wm.world)]  # [V, D] -> [K, D]
+    sd.pop("lm_head.weight", None)  # tied with the embedding in both models
+    missing, unexpected = wm.lm.load_state_dict(sd, strict=False)
+    if unexpected or any(m != "lm_head.weight" for m in missing):
+        raise RuntimeError(f"pack weights mismatch: missing {missing}, unexpected {unexpected}")
+    if wm.lm.lm_head.weight.data_ptr() != wm.lm.model.language_model.embed_tokens.weight.data_ptr():
+        raise RuntimeError("the training model's head is no longer tied to its embedding")
+
+
 # --------------------------------------------------------------------------------------------------
 # Batches
 
@@ -825,6 +873,8 @@ class TrainArgs:
     curriculum: float = 0.2  # share of the time on scenes with at most 2 objects
     max_steps: int | None = None
     resume: bool = False
+    # Start from the weights of this pack (unpack.py) instead of random ones; its sizes win.
+    init_pack: Path | None = None
     log_every: int = 10
     device: str = "cpu"
     # Train on fresh synthetic scenes of this seed (modelkit.synth) instead of a dataset folder.
@@ -977,8 +1027,26 @@ def train(a: TrainArgs) -> dict[str, Any]:
         a.text_hidden, a.vision_hidden, a.text_layers = state.get(
             "dims", (a.text_hidden, a.vision_hidden, a.text_layers)
         )
+    init: Qwen3VLForConditionalGeneration | None = None
+    if a.init_pack is not None and state is not None:
+        print(f"--init-pack {a.init_pack} ignored: resuming from {state_path}", flush=True)
+    elif a.init_pack is not None:
+        from .unpack import unpack_model
+
+        init = unpack_model(a.init_pack)
+        world = pack_world(init, world)
+        tc, vc = init.config.text_config, init.config.vision_config
+        a.text_hidden, a.vision_hidden, a.text_layers = tc.hidden_size, vc.hidden_size, tc.num_hidden_layers
     config = shapes_config(a.text_hidden, a.vision_hidden, a.text_layers)
     wm = WorldModel(config, world, tok, {k: len(v) for k, v in attr_values.items()})
+    if init is not None:
+        init_world_model(wm, init)
+        print(
+            f"initialised from pack {a.init_pack} (text {a.text_hidden} x {a.text_layers} layers, vision "
+            f"{a.vision_hidden}); training heads, optimizer state and step count start fresh",
+            flush=True,
+        )
+        del init
     step, elapsed0 = 0, 0.0
     history: list[dict[str, Any]] = []
     opt_state: dict[str, Any] | None = None
@@ -1182,6 +1250,7 @@ def cmd_train_vlm(args: argparse.Namespace) -> int:
             mix=(*(float(v) for v in args.mix.split(",")),),
             max_steps=args.max_steps,
             resume=args.resume,
+            init_pack=args.init_pack,
         )
     )
     return 0
