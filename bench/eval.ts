@@ -31,6 +31,8 @@ interface RefData {
 
 interface PredInstance {
   box: Box;
+  /** The label the model wrote for the box (ground mode). */
+  label?: string;
   score: number;
   grounding_score?: number;
   mask_score: number;
@@ -82,6 +84,7 @@ async function main(): Promise<void> {
   const minScore = values["min-score"] === undefined ? undefined : Number(values["min-score"]);
   const toPred = (inst: SegmentInstance): PredInstance => ({
     box: inst.box,
+    ...(inst.label ? { label: inst.label } : {}),
     score: inst.score,
     ...(inst.groundingScore === undefined ? {} : { grounding_score: inst.groundingScore }),
     mask_score: inst.maskScore,

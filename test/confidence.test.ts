@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createConfig } from "../src/config.js";
 import { isSegError } from "../src/errors.js";
 import { silentLogger } from "../src/logger.js";
-import { combinedScore, GroundingScorer } from "../src/runtime/confidence.js";
+import { combinedScore, GroundingScorer, labelAgreement } from "../src/runtime/confidence.js";
 import { createEngine } from "../src/runtime/engine.js";
 import { Pipeline } from "../src/runtime/pipeline.js";
 import type { CheckedImage, Engine } from "../src/runtime/types.js";
@@ -43,7 +43,7 @@ describe("GroundingScorer", () => {
     const s = new GroundingScorer();
     expect(s.calibrated).toBe(false);
     expect(s.threshold).toBe(0);
-    expect(s.score(evidence)).toBeCloseTo(Math.exp(-0.5), 12);
+    expect(s.score(evidence, 1)).toBeCloseTo(Math.exp(-0.5), 12);
   });
 
   it("with one: the logistic model over [open, coord_mean, coord_min, label_mean] and its threshold", () => {
@@ -55,8 +55,32 @@ describe("GroundingScorer", () => {
       threshold: 0.4,
     });
     const z = 0.25 + 1 * -0.1 + 2 * -0.5 + 0.5 * -2 + -1 * -0.3;
-    expect(s.score(evidence)).toBeCloseTo(1 / (1 + Math.exp(-z)), 12);
+    // A four-feature calibration (written before label_agreement) ignores the agreement.
+    expect(s.score(evidence, 1)).toBeCloseTo(1 / (1 + Math.exp(-z)), 12);
     expect(s.threshold).toBe(0.4);
+  });
+
+  it("with label_agreement: its weight times the share of the label's words the expression uses", () => {
+    const s = new GroundingScorer({
+      kind: "logistic",
+      features: ["open", "coord_mean", "coord_min", "label_mean", "label_agreement"],
+      weights: [1, 2, 0.5, -1, 3],
+      bias: 0.25,
+      threshold: 0.4,
+    });
+    const z = 0.25 + 1 * -0.1 + 2 * -0.5 + 0.5 * -2 + -1 * -0.3;
+    expect(s.score(evidence, 0)).toBeCloseTo(1 / (1 + Math.exp(-z)), 12);
+    expect(s.score(evidence, 0.5)).toBeCloseTo(1 / (1 + Math.exp(-(z + 1.5))), 12);
+  });
+
+  it("labelAgreement: the cases modelkit's calibration checks too", async () => {
+    const fixture = JSON.parse(
+      await readFile(path.join(root, "test/fixtures/label-agreement.json"), "utf8"),
+    ) as {
+      cases: { label: string; expression: string; agreement: number }[];
+    };
+    for (const c of fixture.cases)
+      expect(labelAgreement(c.label, c.expression), JSON.stringify(c)).toBe(c.agreement);
   });
 
   it("ranks by grounding x mask score; a given box counts as sure", () => {

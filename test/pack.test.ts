@@ -64,6 +64,21 @@ describe("loadPack", () => {
     expect(err.message).toContain("model.text.hidden_size");
   });
 
+  it("a grounding calibration has four or five features and one weight per feature", async () => {
+    const dir = await copyPack();
+    const manifest = JSON.parse(await readFile(path.join(dir, "pack.json"), "utf8"));
+    const write = (grounding: unknown) =>
+      writeFile(path.join(dir, "pack.json"), JSON.stringify({ ...manifest, calibration: { grounding } }));
+    const four = ["open", "coord_mean", "coord_min", "label_mean"];
+    const block = { kind: "logistic", bias: 0, threshold: 0.1 };
+    await write({ ...block, features: [...four, "label_agreement"], weights: [1, 2, 3, 4, 5] });
+    expect((await loadPack(dir)).manifest.calibration?.grounding?.weights).toHaveLength(5);
+    await write({ ...block, features: four, weights: [1, 2, 3, 4, 5] });
+    expect((await failure(loadPack(dir))).message).toContain("one weight per feature");
+    await write({ ...block, features: [...four, "label_length"], weights: [1, 2, 3, 4, 5] });
+    expect((await failure(loadPack(dir))).message).toContain("calibration.grounding.features");
+  });
+
   it("MODEL_LOAD_FAILED naming a missing file", async () => {
     const dir = await copyPack();
     await rm(path.join(dir, "mask_decoder.onnx"));

@@ -3,10 +3,12 @@ held-out scenes to one grounding score per box and a threshold, stored in the pa
 
 Input: predictions of `bench/eval.ts --mode ground --min-score 0` (every box the model wrote, with
 its evidence: the natural-log probabilities of the token that opened the object, the mean and least of
-its coordinate tokens, and the mean of its label tokens; and per ref how many empty masks were left
-out). A box is right when its box IoU with one of the ref's targets is >= 0.5.
+its coordinate tokens, and the mean of its label tokens; the label it wrote; and per ref how many empty
+masks were left out). With `label_agreement` a fifth feature is the label's agreement with the
+expression (the share of the label's words the expression uses; the runtime's confidence.ts computes
+the same). A box is right when its box IoU with one of the ref's targets is >= 0.5.
 
-The fit: logistic regression (Newton's method, a very little L2) of right/wrong on the four features,
+The fit: logistic regression (Newton's method, a very little L2) of right/wrong on the features,
 on the scenes after the first `holdout` (in annotation order); the threshold is picked on those same
 fit boxes where it best separates right from wrong ones (the largest true-positive rate minus
 false-positive rate, Youden's J). A threshold picked on refs instead (absent accuracy + recall) runs
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +37,29 @@ from .errors import ModelkitError
 from .evaluate import box_iou
 from .refdata import RefDataset, load_refdata
 
-FEATURES = ("open", "coord_mean", "coord_min", "label_mean")
+TOKEN_FEATURES = ("open", "coord_mean", "coord_min", "label_mean")
+AGREEMENT = "label_agreement"
 RIGHT_IOU = 0.5
+
+
+def _words(text: str) -> set[str]:
+    """Lower-case runs of letters and digits, a plural "s" dropped (but not "ss") from longer words."""
+    out = set()
+    for w in re.findall(r"[^\W_]+", text.lower()):
+        out.add(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w)
+    return out
+
+
+def label_agreement(label: str, expression: str) -> float:
+    """The share of the label's distinct words that the expression also uses (0 for no words); the
+    runtime's labelAgreement (src/runtime/confidence.ts), checked on test/fixtures/label-agreement.json."""
+    said = _words(label)
+    return len(said & _words(expression)) / len(said) if said else 0.0
 
 
 @dataclass(frozen=True)
 class Box:
-    features: tuple[float, float, float, float]
+    features: tuple[float, ...]  # TOKEN_FEATURES, then AGREEMENT when asked for
     right: bool
 
 
@@ -53,7 +72,9 @@ class RefOutcome:
     empty_masks: int
 
 
-def collect(ds: RefDataset, doc: Mapping[str, Any]) -> list[RefOutcome]:
+def collect(
+    ds: RefDataset, doc: Mapping[str, Any], label_agreement_feature: bool = False
+) -> list[RefOutcome]:
     """Pair every predicted box with whether it is right; refs missing from the file are skipped."""
     by_id = {r.ref_id: r for r in ds.refs}
     out: list[RefOutcome] = []
@@ -65,14 +86,21 @@ def collect(ds: RefDataset, doc: Mapping[str, Any]) -> list[RefOutcome]:
         boxes: list[Box] = []
         for k, inst in enumerate(r.get("instances") or []):
             ev = inst.get("evidence")
-            if not (isinstance(ev, list) and len(ev) == 4):
+            label = inst.get("label")
+            if not (isinstance(ev, list) and len(ev) == 4) or (
+                label_agreement_feature and not isinstance(label, str)
+            ):
+                missing = "evidence or label" if label_agreement_feature else "evidence"
                 raise ModelkitError(
                     "DATA_INVALID",
-                    f"refs[{n}].instances[{k}] has no evidence: write the predictions with "
+                    f"refs[{n}].instances[{k}] has no {missing}: write the predictions with "
                     "bench/eval.ts --mode ground --min-score 0",
                 )
             right = any(box_iou(inst["box"], t) >= RIGHT_IOU for t in targets)
-            boxes.append(Box(tuple(float(v) for v in ev), right))  # type: ignore[arg-type]
+            features = tuple(float(v) for v in ev)
+            if label_agreement_feature:
+                features = (*features, label_agreement(label, ref.expression))
+            boxes.append(Box(features, right))
         out.append(
             RefOutcome(ref.ref_id, ref.image_id, len(ref.ann_ids), boxes, int(r.get("empty_masks", 0)))
         )
@@ -155,11 +183,13 @@ def precision(boxes: Sequence[Box], score: Any, threshold: float) -> float | Non
     return _share(sum(kept), len(kept))
 
 
-def calibrate(ds: RefDataset, doc: Mapping[str, Any], holdout_images: int) -> dict[str, Any]:
+def calibrate(
+    ds: RefDataset, doc: Mapping[str, Any], holdout_images: int, label_agreement_feature: bool = False
+) -> dict[str, Any]:
     """The pack.json `calibration.grounding` block, with its held-out measurements in `metrics`."""
     order = list(ds.images)
     held = set(order[:holdout_images])
-    refs = collect(ds, doc)
+    refs = collect(ds, doc, label_agreement_feature)
     fit = [r for r in refs if r.image_id not in held]
     test = [r for r in refs if r.image_id in held]
     fit_boxes = [b for r in fit for b in r.boxes]
@@ -168,7 +198,7 @@ def calibrate(ds: RefDataset, doc: Mapping[str, Any], holdout_images: int) -> di
             "DATA_INVALID",
             f"the fit scenes hold {len(fit_boxes)} boxes, not both right and wrong ones: use more scenes",
         )
-    x = np.asarray([b.features for b in fit_boxes], dtype=np.float64)  # [N, 4]
+    x = np.asarray([b.features for b in fit_boxes], dtype=np.float64)  # [N, F]
     y = np.asarray([b.right for b in fit_boxes], dtype=np.float64)  # [N]
     w, bias = fit_logistic(x, y)
 
@@ -201,7 +231,7 @@ def calibrate(ds: RefDataset, doc: Mapping[str, Any], holdout_images: int) -> di
     }
     return {
         "kind": "logistic",
-        "features": list(FEATURES),
+        "features": [*TOKEN_FEATURES, *([AGREEMENT] if label_agreement_feature else [])],
         "weights": [round(float(v), 6) for v in w],
         "bias": round(bias, 6),
         "threshold": threshold,
@@ -234,7 +264,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         doc = json.loads(Path(args.pred).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError) as e:
         raise ModelkitError("DATA_INVALID", f"cannot read predictions {args.pred}: {e}") from e
-    block = calibrate(ds, doc, args.holdout_images)
+    block = calibrate(ds, doc, args.holdout_images, args.label_agreement)
     block["fitted_on"] = (
         args.fitted_on
         or f"{Path(args.data).parent.name or args.data}: images after the first {args.holdout_images}"

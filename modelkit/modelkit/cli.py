@@ -236,6 +236,12 @@ def _parser() -> argparse.ArgumentParser:
         help="the first N images are only measured (AUC, absent accuracy, recall); the rest fit (default 60)",
     )
     ca.add_argument("--fitted-on", help="what the data is, recorded in pack.json")
+    ca.add_argument(
+        "--label-agreement",
+        action="store_true",
+        help="a fifth feature: the share of the label's words the expression uses (see docs/demo-pack.md "
+        "for when it helped and when it did not)",
+    )
 
     pr = _command(
         sub, "predict", "predict:cmd_predict", "PyTorch predictions (ground | box | describe) for scoring"

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from modelkit.calibrate import auc, calibrate, cmd_calibrate, fit_logistic
+from modelkit.calibrate import auc, calibrate, cmd_calibrate, fit_logistic, label_agreement
 from modelkit.errors import ModelkitError
 from modelkit.refdata import RefDataset
 
@@ -48,6 +48,8 @@ def _scenes(n: int, rng: np.random.Generator) -> tuple[dict[str, Any], dict[str,
                 "score": 0.5,
                 "mask_score": 0.9,
                 "evidence": [-0.1, min(coord, 0.0), min(coord * 2, 0.0), -0.3],
+                # Wrong boxes are sometimes labelled as asked too: the label alone does not separate.
+                "label": "square" if sure or rng.random() < 0.3 else "circle",
                 "mask": None,
             }
 
@@ -104,12 +106,30 @@ def test_cmd_writes_the_block_into_pack_json_keeping_other_keys(tmp_path: Path) 
         pack=pack,
         holdout_images=10,
         fitted_on="synthetic test scenes",
+        label_agreement=False,
     )
     assert cmd_calibrate(args) == 0
     manifest = json.loads((pack / "pack.json").read_text())
     assert list(manifest) == ["name", "files", "calibration"]
     g = manifest["calibration"]["grounding"]
     assert g["kind"] == "logistic" and len(g["weights"]) == 4 and g["fitted_on"] == "synthetic test scenes"
+
+
+def test_label_agreement_as_a_fifth_feature() -> None:
+    data, preds = _scenes(90, np.random.default_rng(1))
+    block = calibrate(RefDataset(Path("."), data), preds, holdout_images=30, label_agreement_feature=True)
+    assert block["features"][-1] == "label_agreement" and len(block["weights"]) == 5
+    # Right boxes are always labelled as asked, wrong ones only sometimes: the label adds evidence.
+    assert block["weights"][-1] > 0
+    del preds["refs"][0]["instances"][0]["label"]
+    with pytest.raises(ModelkitError, match="no evidence or label"):
+        calibrate(RefDataset(Path("."), data), preds, holdout_images=30, label_agreement_feature=True)
+
+
+def test_label_agreement_matches_the_runtime_cases() -> None:
+    fixture = Path(__file__).resolve().parents[2] / "test" / "fixtures" / "label-agreement.json"
+    for case in json.loads(fixture.read_text())["cases"]:
+        assert label_agreement(case["label"], case["expression"]) == case["agreement"], case
 
 
 def test_predictions_without_evidence_are_refused() -> None:

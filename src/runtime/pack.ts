@@ -28,26 +28,33 @@ const graphSpec = z.object({
   attention: z.enum(["group_query"]).optional(),
 });
 
+const FOUR_FEATURES = [
+  z.literal("open"),
+  z.literal("coord_mean"),
+  z.literal("coord_min"),
+  z.literal("label_mean"),
+] as const;
 /**
  * How the evidence of a box the model wrote (language-model.ts BoxEvidence) becomes its grounding
  * score: a logistic model fitted by `modelkit calibrate` on held-out scenes, and the score below which
  * a box is not returned (the caller may override it per call with min_score).
  */
-const groundingCalibration = z.object({
-  kind: z.literal("logistic"),
-  features: z.tuple([
-    z.literal("open"),
-    z.literal("coord_mean"),
-    z.literal("coord_min"),
-    z.literal("label_mean"),
-  ]),
-  weights: z.array(z.number()).length(4),
-  bias: z.number(),
-  threshold: z.number().min(0).max(1),
-  /** Where it was fitted and what it reached there, for people (not read by the runtime). */
-  fitted_on: z.string().optional(),
-  metrics: z.record(z.string(), z.unknown()).optional(),
-});
+const groundingCalibration = z
+  .object({
+    kind: z.literal("logistic"),
+    // Calibrations written before label_agreement existed have the first four.
+    features: z.union([z.tuple(FOUR_FEATURES), z.tuple([...FOUR_FEATURES, z.literal("label_agreement")])]),
+    weights: z.array(z.number()),
+    bias: z.number(),
+    threshold: z.number().min(0).max(1),
+    /** Where it was fitted and what it reached there, for people (not read by the runtime). */
+    fitted_on: z.string().optional(),
+    metrics: z.record(z.string(), z.unknown()).optional(),
+  })
+  .refine((c) => c.weights.length === c.features.length, {
+    message: "calibration.grounding needs one weight per feature",
+    path: ["weights"],
+  });
 
 const manifestSchema = z.object({
   format: z.literal("qwen3-vl-seg-pack"),

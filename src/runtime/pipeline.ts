@@ -13,7 +13,7 @@ import { createHash } from "node:crypto";
 import sharp from "sharp";
 import { SegError, throwIfAborted } from "../errors.js";
 import { ByteLru, byteSize } from "./cache.js";
-import { combinedScore, GroundingScorer } from "./confidence.js";
+import { combinedScore, GroundingScorer, labelAgreement } from "./confidence.js";
 import { BoxGrammar, type BoxRecord, BoxVocabulary } from "./grammar.js";
 import {
   type BoxEvidence,
@@ -488,7 +488,8 @@ export class Pipeline implements Engine {
       seen.add(box1000.join());
       const evidence = gen.boxEvidence[i];
       if (!evidence) throw new SegError("INFERENCE_FAILED", `box ${i} of the answer has no token record`);
-      const groundingScore = this.#grounding.score(evidence);
+      const label = this.#label(gen.tokens, record);
+      const groundingScore = this.#grounding.score(evidence, labelAgreement(label, req.expression));
       if (groundingScore < minScore) {
         belowMinScore++;
         return;
@@ -496,7 +497,7 @@ export class Pipeline implements Engine {
       const [x1, y1, x2, y2] = box1000;
       const { width: w, height: h } = image;
       queries.push({
-        label: this.#label(gen.tokens, record),
+        label,
         box: [(x1 / 1000) * w, (y1 / 1000) * h, (x2 / 1000) * w, (y2 / 1000) * h],
         box1000,
         groundingScore,
