@@ -26,11 +26,12 @@ import {
   TOKEN_ENV,
 } from "./config.js";
 import { isInputError, SegError, toSegError } from "./errors.js";
+import { serveHttp } from "./http.js";
 import { createLogger, type Logger } from "./logger.js";
 import { checkOutputDir, parseImageRef } from "./paths.js";
 import { keepOutputDir, sweepOutputDir } from "./retention.js";
 import { DEFAULT_MAX_INSTANCES, type Engine } from "./runtime/types.js";
-import { serveHttp, serveStdio } from "./server.js";
+import { serveStdio } from "./server.js";
 import { describeRegionTool } from "./tools/describe-region.js";
 import { groundTool } from "./tools/ground.js";
 import { segmentTool } from "./tools/segment.js";
