@@ -1,12 +1,14 @@
 /**
  * npm run soak -- [--clients 8] [--minutes 10] [--interval 30] [--pack DIR] [--out-max-bytes 100000]
+ *                  [--era mixed|legacy|modern]
  *
  * A bounded load run: the built server over Streamable HTTP, N clients calling segment (a box),
  * ground and describe_region in a loop on the example images, for M minutes. Every interval it
  * prints a JSON line with the server's RSS and open file descriptors, the output folder's size and
  * file count, calls and errors so far, and latency percentiles of the interval; at the end a summary
  * against the targets: 0 errors, RSS growth after the first 2 minutes under 10 %, file descriptors
- * flat, the output folder within its retention bound.
+ * flat, the output folder within its retention bound. `--era`: the clients speak 2025-11-25 (v1 SDK
+ * client), 2026-07-28 (v2 SDK client, a request per call, no session) or, by default, half each.
  */
 
 import { spawn } from "node:child_process";
@@ -14,6 +16,7 @@ import { mkdtemp, readdir, readFile, rm, stat } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { parseArgs } from "node:util";
+import { Client as V2Client, StreamableHTTPClientTransport as V2Http } from "@modelcontextprotocol/client";
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
 import type { CallToolResult } from "@modelcontextprotocol/sdk/types.js";
@@ -31,8 +34,39 @@ const { values } = parseArgs({
     pack: { type: "string" },
     // Small enough that the bound is reached, and kept, within a 10-minute run.
     "out-max-bytes": { type: "string", default: "100000" },
+    era: { type: "string", default: "mixed" },
   },
 });
+if (!["mixed", "legacy", "modern"].includes(values.era)) {
+  process.stderr.write(`INVALID_INPUT: --era is mixed, legacy or modern, not ${values.era}\n`);
+  process.exit(2);
+}
+
+/** The calls a soak client makes, whichever SDK it comes from. */
+interface SoakClient {
+  call(request: { name: string; arguments: Record<string, unknown> }): Promise<CallToolResult>;
+  close(): Promise<void>;
+}
+
+async function connect(url: string, k: number): Promise<SoakClient> {
+  const info = { name: `soak-${k}`, version: "1" };
+  const modern = values.era === "modern" || (values.era === "mixed" && k % 2 === 1);
+  if (modern) {
+    const client = new V2Client(info, { versionNegotiation: { mode: { pin: "2026-07-28" } } });
+    await client.connect(new V2Http(new URL(url)));
+    return {
+      call: async (request) => (await client.callTool(request, { timeout: 600_000 })) as CallToolResult,
+      close: () => client.close(),
+    };
+  }
+  const client = new Client(info);
+  await client.connect(new StreamableHTTPClientTransport(new URL(url)));
+  return {
+    call: async (request) =>
+      (await client.callTool(request, undefined, { timeout: 600_000 })) as CallToolResult,
+    close: () => client.close(),
+  };
+}
 const clients = Number.parseInt(values.clients, 10);
 const durationMs = Number.parseFloat(values.minutes) * 60_000;
 const intervalMs = Number.parseFloat(values.interval) * 1000;
@@ -103,17 +137,14 @@ async function main(): Promise<void> {
   const errorSamples: string[] = [];
   const start = Date.now();
   const worker = async (k: number) => {
-    const client = new Client({ name: `soak-${k}`, version: "1" });
-    await client.connect(new StreamableHTTPClientTransport(new URL(url)));
+    const client = await connect(url, k);
     for (let i = k; Date.now() - start < durationMs; i++) {
       const call = (calls[i % calls.length] as (typeof calls)[number])(
         images[i % images.length] as { file: string; box: number[] },
       );
       const t0 = performance.now();
       try {
-        const result = (await client.callTool(call as never, undefined, {
-          timeout: 600_000,
-        })) as CallToolResult;
+        const result = await client.call(call);
         if (result.isError) {
           errors++;
           if (errorSamples.length < 5) errorSamples.push(JSON.stringify(result.content).slice(0, 200));
@@ -160,6 +191,7 @@ async function main(): Promise<void> {
   const bytes = samples.map((s) => s.bytes);
   const summary = {
     clients,
+    era: values.era,
     minutes: durationMs / 60_000,
     calls: done,
     errors,
