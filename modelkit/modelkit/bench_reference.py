@@ -206,6 +206,20 @@ class Reference:
         return logits
 
 
+def _environment(ref: Reference, dtype: str) -> dict[str, Any]:
+    """What a measurement ran on: peak RSS so far, threads, device, dtypes and library versions."""
+    return {
+        # ru_maxrss is in KiB on Linux (bytes on macOS)
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        "threads": torch.get_num_threads(),
+        "device": str(ref.device),
+        "dtype": dtype,
+        "attn_implementation": ref.model.config._attn_implementation,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
 def ground_question(manifest: dict[str, Any], expression: str) -> str:
     expr = expression.strip()
     if not expr:
@@ -386,14 +400,7 @@ def run_benchmark(
         "grid": fp32.grid,
         "expression": expression.strip(),
         "runs": runs,
-        # ru_maxrss is in KiB on Linux (bytes on macOS)
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
-        "threads": torch.get_num_threads(),
-        "device": str(ref.device),
-        "dtype": dtype,
-        "attn_implementation": ref.model.config._attn_implementation,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **_environment(ref, dtype),
         "python": platform.python_version(),
         # every timed run, in order, for the spread behind the medians
         "samples_ms": {
@@ -459,13 +466,7 @@ def serve_rounds(
     emit(
         {
             "done": True,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
-            "threads": torch.get_num_threads(),
-            "device": str(ref.device),
-            "dtype": dtype,
-            "attn_implementation": ref.model.config._attn_implementation,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
+            **_environment(ref, dtype),
         }
     )
 
