@@ -37,8 +37,9 @@ LN_EPS = 1e-6
 
 # Node-name fragments of the parts kept in f32 when the weights are fp16 (spec 7.4); the rotary
 # module runs twice per block, as scopes "rope" (q) and "rope_1" (k); "attn" is the fused attention
-# (softmax in f32 as before the fusion; see _MultiHeadAttention).
-_FP32_SCOPES = ("/rope/", "/rope_1/", "/attn/", "/pos_embed/")
+# (softmax in f32 as before the fusion; see _MultiHeadAttention); "act" is the fused tanh GELU, whose
+# CPU kernel is f32 only.
+_FP32_SCOPES = ("/rope/", "/rope_1/", "/attn/", "/pos_embed/", "/act/")
 # The fused attention kernel lives in onnxruntime's contrib domain.
 CUSTOM_OPSETS = {"com.microsoft": 1}
 
@@ -124,6 +125,29 @@ class _MultiHeadAttention(torch.autograd.Function):
         return out
 
 
+class _FastGelu(torch.autograd.Function):
+    """gelu_pytorch_tanh exported as onnxruntime's fused `com.microsoft::FastGelu` (the same tanh
+    formula; CPU, CUDA and WebGPU kernels). Opset 17 spells it as seven element-wise nodes that
+    onnxruntime leaves unfused: on a [3072, 4096] block activation 27.7 ms against 4.2 ms on 2 cores."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+    @staticmethod
+    def symbolic(g, x):
+        out = g.op("com.microsoft::FastGelu", x)
+        out.setType(x.type())
+        return out
+
+
+class _GeluTanh(nn.Module):
+    """Its own module (scope "act") so that fp16 graphs keep it f32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FastGelu.apply(x)
+
+
 class _Attention(nn.Module):
     """Its own module (scope "attn") so that fp16 graphs can keep the attention in f32."""
 
@@ -152,6 +176,7 @@ class _Block(nn.Module):
         cv = block.norm1.weight.shape[0]
         self.head_dim = cv // num_heads
         self.attn = _Attention(num_heads, cv)
+        self.act = _GeluTanh()
         # Qwen3-VL's vision MLP uses gelu_pytorch_tanh (transformers' GELUTanh); refuse anything else.
         act = type(block.mlp.act_fn).__name__
         if act != "GELUTanh":
@@ -164,7 +189,7 @@ class _Block(nn.Module):
         k = self.rope(qkv[:, 1], cos, sin)
         attn = self.attn(q, k, qkv[:, 2])  # [P, Cv]
         x = x + self.proj(attn)
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
 
 class _Merger(nn.Module):

@@ -195,6 +195,23 @@ def test_attention_is_fused_multi_head_attention(model, exported):
             assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT16
 
 
+def test_mlp_activation_is_fused_fast_gelu(model, exported):
+    """One com.microsoft FastGelu per block and no element-wise tanh formula left, in every dtype; in
+    fp16 graphs it reads and writes f32 (onnxruntime's CPU kernel has no fp16)."""
+    depth = model.model.visual.config.depth
+    for dtype in ("fp32", "fp16", "int4"):
+        graph = load_onnx(exported[dtype][2]).graph
+        assert not [n for n in graph.node if n.op_type == "Tanh"]
+        gelu = [n for n in graph.node if n.op_type == "FastGelu"]
+        assert len(gelu) == depth and all(n.domain == "com.microsoft" for n in gelu)
+        if dtype != "fp16":
+            continue
+        producer = {out: n for n in graph.node for out in n.output}
+        for node in gelu:
+            cast = producer[node.input[0]]
+            assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT
+
+
 @pytest.mark.parametrize("grid", GRIDS)
 def test_fp32_graph_matches_hf(model, dims, exported, grid):
     _, session, _ = exported["fp32"]
