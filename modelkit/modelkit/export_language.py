@@ -29,7 +29,14 @@ from transformers import Qwen3VLForConditionalGeneration
 
 from .compact_embedding import TABLE, compact_plan, rewrite_table_uses, should_compact
 from .errors import ModelkitError
-from .onnx_utils import GraphSpec, TensorSpec, check_io, external_data_name, graph_spec
+from .onnx_utils import (
+    INT4_ACCURACY_LEVEL,
+    GraphSpec,
+    TensorSpec,
+    check_io,
+    external_data_name,
+    graph_spec,
+)
 
 DTYPES = ("fp32", "fp16", "int4")
 OPSET = 17
@@ -507,6 +514,7 @@ def _attach_weights(
                     N=n,
                     bits=4,
                     block_size=INT4_BLOCK,
+                    accuracy_level=INT4_ACCURACY_LEVEL,
                 )
                 continue
             writer.add(name, tensor.to(torch.float16).contiguous().numpy())

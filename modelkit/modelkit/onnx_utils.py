@@ -214,11 +214,19 @@ def _drop_duplicate_nodes(model: onnx.ModelProto) -> None:
         model.graph.node.extend(kept)
 
 
+# MatMulNBits' accuracy_level 4: the kernel quantises each 32-wide block of the activation row to int8
+# and multiplies in int8 (AVX2 / AVX-512 VNNI on x86, dot-product instructions on Arm) instead of
+# dequantising the weights to f32. On 2 AMD EPYC cores, [M, 2048] x [2048, 6144]: 0.50 -> 0.14 ms at
+# M = 1, 122 -> 79 ms at M = 800 (f32 weights: 103 ms), for a relative error of 0.0870 against
+# int4's own 0.0857 on random weights. GPU kernels accept the attribute.
+INT4_ACCURACY_LEVEL = 4
+
+
 def to_int4(
     model: onnx.ModelProto, block_size: int = 32, exclude_nodes: Iterable[str] = ()
 ) -> onnx.ModelProto:
     """MatMul weights (constant initializer B) to symmetric int4 blocks via onnxruntime's
-    MatMulNBits quantiser; activations and the other weights stay f32."""
+    MatMulNBits quantiser (accuracy level INT4_ACCURACY_LEVEL); the other weights stay f32."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     # The quantiser logs one INFO line per node; keep the CLI output readable.
@@ -227,7 +235,12 @@ def to_int4(
     log.setLevel(logging.WARNING)
     try:
         quantizer = MatMulNBitsQuantizer(
-            model, bits=4, block_size=block_size, is_symmetric=True, nodes_to_exclude=list(exclude_nodes)
+            model,
+            bits=4,
+            block_size=block_size,
+            is_symmetric=True,
+            nodes_to_exclude=list(exclude_nodes),
+            accuracy_level=INT4_ACCURACY_LEVEL,
         )
         quantizer.process()
     finally:

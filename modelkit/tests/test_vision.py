@@ -19,7 +19,7 @@ from transformers.vision_utils import get_vision_interpolation_indices_and_weigh
 from modelkit.errors import ModelkitError
 from modelkit.export_vision import VisionEncoderForExport, export_vision_encoder, vision_io
 from modelkit.hf import build_random_model, tiny_config
-from modelkit.onnx_utils import load_onnx, save_onnx
+from modelkit.onnx_utils import INT4_ACCURACY_LEVEL, load_onnx, save_onnx
 from modelkit.vision_inputs import merge_window_positions, vision_host_inputs
 
 # 10x the library's init (std 0.2 weights): attention is far from uniform and activations are O(1-10),
@@ -274,9 +274,17 @@ def dequantise_matmul_nbits(b: np.ndarray, scales: np.ndarray, k: int) -> np.nda
 
 def test_int4_graph_matches_hf_with_its_dequantised_weights(dims, exported):
     """Put the graph's own int4 weights (dequantised) into a fresh HF model: then the int4 graph must
-    agree with HF to float32 accuracy, which checks the quantised graph's wiring exactly."""
-    _, session, path = exported["int4"]
+    agree with HF to float32 accuracy, which checks the quantised graph's wiring exactly. The pack's
+    graph multiplies in int8 (MatMulNBits accuracy level 4); this check runs it at level 0 (f32
+    activations), where its math is exactly the dequantised weights'."""
+    _, _, path = exported["int4"]
     graph = load_onnx(path)
+    nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    for node in nbits:
+        (level,) = [a for a in node.attribute if a.name == "accuracy_level"]
+        assert level.i == INT4_ACCURACY_LEVEL == 4
+        level.i = 0
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     inits = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
     twin = build_random_model(tiny_config(), seed=0, weight_scale=WEIGHT_SCALE)
     # The export wrapper's [in, out] weights are views of the HF weights, so writing them writes HF's.
