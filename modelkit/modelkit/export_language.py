@@ -414,6 +414,23 @@ def _int4_quantise(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return packed, scales
 
 
+def _int8_table(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 8-bit blocks (32 along H) of a [V, H] table with onnxruntime's MatMulNBits packer:
+    -> [V, H] u8 (zero point 128 implied) and scales [V, H/32] f32."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+
+    v, h = table.shape
+    blocks = h // INT4_BLOCK
+    packed = np.zeros((v, blocks, INT4_BLOCK), dtype=np.uint8)
+    scales = np.zeros((v, blocks), dtype=np.float32)
+    zero_points = np.zeros((v, blocks), dtype=np.uint8)  # unused when symmetric
+    # The packer takes the MatMul's B = table^T [K = H, N = V].
+    quantize_matmul_8bits(
+        packed, np.ascontiguousarray(table.T, dtype=np.float32), scales, zero_points, INT4_BLOCK, v, h, True
+    )
+    return packed.reshape(v, h), scales
+
+
 class _WeightWriter:
     """Adds initializers one at a time, inline or appended to one external data file."""
 
@@ -454,14 +471,19 @@ class _WeightWriter:
 
 
 def _attach_weights(
-    model: onnx.ModelProto, graph: LanguageModelGraph, dtype: str, data_path: Path | None
+    model: onnx.ModelProto,
+    graph: LanguageModelGraph,
+    dtype: str,
+    data_path: Path | None,
+    int8_table: bool = False,
 ) -> None:
     """Turn the weight graph inputs into initializers, converting matrices for fp16 / int4.
 
     fp16: matrices used by MatMul / Gather are stored in fp16; the MatMul's activation is cast to
     fp16 and its product back to fp32, the Gather's rows back to fp32, so norms, RoPE, softmax and
     the residual stream stay fp32. int4: MatMuls with a [K, N] weight become MatMulNBits (block 32);
-    the embedding table (also the tied head) stays fp16.
+    the embedding table stays fp16, or with `int8_table` (the tied table, _tied_table_int8) becomes
+    8-bit blocks.
     """
     params = dict(graph.named_parameters())
     weight_inputs = [i for i in model.graph.input if i.name in params]
@@ -485,6 +507,14 @@ def _attach_weights(
         for name in [i.name for i in weight_inputs]:
             tensor = params[name].detach()
             consumers = uses[name]
+            if name == TABLE and not consumers and int8_table:
+                packed, scales = _int8_table(tensor.to(torch.float32).contiguous().numpy())
+                writer.add(TABLE_Q8, packed)
+                writer.add(TABLE_SCALES, scales)
+                for node in model.graph.node:
+                    if node.name == "lm_head_q8":
+                        next(a for a in node.attribute if a.name == "N").i = packed.shape[0]
+                continue
             is_matrix = (
                 tensor.dim() == 2 and consumers and all(n.op_type in ("MatMul", "Gather") for n in consumers)
             )
@@ -541,15 +571,9 @@ def _attach_weights(
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
-def _tied_head_as_gemm(model: onnx.ModelProto) -> None:
-    """Rewrite the tied head Transpose -> MatMul(embed_tokens, h^T) -> Transpose as one
-    Gemm(h, embed_tokens, transB=1).
-
-    onnxruntime's CPU kernel pads MatMul's single column to its tile width, which makes the head (a
-    [151936, H] product per decode step) about twice as slow as the Gemm, whose constant B it
-    prepacks once at load (more memory, the same pack): at 2B widths and fp32 the head took 82 ms of
-    a 120 ms step. Only for fp32 weights: the fp16/int4 conversion keeps the table a MatMul operand.
-    """
+def _replace_tied_head(model: onnx.ModelProto, head: list[onnx.NodeProto]) -> None:
+    """Replace the traced tied head Transpose -> MatMul(embed_tokens, h^T) -> Transpose ([B, H] ->
+    [B, V]) by `head`, nodes reading h [B, H] from the input named "h" and writing "logits"."""
     nodes = list(model.graph.node)
     producer = {o: n for n in nodes for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -557,21 +581,89 @@ def _tied_head_as_gemm(model: onnx.ModelProto) -> None:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     for mm in nodes:
-        if mm.op_type != "MatMul" or mm.input[0] != "embed_tokens":
+        if mm.op_type != "MatMul" or mm.input[0] != TABLE:
             continue
         into = producer.get(mm.input[1])
         out = consumers.get(mm.output[0], [])
         if into is None or into.op_type != "Transpose" or len(out) != 1 or out[0].op_type != "Transpose":
             break
-        gemm = helper.make_node(
-            "Gemm", [into.input[0], "embed_tokens"], list(out[0].output), name="lm_head_gemm", transB=1
-        )
+        wiring = {"h": into.input[0], "logits": out[0].output[0]}
+        for node in head:
+            node.input[:] = [wiring.get(i, i) for i in node.input]
+            node.output[:] = [wiring.get(o, o) for o in node.output]
         kept = [n for n in nodes if n not in (into, mm, out[0])]
-        kept.insert(kept.index(next(n for n in kept if out[0].output[0] in n.input)), gemm)
+        at = kept.index(next(n for n in kept if out[0].output[0] in n.input))
+        kept[at:at] = head
         del model.graph.node[:]
         model.graph.node.extend(kept)
         return
     raise ModelkitError("EXPORT_FAILED", "the tied head's MatMul pattern was not found in the traced graph")
+
+
+def _tied_head_as_gemm(model: onnx.ModelProto) -> None:
+    """The fp32 tied head as one Gemm(h, embed_tokens, transB=1).
+
+    onnxruntime's CPU kernel pads MatMul's single column to its tile width, which makes the head (a
+    [151936, H] product per decode step) about twice as slow as the Gemm, whose constant B it
+    prepacks once at load (more memory, the same pack): at 2B widths and fp32 the head took 82 ms of
+    a 120 ms step.
+    """
+    _replace_tied_head(
+        model, [helper.make_node("Gemm", ["h", TABLE], ["logits"], name="lm_head_gemm", transB=1)]
+    )
+
+
+# The int4 graphs' tied table as 8-bit blocks (below).
+TABLE_Q8, TABLE_SCALES = f"{TABLE}.q8", f"{TABLE}.scales"
+
+
+def _tied_table_int8(model: onnx.ModelProto, hidden: int) -> None:
+    """int4 graphs: the tied table as symmetric 8-bit blocks of 32 along H, read by the embedding
+    (com.microsoft GatherBlockQuantized, f32 rows) and by the head (MatMulNBits, 8 bits, int8
+    products) from one initializer [V, H] u8 (+ scales [V, H/32]); _attach_weights writes them.
+
+    Kept fp16 (as before), the head was a FusedMatMul over 622 MB at 2B widths: 73 ms of a 121 ms
+    step on 2 cores, while all 4 text layers' int4 MatMulNBits took 6 ms. 8-bit blocks halve the
+    table and the head's bytes (13.7 ms for the head in isolation) at 0.4 % of the weights' scale.
+    """
+    blocks = hidden // INT4_BLOCK
+    shape = numpy_helper.from_array(np.array([-1, blocks, INT4_BLOCK], dtype=np.int64), f"{TABLE}.blocks")
+    model.graph.initializer.append(shape)
+    _replace_tied_head(
+        model,
+        [
+            # MatMulNBits wants B as [N, K/32, 32]: the same bytes, reshaped (folded at load).
+            helper.make_node("Reshape", [TABLE_Q8, shape.name], [f"{TABLE}.q8_blocks"], name="lm_head_b"),
+            helper.make_node(
+                "MatMulNBits",
+                ["h", f"{TABLE}.q8_blocks", TABLE_SCALES],
+                ["logits"],
+                name="lm_head_q8",
+                domain="com.microsoft",
+                K=hidden,
+                N=-1,  # set by _attach_weights, which knows V
+                bits=8,
+                block_size=INT4_BLOCK,
+                accuracy_level=INT4_ACCURACY_LEVEL,
+            ),
+        ],
+    )
+    for node in model.graph.node:
+        if node.op_type == "Gather" and node.input[0] == TABLE:
+            ids = node.input[1]
+            node.CopyFrom(
+                helper.make_node(
+                    "GatherBlockQuantized",
+                    [TABLE_Q8, ids, TABLE_SCALES],
+                    list(node.output),
+                    name=node.name,
+                    domain="com.microsoft",
+                    gather_axis=0,
+                    quantize_axis=1,
+                    block_size=INT4_BLOCK,
+                    bits=8,
+                )
+            )
 
 
 def _compact_embedding(proto: onnx.ModelProto, graph: LanguageModelGraph, option: bool | None) -> bool:
@@ -596,7 +688,8 @@ def export_language_model(
     """Write `out_path` (decoder_model_merged.onnx) and return its GraphSpec (manifest entry).
 
     dtype: "fp32", "fp16" (matrices fp16, I/O, norms, RoPE and softmax fp32) or "int4" (MatMulNBits,
-    block 32; embedding/tied head fp16). Weights go to `<out_path>_data` when they exceed ~1.5 GB.
+    block 32, int8 products; the embedding fp16, or in 8-bit blocks when it is also the head).
+    Weights go to `<out_path>_data` when they exceed ~1.5 GB.
     compact_embedding: store only the embedding rows that are not all zero plus a remap table (same
     outputs, bit for bit); None (default) does it when at least half the rows are zero (a model
     trained from scratch on a small world), True/False force it.
@@ -615,13 +708,17 @@ def export_language_model(
         proto = onnx.load(str(skeleton))
     if dtype == "fp32" and graph.tied:
         _tied_head_as_gemm(proto)
-    _compact_embedding(proto, graph, compact_embedding)
+    compacted = _compact_embedding(proto, graph, compact_embedding)
+    # A compact table is a few rows: its head costs nothing, it stays as it is.
+    int8_table = dtype == "int4" and graph.tied and not compacted and graph.hidden_size % INT4_BLOCK == 0
+    if int8_table:
+        _tied_table_int8(proto, graph.hidden_size)
     weight_bytes = sum(p.numel() * 4 for p in graph.parameters())
     data_file = out_path.with_name(external_data_name(out_path))
     data_path = data_file if weight_bytes > INLINE_LIMIT_BYTES else None
     if data_path is None and data_file.exists():
         os.remove(data_file)  # a stale file from an earlier large export
-    _attach_weights(proto, graph, dtype, data_path)
+    _attach_weights(proto, graph, dtype, data_path, int8_table)
     spec = language_model_graph_spec(graph, out_path.name)
     check_io(graph_spec(proto, out_path.name), spec["inputs"], spec["outputs"])  # graph == contract
     proto.producer_name = "modelkit"

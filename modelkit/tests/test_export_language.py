@@ -462,10 +462,15 @@ def test_int4_equals_dequantised_weights(case: Case, tmp_path: Path, monkeypatch
     export_language_model(case.model, path, "int4")
     assert (tmp_path / "decoder_model_merged.onnx_data").is_file()
     proto = onnx.load(str(path))
-    assert (
-        sum(n.op_type == "MatMulNBits" for n in proto.graph.node)
-        == 7 * case.model.config.text_config.num_hidden_layers
-    )
+    # 7 int4 products per layer and the tied head (8-bit); the embedding reads the same 8-bit table.
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 7 * case.model.config.text_config.num_hidden_layers + 1
+    assert [{a.name: a.i for a in n.attribute}["bits"] for n in nbits].count(8) == 1
+    assert [n.op_type for n in proto.graph.node if "embed_tokens.q8" in n.input] == [
+        "GatherBlockQuantized",
+        "Reshape",
+    ]
+    assert not [t for t in proto.graph.initializer if t.name == "embed_tokens"]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     logits, hidden, _ = run(
         session, case.input_ids, case.visual_embeds, case.position_ids, empty_past(case.model)
@@ -482,7 +487,9 @@ def test_int4_equals_dequantised_weights(case: Case, tmp_path: Path, monkeypatch
                 q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks * 32).astype(np.float32)
                 w = (q - 8.0) * np.repeat(inits[name[:-3] + ".scales"], 32, axis=1)  # [N, K]
                 params[name[:-3]].copy_(torch.from_numpy(w.T))
-        params["embed_tokens"].copy_(torch.from_numpy(inits["embed_tokens"].astype(np.float32)))
+        q8 = inits["embed_tokens.q8"].astype(np.float32)  # [V, H], zero point 128
+        table = (q8 - 128.0) * np.repeat(inits["embed_tokens.scales"], 32, axis=1)
+        params["embed_tokens"].copy_(torch.from_numpy(table))
     want_logits, want_hidden = torch_prefill(reference, case)
     err_l, err_h = rel_err(logits, want_logits), rel_err(hidden, want_hidden)
     print(f"int4 vs dequantised fp32: logits {err_l:.2e}, hidden {err_h:.2e}")
