@@ -348,7 +348,7 @@ class MaskDecoder(nn.Module):
 
         # (1) memory. Each level's lateral projection runs on the rows as they come (a GEMM), then the
         # d-wide result goes from merge-window order [gh/2, gw/2, 2(mh), 2(mw), d] to NCHW [1, d, gh, gw]
-        # (reordering the Cv-wide input instead moved 8x the bytes at 2B widths: 15 % of the stage).
+        # (reordering the Cv-wide input instead moved 4x the bytes at 2B widths: 15 % of the stage).
         levels = [
             adapter(
                 adapter.project(vit_ms[i])  # [P, d]
