@@ -511,9 +511,6 @@ def _attach_weights(
                 packed, scales = _int8_table(tensor.to(torch.float32).contiguous().numpy())
                 writer.add(TABLE_Q8, packed)
                 writer.add(TABLE_SCALES, scales)
-                for node in model.graph.node:
-                    if node.name == "lm_head_q8":
-                        next(a for a in node.attribute if a.name == "N").i = packed.shape[0]
                 continue
             is_matrix = (
                 tensor.dim() == 2 and consumers and all(n.op_type in ("MatMul", "Gather") for n in consumers)
@@ -617,7 +614,7 @@ def _tied_head_as_gemm(model: onnx.ModelProto) -> None:
 TABLE_Q8, TABLE_SCALES = f"{TABLE}.q8", f"{TABLE}.scales"
 
 
-def _tied_table_int8(model: onnx.ModelProto, hidden: int) -> None:
+def _tied_table_int8(model: onnx.ModelProto, hidden: int, vocab: int) -> None:
     """int4 graphs: the tied table as symmetric 8-bit blocks of 32 along H, read by the embedding
     (com.microsoft GatherBlockQuantized, f32 rows) and by the head (MatMulNBits, 8 bits, int8
     products) from one initializer [V, H] u8 (+ scales [V, H/32]); _attach_weights writes them.
@@ -641,7 +638,7 @@ def _tied_table_int8(model: onnx.ModelProto, hidden: int) -> None:
                 name="lm_head_q8",
                 domain="com.microsoft",
                 K=hidden,
-                N=-1,  # set by _attach_weights, which knows V
+                N=vocab,
                 bits=8,
                 block_size=INT4_BLOCK,
                 accuracy_level=INT4_ACCURACY_LEVEL,
@@ -712,7 +709,7 @@ def export_language_model(
     # A compact table is a few rows: its head costs nothing, it stays as it is.
     int8_table = dtype == "int4" and graph.tied and not compacted and graph.hidden_size % INT4_BLOCK == 0
     if int8_table:
-        _tied_table_int8(proto, graph.hidden_size)
+        _tied_table_int8(proto, graph.hidden_size, int(graph.embed_tokens.shape[0]))
     weight_bytes = sum(p.numel() * 4 for p in graph.parameters())
     data_file = out_path.with_name(external_data_name(out_path))
     data_path = data_file if weight_bytes > INLINE_LIMIT_BYTES else None
