@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -134,6 +135,21 @@ def test_fp16_export_runs_close(tiny_model: MaskDecoder, tmp_path: Path) -> None
         scale = max(1.0, float(np.abs(r).max()))
         # fp16 activations through ~20 layers: a few 1e-3 of the logit scale.
         assert float(np.abs(g - r).max()) / scale < 2e-2, name
+
+
+def test_int4_export_runs_close(tiny_model: MaskDecoder, tmp_path: Path) -> None:
+    path = tmp_path / "mask_decoder.onnx"
+    export_mask_decoder(tiny_model, path, "int4")
+    nbits = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"]
+    # Every linear layer, multiplied in int8 (accuracy level 4).
+    assert len(nbits) == 34
+    assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 4 for n in nbits)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ref, got = _run_both(tiny_model, session, 8, 14, 2, 2)
+    for name, r, g in zip(OUTPUT_NAMES, ref, got, strict=True):
+        scale = max(1.0, float(np.abs(r).max()))
+        # Random tiny weights in 4-bit blocks: ~5 % of the logit scale (4.3-5.1 % measured).
+        assert float(np.abs(g - r).max()) / scale < 0.1, name
 
 
 def test_gates_of_batched_queries_do_not_mix() -> None:
