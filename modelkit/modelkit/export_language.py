@@ -396,39 +396,40 @@ def _cast(src: str, dst: str, to: int) -> onnx.NodeProto:
     return helper.make_node("Cast", [src], [dst], to=to, name=f"cast_{dst}")
 
 
-def _int4_quantise(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Blockwise (32 along K) symmetric int4 with onnxruntime's own MatMulNBits packer.
+def _nbits_quantise(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blockwise (32 along K) symmetric 4- or 8-bit weights with onnxruntime's own MatMulNBits packer.
 
-    weight [K, N] f32 -> packed [N, K/32, 16] u8 and scales [N, K/32] f32 (zero point 8 implied).
+    weight [K, N] f32 -> packed [N, K/32, 32 * bits / 8] u8 (4 bits: low nibble first) and scales
+    [N, K/32] f32 (zero point 2^(bits-1) implied).
     """
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     k, n = weight.shape
     blocks = k // INT4_BLOCK
-    packed = np.zeros((n, blocks, INT4_BLOCK // 2), dtype=np.uint8)
+    packed = np.zeros((n, blocks, INT4_BLOCK * bits // 8), dtype=np.uint8)
     scales = np.zeros((n, blocks), dtype=np.float32)
-    zero_points = np.zeros((n, (blocks + 1) // 2), dtype=np.uint8)  # unused when symmetric
-    quantize_matmul_4bits(
+    zero_points = np.zeros((n, (blocks * bits + 7) // 8), dtype=np.uint8)  # unused when symmetric
+    packer = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[bits]
+    packer(
         packed, np.ascontiguousarray(weight, dtype=np.float32), scales, zero_points, INT4_BLOCK, n, k, True
     )
     return packed, scales
 
 
-def _int8_table(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric 8-bit blocks (32 along H) of a [V, H] table with onnxruntime's MatMulNBits packer:
-    -> [V, H] u8 (zero point 128 implied) and scales [V, H/32] f32."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_8bits
-
-    v, h = table.shape
-    blocks = h // INT4_BLOCK
-    packed = np.zeros((v, blocks, INT4_BLOCK), dtype=np.uint8)
-    scales = np.zeros((v, blocks), dtype=np.float32)
-    zero_points = np.zeros((v, blocks), dtype=np.uint8)  # unused when symmetric
-    # The packer takes the MatMul's B = table^T [K = H, N = V].
-    quantize_matmul_8bits(
-        packed, np.ascontiguousarray(table.T, dtype=np.float32), scales, zero_points, INT4_BLOCK, v, h, True
+def _matmul_nbits(inputs: list[str], output: str, name: str, k: int, n: int, bits: int) -> onnx.NodeProto:
+    """A [*, K] x [K, N] product over _nbits_quantise's blocks, multiplied in int8."""
+    return helper.make_node(
+        "MatMulNBits",
+        inputs,
+        [output],
+        name=name,
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=INT4_BLOCK,
+        accuracy_level=INT4_ACCURACY_LEVEL,
     )
-    return packed.reshape(v, h), scales
 
 
 class _WeightWriter:
@@ -508,8 +509,9 @@ def _attach_weights(
             tensor = params[name].detach()
             consumers = uses[name]
             if name == TABLE and not consumers and int8_table:
-                packed, scales = _int8_table(tensor.to(torch.float32).contiguous().numpy())
-                writer.add(TABLE_Q8, packed)
+                # The packer takes the head's B = table^T [K = H, N = V]; the blocks are the table's rows.
+                packed, scales = _nbits_quantise(tensor.to(torch.float32).numpy().T, 8)
+                writer.add(TABLE_Q8, packed.reshape(tensor.shape[0], -1))  # [V, H] u8
                 writer.add(TABLE_SCALES, scales)
                 continue
             is_matrix = (
@@ -528,21 +530,11 @@ def _attach_weights(
             if quantisable:
                 node = consumers[0]
                 k, n = tensor.shape
-                packed, scales = _int4_quantise(tensor.to(torch.float32).contiguous().numpy())
+                packed, scales = _nbits_quantise(tensor.to(torch.float32).numpy(), 4)
                 writer.add(f"{name}.q4", packed)
                 writer.add(f"{name}.scales", scales)
-                replaced[id(node)] = helper.make_node(
-                    "MatMulNBits",
-                    [node.input[0], f"{name}.q4", f"{name}.scales"],
-                    list(node.output),
-                    name=f"{node.name}_q4",
-                    domain="com.microsoft",
-                    K=k,
-                    N=n,
-                    bits=4,
-                    block_size=INT4_BLOCK,
-                    accuracy_level=INT4_ACCURACY_LEVEL,
-                )
+                inputs = [node.input[0], f"{name}.q4", f"{name}.scales"]
+                replaced[id(node)] = _matmul_nbits(inputs, node.output[0], f"{node.name}_q4", k, n, 4)
                 continue
             writer.add(name, tensor.to(torch.float16).contiguous().numpy())
             for node in consumers:
@@ -631,17 +623,8 @@ def _tied_table_int8(model: onnx.ModelProto, hidden: int, vocab: int) -> None:
         [
             # MatMulNBits wants B as [N, K/32, 32]: the same bytes, reshaped (folded at load).
             helper.make_node("Reshape", [TABLE_Q8, shape.name], [f"{TABLE}.q8_blocks"], name="lm_head_b"),
-            helper.make_node(
-                "MatMulNBits",
-                ["h", f"{TABLE}.q8_blocks", TABLE_SCALES],
-                ["logits"],
-                name="lm_head_q8",
-                domain="com.microsoft",
-                K=hidden,
-                N=vocab,
-                bits=8,
-                block_size=INT4_BLOCK,
-                accuracy_level=INT4_ACCURACY_LEVEL,
+            _matmul_nbits(
+                ["h", f"{TABLE}.q8_blocks", TABLE_SCALES], "logits", "lm_head_q8", hidden, vocab, 8
             ),
         ],
     )
